@@ -1,0 +1,40 @@
+"""Exceptions raised by the pool. All of them are picklable, so they cross process boundaries."""
+
+from __future__ import annotations
+
+
+class PoolError(Exception):
+    """Base class of every error the pool raises itself."""
+
+
+class ModelLoadError(PoolError):
+    """A worker could not load the model (missing path, not a SavedModel, unknown signature...).
+
+    The message carries the worker's own exception and traceback text.
+    """
+
+
+class WorkerError(PoolError):
+    """The model raised inside a worker while answering a shard.
+
+    ``str(error)`` names the rows of the shard and the worker's exception; ``remote_traceback``
+    holds the worker's formatted traceback.
+    """
+
+    def __init__(self, message: str, remote_traceback: str = "") -> None:
+        super().__init__(message, remote_traceback)
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        message = self.args[0]
+        if self.remote_traceback:
+            return f"{message}\n\nWorker traceback:\n{self.remote_traceback}"
+        return message
+
+
+class WorkerCrashedError(PoolError):
+    """A shard's worker died every time it ran the shard (more than ``max_retries`` re-runs)."""
+
+
+class PoolClosedError(PoolError, RuntimeError):
+    """The pool is not running: it was never started or has been shut down."""

@@ -1,0 +1,112 @@
+"""Parent-side handle of one worker process: a single-worker ``ProcessPoolExecutor``.
+
+One executor per worker (rather than one N-worker executor) is what lets each worker be pinned
+to its own CPUs, be counted in its own stats, and be replaced alone when it dies: a dead worker
+breaks only its own executor. See docs/design.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing.context import BaseContext
+
+import psutil
+
+from . import worker
+from .messages import WorkerConfig, WorkerReady, WorkerStats
+
+log = logging.getLogger("pool")
+
+START_METHODS = ("forkserver", "spawn")
+
+
+def default_start_method() -> str:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def make_context(start_method: str | None) -> BaseContext:
+    """A multiprocessing context that never forks a process with TensorFlow loaded."""
+    method = start_method or default_start_method()
+    if method not in START_METHODS:
+        raise ValueError(
+            f"start_method must be one of {START_METHODS} (fork is not safe with TensorFlow), "
+            f"got {method!r}"
+        )
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Import TensorFlow once in the fork server, before any TensorFlow runtime starts there,
+        # so each worker forks with it already imported. No effect if the server already runs.
+        context.set_forkserver_preload(["pool.model"])
+    return context
+
+
+class WorkerProcess:
+    """One worker: its executor, its stats, and the shards it holds (owned by the dispatcher)."""
+
+    def __init__(self, index: int, config: WorkerConfig, context: BaseContext) -> None:
+        self.index = index
+        self.config = config
+        self.executor = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=context,
+            initializer=worker.initialize,
+            initargs=(config,),
+        )
+        self.ready_future: Future[WorkerReady] = self.executor.submit(worker.describe)
+        self.stats = WorkerStats(worker=index, pid=0, load_seconds=0.0, loads=0, cpus=config.cpus)
+
+    def mark_ready(self, ready: WorkerReady) -> None:
+        self.stats.pid = ready.pid
+        self.stats.load_seconds = ready.load_seconds
+        self.stats.loads = ready.loads
+
+    def pids(self) -> list[int]:
+        processes = getattr(self.executor, "_processes", None) or {}
+        return list(processes)
+
+    def rss_bytes(self) -> int:
+        try:
+            return psutil.Process(self.stats.pid).memory_info().rss if self.stats.pid else 0
+        except psutil.Error:
+            return 0
+
+    def kill(self) -> None:
+        """Kill the worker process now (it may be mid-shard); its futures fail."""
+        for pid in self.pids():
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+
+    def shutdown(self, kill: bool = False) -> None:
+        if kill:
+            self.kill()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def cpus_for(index: int, threads: int, allowed: list[int]) -> tuple[int, ...]:
+    """The CPUs of worker ``index``: ``threads`` consecutive allowed CPUs, wrapping around."""
+    return tuple(allowed[(index * threads + k) % len(allowed)] for k in range(threads))
+
+
+def allowed_cpus() -> list[int] | None:
+    """CPUs this process may run on, or ``None`` where the OS has no affinity API."""
+    if not hasattr(psutil.Process, "cpu_affinity") or sys.platform == "darwin":
+        return None
+    try:
+        return sorted(psutil.Process().cpu_affinity())
+    except (psutil.Error, OSError):
+        return None
+
+
+def default_workers() -> int:
+    """Physical cores this process may use: the affinity mask, capped by physical cores."""
+    allowed = allowed_cpus()
+    usable = len(allowed) if allowed else (psutil.cpu_count(logical=True) or 1)
+    physical = psutil.cpu_count(logical=False) or usable
+    logical = psutil.cpu_count(logical=True) or usable
+    # With hyper-threading, `usable` logical CPUs hold about usable * physical / logical cores.
+    return max(1, min(usable, round(usable * physical / logical)))

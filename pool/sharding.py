@@ -1,0 +1,195 @@
+"""Validate inputs against the signature, split them into shards, gather outputs in order.
+
+NumPy only: this runs in the caller's process, before anything is dispatched, so a bad input
+fails fast with an error that names the expected signature, and never reaches a worker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .messages import DEFAULT_INPUT, DEFAULT_OUTPUT, STRING, SignatureInfo, TensorInfo
+
+#: Target bytes of input per shard when ``shard_size`` is automatic.
+TARGET_SHARD_BYTES = 4 << 20
+#: Automatic shards stay at or below this many rows...
+MAX_AUTO_SHARD_ROWS = 4096
+#: ...and a call is split into at least this many shards per worker, for load balance.
+SHARDS_PER_WORKER = 4
+
+Inputs = dict[str, np.ndarray]
+
+
+def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> np.ndarray:
+    """Turn one input into an array of the spec's dtype and trailing shape, or raise."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"input {name!r}: expected a batch (one row per element), got a single "
+            f"{type(value).__name__}; wrap it in a list. Expected signature: {expected}"
+        )
+    is_string = spec is not None and spec.dtype == STRING
+    try:
+        array = np.asarray(value, dtype=object if is_string else None)
+    except ValueError as exc:  # ragged nested lists
+        raise ValueError(
+            f"input {name!r}: rows must all have the same shape ({exc}). Expected signature: "
+            f"{expected}"
+        ) from None
+    if array.ndim == 0:
+        raise TypeError(
+            f"input {name!r}: expected an array with a batch axis, got {type(value).__name__} "
+            f"of shape (). Expected signature: {expected}"
+        )
+    if spec is None:
+        if array.dtype == object:
+            _check_strings(name, array, expected)
+        return array
+    if spec.shape is not None:
+        if array.ndim != len(spec.shape):
+            raise ValueError(
+                f"input {name!r}: expected rank {len(spec.shape)} ({spec.describe()}), got "
+                f"rank {array.ndim} with shape {array.shape}. Expected signature: {expected}"
+            )
+        for axis, (want, got) in enumerate(
+            zip(spec.shape[1:], array.shape[1:], strict=True), start=1
+        ):
+            if want is not None and want != got:
+                raise ValueError(
+                    f"input {name!r}: expected shape {spec.describe()}, got {array.shape} "
+                    f"(axis {axis} is {got}, not {want}). Expected signature: {expected}"
+                )
+    if is_string:
+        if array.size and array.dtype.kind not in "OSU":
+            raise TypeError(
+                f"input {name!r}: expected str or bytes, got {array.dtype}. "
+                f"Expected signature: {expected}"
+            )
+        _check_strings(name, array, expected)
+        return array
+    return _cast(name, array, spec, expected)
+
+
+def _check_strings(name: str, array: np.ndarray, expected: str) -> None:
+    for item in array.flat:
+        if not isinstance(item, (str, bytes)):
+            raise TypeError(
+                f"input {name!r}: expected str or bytes elements, got {type(item).__name__} "
+                f"({item!r}). Expected signature: {expected}"
+            )
+
+
+def _cast(name: str, array: np.ndarray, spec: TensorInfo, expected: str) -> np.ndarray:
+    want = spec.numpy_dtype
+    if array.dtype == want:
+        return array
+    if array.dtype.kind in "OSU":
+        raise TypeError(
+            f"input {name!r}: expected {want.name}, got {array.dtype} values. "
+            f"Expected signature: {expected}"
+        )
+    # Safe casts, plus float -> narrower float (float64 images into a float32 model).
+    if np.can_cast(array.dtype, want, casting="safe") or (
+        array.dtype.kind == "f" and want.kind == "f"
+    ):
+        return array.astype(want)
+    raise TypeError(
+        f"input {name!r}: expected {want.name}, got {array.dtype}, which cannot be cast safely "
+        f"to {want.name}. Expected signature: {expected}"
+    )
+
+
+def prepare(x: Any, signature: SignatureInfo) -> tuple[Inputs, int]:
+    """Validate ``x`` against ``signature``; return ``({name: array}, rows)``."""
+    expected = signature.describe_inputs()
+    specs = {t.name: t for t in signature.inputs} if signature.inputs is not None else None
+    if isinstance(x, Mapping):
+        given = {str(k): v for k, v in x.items()}
+        if specs is not None and set(given) != set(specs):
+            missing = sorted(set(specs) - set(given))
+            extra = sorted(set(given) - set(specs))
+            raise ValueError(
+                f"input keys {sorted(given)} do not match the signature {expected}: "
+                f"missing {missing}, unexpected {extra}"
+            )
+    elif specs is not None and len(specs) != 1:
+        raise TypeError(
+            f"the model has {len(specs)} inputs {expected}: pass a dict of arrays, "
+            f"got {type(x).__name__}"
+        )
+    else:
+        given = {next(iter(specs)) if specs is not None else DEFAULT_INPUT: x}
+    if not given:
+        raise ValueError(f"no inputs given; expected {expected}")
+    arrays = {
+        k: _as_array(k, v, specs[k] if specs is not None else None, expected)
+        for k, v in given.items()
+    }
+    rows = {k: a.shape[0] for k, a in arrays.items()}
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"all inputs must have the same number of rows, got {rows}")
+    return arrays, next(iter(rows.values()))
+
+
+def auto_shard_size(inputs: Inputs, rows: int, workers: int) -> int:
+    """Rows per shard: about ``TARGET_SHARD_BYTES`` of input, yet enough shards for all workers."""
+    if rows == 0:
+        return 1
+    row_bytes = sum(_row_bytes(a) for a in inputs.values())
+    by_bytes = max(1, TARGET_SHARD_BYTES // max(1, row_bytes))
+    balanced = math.ceil(rows / (workers * SHARDS_PER_WORKER))
+    return max(1, min(by_bytes, balanced, MAX_AUTO_SHARD_ROWS))
+
+
+def _row_bytes(array: np.ndarray) -> int:
+    if array.dtype == object:
+        sample = array.reshape(-1)[:64]
+        per_item = sum(len(s) for s in sample) / max(1, len(sample)) + 32
+        return int(per_item * (array.size // max(1, array.shape[0])))
+    return array.itemsize * (array.size // max(1, array.shape[0]))
+
+
+def split(rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(rows)`` in order."""
+    return [(start, min(start + shard_size, rows)) for start in range(0, rows, shard_size)]
+
+
+def take(inputs: Inputs, start: int, stop: int) -> Inputs:
+    return {k: a[start:stop] for k, a in inputs.items()}
+
+
+def empty_outputs(signature: SignatureInfo) -> dict[str, np.ndarray] | None:
+    """Outputs for 0 rows, from the signature; ``None`` when the output shapes are unknown."""
+    if signature.outputs is None:
+        return None
+    out = {}
+    for t in signature.outputs:
+        if t.shape is None or len(t.shape) == 0:
+            return None
+        out[t.name] = np.empty((0, *[d or 0 for d in t.shape[1:]]), dtype=t.numpy_dtype)
+    return out
+
+
+def gather(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate shard outputs, in the order given, along the batch axis."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    names = list(parts[0])
+    for name in names:
+        if np.ndim(parts[0][name]) == 0:
+            raise ValueError(
+                f"output {name!r} is a scalar with no batch axis; it cannot be split into shards"
+            )
+    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in names}
+
+
+def unwrap(outputs: dict[str, np.ndarray], signature: SignatureInfo) -> Any:
+    """A bare array for a single-output signature, else the dict."""
+    if signature.single_output is not None:
+        return outputs[signature.single_output]
+    if signature.outputs is None and list(outputs) == [DEFAULT_OUTPUT]:
+        return outputs[DEFAULT_OUTPUT]
+    return outputs
