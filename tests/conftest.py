@@ -1,0 +1,86 @@
+"""Shared fixtures: reference models built once per session, in-process reference calls,
+and a check that no worker process or shared-memory segment outlives a test module."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import psutil
+import pytest
+
+from pool import reference_models
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[str, str]:
+    """Paths of every reference SavedModel (built on first use, then cached)."""
+    return {name: reference_models.ensure(name) for name in reference_models.BUILDERS}
+
+
+@functools.cache
+def _loaded(path: str):
+    import tensorflow_hub as hub
+
+    return hub.load(path)
+
+
+def in_process(path: str, inputs, signature: str = "serving_default") -> dict[str, np.ndarray]:
+    """The same model called in this process on the same inputs: the ground truth."""
+    import tensorflow as tf
+
+    fn = _loaded(path).signatures[signature]
+    if not isinstance(inputs, Mapping):
+        (name,) = fn.structured_input_signature[1]
+        inputs = {name: inputs}
+    out = fn(**{k: tf.constant(v) for k, v in inputs.items()})
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def assert_rows_equal(got, want, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Row by row: the pool's answer equals the in-process answer (float32 round-off)."""
+    if isinstance(want, Mapping):
+        assert isinstance(got, Mapping), f"expected a dict of outputs, got {type(got).__name__}"
+        assert set(got) == set(want)
+        for key in want:
+            assert_rows_equal(got[key], want[key], rtol, atol)
+        return
+    assert isinstance(got, np.ndarray), f"expected an ndarray, got {type(got).__name__}"
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape)
+    for i in range(len(want)):
+        np.testing.assert_allclose(got[i], want[i], rtol=rtol, atol=atol, err_msg=f"row {i}")
+
+
+def shm_segments() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(("psm_", "pool"))}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leftover_processes():
+    """After each test module: no child process and no pool /dev/shm segment remains."""
+    before_shm = shm_segments()
+    yield
+    me = psutil.Process()
+    gone, alive = psutil.wait_procs(_pool_children(me), timeout=10)
+    assert not alive, f"worker processes outlived the pool: {[p.pid for p in alive]}"
+    assert shm_segments() <= before_shm, f"leaked shared memory: {shm_segments() - before_shm}"
+
+
+def _pool_children(me: psutil.Process) -> list[psutil.Process]:
+    """Children except multiprocessing's fork server and resource tracker (process-wide helpers
+    that live as long as this process), and the workers they host."""
+    helpers = []
+    for child in me.children():
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "forkserver" in cmd or "resource_tracker" in cmd:
+            helpers.append(child)
+    workers = [c for c in me.children(recursive=True) if c not in helpers]
+    return workers

@@ -1,0 +1,70 @@
+"""Top-level model factories for tests (workers import them by name, so they live in a module).
+
+Each returns a callable, the way a user adds custom loading or preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pool import reference_models
+
+
+def uint8_small_cnn():
+    """The small CNN behind a preprocessing step: uint8 pixels -> floats in [0, 1]."""
+    import tensorflow as tf
+    import tensorflow_hub as hub
+
+    model = hub.load(reference_models.ensure("small_cnn"))
+    serve = model.signatures["serving_default"]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name="pixels")])
+    def predict(pixels):
+        return serve(images=tf.cast(pixels, tf.float32) / 255.0)["probabilities"]
+
+    predict.keep = model  # keep the variables alive
+    return predict
+
+
+def plain_double():
+    """A plain Python callable with no signature: doubles its input."""
+
+    def double(x):
+        return x * 2
+
+    return double
+
+
+# --- fault injection: a plain callable whose behaviour depends on the row values -----------
+KILL = -1.0  # a row whose first value is KILL makes the worker die (os._exit)
+HANG = -2.0  # ... hang for a long time
+KILL_ONCE = -3.0  # ... die the first time, in the first worker that sees it (marker file)
+LEAK = -4.0  # ... keep 50 MB more memory alive in the worker
+
+
+def faulty(marker: str | None = None):
+    """Identity on float rows, with faults triggered by marker values in column 0.
+
+    Use ``functools.partial(faulty, marker=path)`` for KILL_ONCE: the first worker to see it
+    creates ``path`` and dies; a re-run finds the file and answers."""
+    import numpy as np
+
+    leaked = []
+
+    def call(x):
+        x = np.asarray(x)
+        first = x[:, 0] if x.ndim > 1 and len(x) else np.array([])
+        if (first == KILL).any():
+            os._exit(3)
+        if (first == HANG).any():
+            time.sleep(3600)
+        if (first == KILL_ONCE).any():
+            if marker and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(4)
+        if (first == LEAK).any():
+            leaked.append(np.ones(50 << 20, dtype=np.uint8))
+        return {"y": x * 1.0, "pid": np.full((len(x),), os.getpid(), dtype=np.int64)}
+
+    return call

@@ -1,0 +1,377 @@
+"""PredictionPool against the same models called in-process, row by row."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import factories
+import numpy as np
+import psutil
+import pytest
+from conftest import assert_rows_equal, in_process
+
+from pool import ModelLoadError, PoolClosedError, PredictionPool, WorkerError
+
+RNG = np.random.default_rng(42)
+
+
+def images(n: int, side: int = 32) -> np.ndarray:
+    return RNG.random((n, side, side, 3), dtype=np.float32)
+
+
+TEXTS = [
+    "the quick brown fox",
+    "jumps over the lazy dog",
+    "",
+    "Pool of workers",
+    "émbeddings für alle",
+    "a b c d e f g",
+    "tensorflow hub",
+]
+
+
+@pytest.fixture(scope="module")
+def cnn_pool(models):
+    # The test process has loaded and called TensorFlow before the pool starts.
+    in_process(models["small_cnn"], images(1))
+    with PredictionPool(models["small_cnn"], workers=2, shard_size=3) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def multi_pool(models):
+    with PredictionPool(models["multi_io"], workers=2, shard_size=2) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def text_pool(models):
+    with PredictionPool(models["text_embedding"], workers=2, shard_size=2) as pool:
+        yield pool
+
+
+# --- results equal in-process results ------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 31])
+def test_predict_matches_in_process(cnn_pool, models, n):
+    x = images(n)
+    assert_rows_equal(cnn_pool.predict(x), in_process(models["small_cnn"], x)["probabilities"])
+
+
+def test_predict_with_automatic_and_per_call_shard_size(cnn_pool, models):
+    x = images(23)
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    before = sum(s.shards for s in cnn_pool.stats())
+    assert_rows_equal(cnn_pool.predict(x, shard_size=5), want)
+    assert sum(s.shards for s in cnn_pool.stats()) - before == 5  # ceil(23 / 5)
+    assert_rows_equal(cnn_pool.predict(x, shard_size=100), want)
+
+
+def test_zero_rows_gives_empty_result_of_right_shape(cnn_pool, text_pool, multi_pool):
+    out = cnn_pool.predict(np.zeros((0, 32, 32, 3), np.float32))
+    assert out.shape == (0, 10) and out.dtype == np.float32
+    assert text_pool.predict([]).shape == (0, 64)
+    both = multi_pool.predict({"a": np.zeros((0, 4), np.float32), "b": np.zeros((0, 3), np.int32)})
+    assert both["logits"].shape == (0, 5) and both["sum"].shape == (0, 1)
+
+
+def test_imap_keeps_order_over_uneven_batches(cnn_pool, models):
+    batches = [images(n) for n in (5, 1, 8, 2, 3, 13)]
+    got = list(cnn_pool.imap(batches))
+    assert len(got) == len(batches)
+    for batch, out in zip(batches, got, strict=True):
+        assert_rows_equal(out, in_process(models["small_cnn"], batch)["probabilities"])
+
+
+def test_imap_over_endless_generator_keeps_memory_bounded(cnn_pool, models):
+    produced = itertools.count()
+    made = []
+
+    def endless():
+        while True:
+            next(produced)
+            batch = images(3)
+            made.append(batch)
+            yield batch
+
+    results = cnn_pool.imap(endless(), max_in_flight=4)
+    for i, out in enumerate(itertools.islice(results, 12)):
+        # At most max_in_flight shards (one per batch here) are produced ahead of the consumer.
+        assert len(made) <= i + 1 + 4
+        assert_rows_equal(out, in_process(models["small_cnn"], made[i])["probabilities"])
+    results.close()
+
+
+def test_imap_yields_everything_before_a_failing_generator(cnn_pool, models):
+    batches = [images(2) for _ in range(3)]
+
+    def broken():
+        yield from batches
+        raise RuntimeError("source failed at batch 3")
+
+    got = []
+    with pytest.raises(RuntimeError, match="source failed"):
+        for out in cnn_pool.imap(broken()):
+            got.append(out)
+    assert len(got) == 3
+    for batch, out in zip(batches, got, strict=True):
+        assert_rows_equal(out, in_process(models["small_cnn"], batch)["probabilities"])
+
+
+def test_imap_yields_earlier_results_before_a_bad_batch(cnn_pool):
+    got = []
+    with pytest.raises(ValueError, match="images"):
+        for out in cnn_pool.imap([images(2), images(3), images(2, side=16)]):
+            got.append(out)
+    assert [len(o) for o in got] == [2, 3]
+
+
+def test_submit_returns_futures(cnn_pool, models):
+    xs = [images(n) for n in (4, 9, 1)]
+    futures = [cnn_pool.submit(x) for x in xs]
+    for x, future in zip(xs, futures, strict=True):
+        assert_rows_equal(
+            future.result(timeout=60), in_process(models["small_cnn"], x)["probabilities"]
+        )
+
+
+def test_concurrent_callers_each_get_their_own_rows(cnn_pool, models):
+    inputs = {i: images(5 + i) for i in range(6)}
+    results: dict[int, np.ndarray] = {}
+
+    def call(i: int) -> None:
+        results[i] = cnn_pool.predict(inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, x in inputs.items():
+        assert_rows_equal(results[i], in_process(models["small_cnn"], x)["probabilities"])
+
+
+# --- input kinds -----------------------------------------------------------------------------
+def test_multi_input_multi_output_returns_dict(multi_pool, models):
+    x = {"a": RNG.normal(size=(7, 4)).astype(np.float32), "b": RNG.integers(0, 9, (7, 3), np.int32)}
+    assert_rows_equal(multi_pool.predict(x), in_process(models["multi_io"], x))
+
+
+def test_output_picks_one_key(models):
+    x = {"a": RNG.normal(size=(5, 4)).astype(np.float32), "b": RNG.integers(0, 9, (5, 3), np.int32)}
+    with PredictionPool(models["multi_io"], workers=1, output="sum") as pool:
+        assert_rows_equal(pool.predict(x), in_process(models["multi_io"], x)["sum"])
+    with pytest.raises(ModelLoadError, match="'nope'.*logits"):
+        PredictionPool(models["multi_io"], workers=1, output="nope").start()
+
+
+def test_signature_picks_the_signature(models):
+    a = RNG.normal(size=(5, 4)).astype(np.float32)
+    with PredictionPool(models["multi_io"], workers=1, signature="scaled") as pool:
+        assert_rows_equal(
+            pool.predict(a), in_process(models["multi_io"], {"a": a}, "scaled")["scaled"]
+        )
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [TEXTS, [t.encode() for t in TEXTS], np.array(TEXTS), np.array(TEXTS, dtype=object)],
+    ids=["str", "bytes", "numpy-str", "numpy-object"],
+)
+def test_string_inputs(text_pool, models, texts):
+    want = in_process(models["text_embedding"], np.array(TEXTS, dtype=object))["embedding"]
+    assert_rows_equal(text_pool.predict(texts), want)
+
+
+def test_float64_and_uint8_inputs_are_cast_like_in_process(cnn_pool, models):
+    x = images(4)
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    assert_rows_equal(cnn_pool.predict(x.astype(np.float64)), want)
+    pixels = (x * 255).astype(np.uint8)
+    want = in_process(models["small_cnn"], pixels.astype(np.float32))["probabilities"]
+    assert_rows_equal(cnn_pool.predict(pixels), want)
+
+
+def test_factory_callable_with_preprocessing(models):
+    pixels = RNG.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    with PredictionPool(factories.uint8_small_cnn, workers=2, shard_size=4) as pool:
+        got = pool.predict(pixels)
+        assert [s.loads for s in pool.stats()] == [1, 1]
+    want = in_process(models["small_cnn"], pixels.astype(np.float32) / 255.0)["probabilities"]
+    assert_rows_equal(got, want)
+
+
+def test_plain_callable_without_signature():
+    x = RNG.normal(size=(6, 3))
+    with PredictionPool(factories.plain_double, workers=1, shard_size=4) as pool:
+        np.testing.assert_array_equal(pool.predict(x), x * 2)
+        assert pool.predict(np.zeros((0, 3))).shape == (0, 3)
+
+
+# --- bad input fails in the caller, before dispatch --------------------------------------------
+@pytest.mark.parametrize(
+    "bad, error, words",
+    [
+        (np.zeros((2, 16, 16, 3), np.float32), ValueError, "axis 1 is 16, not 32"),
+        (np.zeros((2, 32, 32), np.float32), ValueError, "expected rank 4"),
+        (np.zeros((2, 32, 32, 3), np.complex64), TypeError, "cannot be cast safely"),
+        (np.full((2, 32, 32, 3), "a"), TypeError, "expected float32"),
+        ([[[[0.0] * 3] * 32] * 32, [[[0.0] * 3] * 32] * 31], ValueError, "same shape"),
+        (3.0, TypeError, "batch axis"),
+        ({"images": images(1), "extra": images(1)}, ValueError, "unexpected \\['extra'\\]"),
+        ({"pixels": images(1)}, ValueError, "missing \\['images'\\]"),
+    ],
+    ids=[
+        "trailing-shape",
+        "rank",
+        "dtype",
+        "strings",
+        "ragged",
+        "scalar",
+        "extra-key",
+        "wrong-key",
+    ],
+)
+def test_bad_image_input_raises_before_dispatch(cnn_pool, bad, error, words):
+    before = sum(s.shards for s in cnn_pool.stats())
+    with pytest.raises(error, match=words) as info:
+        cnn_pool.predict(bad)
+    assert "images: float32[None, 32, 32, 3]" in str(info.value)  # names the signature
+    assert sum(s.shards for s in cnn_pool.stats()) == before
+
+
+@pytest.mark.parametrize(
+    "bad, error, words",
+    [
+        ({"a": np.zeros((2, 4), np.float32)}, ValueError, "missing \\['b'\\]"),
+        (np.zeros((2, 4), np.float32), TypeError, "pass a dict"),
+        (
+            {"a": np.zeros((2, 4), np.float32), "b": np.zeros((2, 3), np.float32)},
+            TypeError,
+            "int32",
+        ),
+        (
+            {"a": np.zeros((2, 4), np.float32), "b": np.zeros((3, 3), np.int32)},
+            ValueError,
+            "same number of rows",
+        ),
+    ],
+    ids=["missing-key", "not-a-dict", "float-into-int", "row-mismatch"],
+)
+def test_bad_multi_input_raises(multi_pool, bad, error, words):
+    with pytest.raises(error, match=words):
+        multi_pool.predict(bad)
+
+
+@pytest.mark.parametrize(
+    "bad", ["one string", [1, 2], [b"ok", None]], ids=["bare-str", "ints", "none"]
+)
+def test_bad_text_input_raises(text_pool, bad):
+    with pytest.raises(TypeError, match="text: string"):
+        text_pool.predict(bad)
+
+
+# --- errors inside workers ---------------------------------------------------------------------
+def test_model_error_reaches_caller_and_pool_stays_usable(models):
+    a = np.ones((6, 4), np.float32)
+    a[4, 0] = -1.0
+    with PredictionPool(models["multi_io"], workers=2, signature="checked", shard_size=2) as pool:
+        with pytest.raises(WorkerError) as info:
+            pool.predict(a)
+        text = str(info.value)
+        assert "rows 4:6" in text and "a < 0" in text and "InvalidArgumentError" in text
+        assert "Traceback" in info.value.remote_traceback
+        good = np.abs(a)
+        assert_rows_equal(
+            pool.predict(good), in_process(models["multi_io"], {"a": good}, "checked")["checked"]
+        )
+
+
+def test_missing_model_path_fails_fast(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        PredictionPool(str(tmp_path / "nope"), workers=1).start()
+
+
+def test_not_a_saved_model_fails_with_worker_reason_and_no_process_left(tmp_path):
+    (tmp_path / "empty").mkdir()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ModelLoadError, match="could not load the model.*saved_model"):
+        with PredictionPool(str(tmp_path / "empty"), workers=2):
+            pass
+    psutil.wait_procs(
+        [p for p in psutil.Process().children(recursive=True) if p.pid not in before], timeout=10
+    )
+    after = {p.pid for p in psutil.Process().children(recursive=True) if p.status() != "zombie"}
+    leftover = after - before
+    helpers = {p.pid for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())}
+    assert leftover <= helpers
+
+
+def test_unknown_signature_names_the_available_ones(models):
+    with pytest.raises(ModelLoadError, match="'nope'.*serving_default"):
+        PredictionPool(models["multi_io"], workers=1, signature="nope").start()
+
+
+# --- lifecycle, stats, threads ------------------------------------------------------------------
+def test_stats_count_each_worker_and_one_load_each(cnn_pool):
+    cnn_pool.predict(images(12))
+    stats = cnn_pool.stats()
+    assert len(stats) == 2
+    assert len({s.pid for s in stats}) == 2
+    assert sorted(s.pid for s in stats) == sorted(cnn_pool.worker_pids())
+    assert all(s.loads == 1 and s.load_seconds > 0 for s in stats)
+    assert all(s.shards > 0 and s.rows > 0 and s.busy_seconds > 0 for s in stats)
+    assert all(s.rss_bytes > 50 << 20 for s in stats)
+    assert all(s.restarts == 0 for s in stats)
+
+
+def test_workers_are_pinned_and_threads_sized(cnn_pool):
+    allowed = sorted(psutil.Process().cpu_affinity())
+    for info in cnn_pool.ready_info:
+        assert info.intra_op_threads == 1 and info.inter_op_threads == 1
+        assert psutil.Process(info.pid).cpu_affinity() == list(info.cpus)
+    if len(allowed) >= 2:
+        assert {info.cpus for info in cnn_pool.ready_info} == {(allowed[0],), (allowed[1],)}
+
+
+def test_no_worker_outlives_the_pool_even_on_exceptions(models):
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with PredictionPool(models["small_cnn"], workers=2) as pool:
+                pids = pool.worker_pids()
+                pool.submit(images(40), shard_size=1)  # shards still running at the interrupt
+                raise exc
+        gone, alive = psutil.wait_procs(
+            [psutil.Process(p) for p in pids if psutil.pid_exists(p)], 5
+        )
+        assert not alive
+    with pytest.raises(PoolClosedError, match="not running"):
+        pool.predict(images(1))
+
+
+def test_spawn_start_method_works(models):
+    x = images(5)
+    with PredictionPool(models["small_cnn"], workers=1, start_method="spawn") as pool:
+        assert pool.start_method == "spawn"
+        assert_rows_equal(pool.predict(x), in_process(models["small_cnn"], x)["probabilities"])
+
+
+def test_fork_is_refused():
+    with pytest.raises(ValueError, match="fork is not safe"):
+        PredictionPool("unused", workers=1, start_method="fork")
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"workers": 0}, "workers must be a positive"),
+        ({"shard_size": -1}, "shard_size must be a positive"),
+        ({"threads_per_worker": 0}, "threads_per_worker"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+        ({"timeout": 0}, "timeout"),
+        ({"max_retries": -1}, "max_retries"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        PredictionPool("unused", **kwargs)
