@@ -103,6 +103,7 @@ class Dispatcher:
         self._limits = limits
         self._restart = restart
         self._pending: deque[Task] = deque()
+        self.retired: list[WorkerProcess] = []  # replaced processes, still exiting
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pool-dispatcher", daemon=True)
@@ -159,9 +160,7 @@ class Dispatcher:
 
     def _pump(self) -> None:
         while self._pending:
-            ready = [
-                s for s in self.slots if s.status == "ready" and len(s.held) < self._limits.depth
-            ]
+            ready = [s for s in self.slots if s.status == "ready" and len(s.held) < self._room(s)]
             if not ready:
                 return
             slot = min(ready, key=lambda s: (len(s.held), s.process.index))
@@ -184,6 +183,14 @@ class Dispatcher:
                 lambda f, s=slot, p=process, t=task: self._events.put(_Done(s, p, t, f))
             )
 
+    def _room(self, slot: Slot) -> int:
+        """How many shards the slot's process may hold: ``depth``, and never more than its
+        ``max_shards_per_worker`` allows, so a recycled process takes no shard it cannot run."""
+        limit = self._limits.max_shards_per_worker
+        if limit is None:
+            return self._limits.depth
+        return min(self._limits.depth, limit - slot.process.shards_done)
+
     def _on_done(self, event: _Done, stopping: bool) -> None:
         slot, task, future = event.slot, event.task, event.future
         if event.process is not slot.process:  # a late callback from a replaced process
@@ -203,6 +210,7 @@ class Dispatcher:
             stats.shards += 1
             stats.rows += task.request.stop - task.request.start
             stats.busy_seconds += result.busy_seconds
+            slot.process.shards_done += 1
             task.future.set_result(result.outputs)
         self._maybe_retire(slot, stopping)
 
@@ -210,7 +218,7 @@ class Dispatcher:
         limits, stats = self._limits, slot.process.stats
         if slot.status == "ready" and not stopping:
             too_many = limits.max_shards_per_worker is not None and (
-                stats.shards >= limits.max_shards_per_worker
+                slot.process.shards_done >= limits.max_shards_per_worker
             )
             too_big = limits.max_worker_memory is not None and (
                 slot.process.rss_bytes() > limits.max_worker_memory
@@ -225,7 +233,7 @@ class Dispatcher:
                 slot.status = "retiring"
         if slot.status == "retiring" and not slot.held:
             old = slot.process
-            old.shutdown()
+            old.shutdown(wait=False)  # exits once idle; joined by the pool's shutdown
             self._replace(slot, old)
 
     def _on_death(self, slot: Slot) -> None:
@@ -250,7 +258,7 @@ class Dispatcher:
             self._pending.appendleft(task)
         slot.held.clear()
         slot.timed_out = False
-        old.shutdown(kill=True)
+        old.shutdown(kill=True, wait=False)
         self._replace(slot, old)
 
     def _give_up(self, task: Task, timed_out: bool) -> Exception:
@@ -267,16 +275,17 @@ class Dispatcher:
         )
 
     def _replace(self, slot: Slot, old: WorkerProcess) -> None:
-        if self._closed:
+        self.retired.append(old)
+        if self._closed:  # shutting down: the other workers finish what is queued
             slot.status = "dead"
+            if all(s.status == "dead" for s in self.slots):
+                self._fail_all(PoolClosedError("every worker stopped while the pool shut down"))
             return
         new = self._restart(old)
         new.stats.restarts = old.stats.restarts + 1
         new.stats.retries = old.stats.retries
         new.stats.shards, new.stats.rows = old.stats.shards, old.stats.rows
         new.stats.busy_seconds = old.stats.busy_seconds
-        if slot.status == "retiring":  # retirement is not a restart after a failure
-            new.stats.restarts -= 1
         slot.process = new
         slot.status = "starting"
         new.ready_future.add_done_callback(lambda f: self._events.put(_Ready(slot, new)))
@@ -292,7 +301,8 @@ class Dispatcher:
             return
         log.error("a replacement worker could not load the model: %s", exc)
         slot.status = "dead"
-        process.shutdown(kill=True)
+        process.shutdown(kill=True, wait=False)
+        self.retired.append(process)
         if all(s.status == "dead" for s in self.slots):
             self._fail_all(ModelLoadError(f"no worker could reload the model: {exc}"))
 

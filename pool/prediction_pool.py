@@ -150,8 +150,8 @@ class PredictionPool:
             try:
                 dispatcher.stop(kill=kill)
             finally:
-                for slot in dispatcher.slots:
-                    slot.process.shutdown(kill=kill)
+                for process in [s.process for s in dispatcher.slots] + dispatcher.retired:
+                    process.shutdown(kill=kill)
             log.info("pool shut down%s", " (workers killed)" if kill else "")
 
     close = shutdown
@@ -224,14 +224,23 @@ class PredictionPool:
             )
         return dispatcher, signature
 
-    def predict(self, inputs: Any, *, shard_size: int | None = None) -> Prediction:
-        """Answer every row of ``inputs``; row ``i`` of the result answers input row ``i``."""
-        return self.submit(inputs, shard_size=shard_size).result()
+    def predict(
+        self, inputs: Any, *, shard_size: int | None = None, check_finite: bool = False
+    ) -> Prediction:
+        """Answer every row of ``inputs``; row ``i`` of the result answers input row ``i``.
 
-    def submit(self, inputs: Any, *, shard_size: int | None = None) -> Future:
+        ``inputs``: an array (single-input signature), a dict of arrays (several inputs), or a
+        list/array of ``str``/``bytes`` (``tf.string`` input). ``check_finite`` refuses NaN and
+        infinity in floating-point inputs before anything is dispatched.
+        """
+        return self.submit(inputs, shard_size=shard_size, check_finite=check_finite).result()
+
+    def submit(
+        self, inputs: Any, *, shard_size: int | None = None, check_finite: bool = False
+    ) -> Future:
         """Like :meth:`predict`, but return a ``concurrent.futures.Future`` at once."""
         dispatcher, signature = self._running()
-        arrays, rows = sharding.prepare(inputs, signature)
+        arrays, rows = sharding.prepare(inputs, signature, check_finite)
         return self._dispatch(dispatcher, signature, arrays, rows, shard_size)[0]
 
     def imap(
@@ -240,6 +249,7 @@ class PredictionPool:
         *,
         shard_size: int | None = None,
         max_in_flight: int | None = None,
+        check_finite: bool = False,
     ) -> Iterator[Prediction]:
         """Predict each batch of ``batches``, yielding results in input order.
 
@@ -267,7 +277,7 @@ class PredictionPool:
                         yield window.popleft()[0].result()
                     raise
                 try:
-                    arrays, rows = sharding.prepare(batch, signature)
+                    arrays, rows = sharding.prepare(batch, signature, check_finite)
                 except (ValueError, TypeError):
                     while window:
                         yield window.popleft()[0].result()

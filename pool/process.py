@@ -57,6 +57,7 @@ class WorkerProcess:
         )
         self.ready_future: Future[WorkerReady] = self.executor.submit(worker.describe)
         self.stats = WorkerStats(worker=index, pid=0, load_seconds=0.0, loads=0, cpus=config.cpus)
+        self.shards_done = 0  # by this process (stats.shards counts across replacements)
 
     def mark_ready(self, ready: WorkerReady) -> None:
         self.stats.pid = ready.pid
@@ -81,10 +82,10 @@ class WorkerProcess:
             except psutil.Error:
                 pass
 
-    def shutdown(self, kill: bool = False) -> None:
+    def shutdown(self, kill: bool = False, wait: bool = True) -> None:
         if kill:
             self.kill()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown(wait=wait, cancel_futures=True)
 
 
 def cpus_for(index: int, threads: int, allowed: list[int]) -> tuple[int, ...]:

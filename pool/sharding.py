@@ -102,8 +102,11 @@ def _cast(name: str, array: np.ndarray, spec: TensorInfo, expected: str) -> np.n
     )
 
 
-def prepare(x: Any, signature: SignatureInfo) -> tuple[Inputs, int]:
-    """Validate ``x`` against ``signature``; return ``({name: array}, rows)``."""
+def prepare(x: Any, signature: SignatureInfo, check_finite: bool = False) -> tuple[Inputs, int]:
+    """Validate ``x`` against ``signature``; return ``({name: array}, rows)``.
+
+    With ``check_finite``, a NaN or infinity in a floating-point input is an error naming the
+    first rows that hold one."""
     expected = signature.describe_inputs()
     specs = {t.name: t for t in signature.inputs} if signature.inputs is not None else None
     if isinstance(x, Mapping):
@@ -131,6 +134,16 @@ def prepare(x: Any, signature: SignatureInfo) -> tuple[Inputs, int]:
     rows = {k: a.shape[0] for k, a in arrays.items()}
     if len(set(rows.values())) != 1:
         raise ValueError(f"all inputs must have the same number of rows, got {rows}")
+    if check_finite:
+        for name, array in arrays.items():
+            if array.dtype.kind == "f" and array.size:
+                finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
+                if not finite.all():
+                    bad = np.flatnonzero(~finite)
+                    raise ValueError(
+                        f"input {name!r}: expected finite values (check_finite=True), got NaN or "
+                        f"infinity in {len(bad)} row(s), first rows {bad[:10].tolist()}"
+                    )
     return arrays, next(iter(rows.values()))
 
 

@@ -65,15 +65,15 @@ def no_leftover_processes():
     """After each test module: no child process and no pool /dev/shm segment remains."""
     before_shm = shm_segments()
     yield
-    me = psutil.Process()
-    gone, alive = psutil.wait_procs(_pool_children(me), timeout=10)
+    gone, alive = psutil.wait_procs(pool_processes(), timeout=10)
     assert not alive, f"worker processes outlived the pool: {[p.pid for p in alive]}"
     assert shm_segments() <= before_shm, f"leaked shared memory: {shm_segments() - before_shm}"
 
 
-def _pool_children(me: psutil.Process) -> list[psutil.Process]:
-    """Children except multiprocessing's fork server and resource tracker (process-wide helpers
-    that live as long as this process), and the workers they host."""
+def pool_processes() -> list[psutil.Process]:
+    """Descendants of this process except multiprocessing's fork server and resource tracker
+    (process-wide helpers that live as long as this process); the workers they host count."""
+    me = psutil.Process()
     helpers = []
     for child in me.children():
         try:

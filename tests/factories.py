@@ -43,7 +43,7 @@ KILL_ONCE = -3.0  # ... die the first time, in the first worker that sees it (ma
 LEAK = -4.0  # ... keep 50 MB more memory alive in the worker
 
 
-def faulty(marker: str | None = None):
+def faulty(marker: str | None = None, delay: float = 0.0):
     """Identity on float rows, with faults triggered by marker values in column 0.
 
     Use ``functools.partial(faulty, marker=path)`` for KILL_ONCE: the first worker to see it
@@ -53,6 +53,7 @@ def faulty(marker: str | None = None):
     leaked = []
 
     def call(x):
+        time.sleep(delay)
         x = np.asarray(x)
         first = x[:, 0] if x.ndim > 1 and len(x) else np.array([])
         if (first == KILL).any():
