@@ -200,7 +200,12 @@ class PredictionPool:
                 exc = f.exception()
                 if isinstance(exc, ModelLoadError):
                     raise ModelLoadError(str(exc)) from None
-                raise ModelLoadError(f"a worker failed while loading the model: {exc!r}") from exc
+                raise ModelLoadError(
+                    f"a worker process exited while loading the model ({exc}). In a script, "
+                    'create the pool under `if __name__ == "__main__":`: with the '
+                    f"{self.start_method} start method every worker re-imports the main module "
+                    "(docs/guide.md, 'Start methods')"
+                ) from exc
         if len(done) < len(futures):
             raise ModelLoadError(
                 f"workers did not load the model within start_timeout={self.start_timeout} s"

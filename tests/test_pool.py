@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import threading
 
 import factories
@@ -375,3 +377,20 @@ def test_fork_is_refused():
 def test_bad_options_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
         PredictionPool("unused", **kwargs)
+
+
+def test_parent_never_imports_tensorflow(models):
+    """The dispatcher and lifecycle stay TensorFlow-free: only workers load it."""
+    code = (
+        "import sys, numpy as np\n"
+        "from pool import PredictionPool\n"
+        "if __name__ == '__main__':\n"
+        f"    with PredictionPool({models['small_cnn']!r}, workers=1) as pool:\n"
+        "        pool.predict(np.zeros((3, 32, 32, 3), np.float32))\n"
+        "    heavy = ('tensorflow', 'tensorflow_hub', 'keras', 'tf_keras')\n"
+        "    loaded = [m for m in sys.modules if m.split('.')[0] in heavy or m == 'pool.model']\n"
+        "    print(sorted(loaded))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
