@@ -199,6 +199,8 @@ class Dispatcher:
         if isinstance(exc, BrokenProcessPool):
             self._on_death(slot)
             return
+        if task not in slot.held:  # already failed by a shutdown
+            return
         slot.held.remove(task)
         if slot.held:
             slot.held[0].started = time.monotonic()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from . import sharding
+from . import etl, sharding
 from .dispatcher import Dispatcher, Limits
 from .errors import ModelLoadError, PoolClosedError
 from .messages import ShardRequest, SignatureInfo, WorkerConfig, WorkerReady, WorkerStats
@@ -101,6 +101,7 @@ class PredictionPool:
         self._dispatcher: Dispatcher | None = None
         self._signature: SignatureInfo | None = None
         self._ready: list[WorkerReady] = []
+        self._final_stats: list[WorkerStats] = []
         self._lock = threading.Lock()
         self.startup_seconds: float | None = None
 
@@ -152,6 +153,9 @@ class PredictionPool:
             finally:
                 for process in [s.process for s in dispatcher.slots] + dispatcher.retired:
                     process.shutdown(kill=kill)
+                self._final_stats = [
+                    replace(s.process.stats, rss_bytes=0) for s in dispatcher.slots
+                ]
             log.info("pool shut down%s", " (workers killed)" if kill else "")
 
     close = shutdown
@@ -230,21 +234,37 @@ class PredictionPool:
         return dispatcher, signature
 
     def predict(
-        self, inputs: Any, *, shard_size: int | None = None, check_finite: bool = False
+        self,
+        inputs: Any,
+        *,
+        shard_size: int | None = None,
+        check_finite: bool = False,
+        columns: etl.Columns = None,
     ) -> Prediction:
         """Answer every row of ``inputs``; row ``i`` of the result answers input row ``i``.
 
         ``inputs``: an array (single-input signature), a dict of arrays (several inputs), or a
         list/array of ``str``/``bytes`` (``tf.string`` input). ``check_finite`` refuses NaN and
-        infinity in floating-point inputs before anything is dispatched.
+        infinity in floating-point inputs before anything is dispatched. A pandas
+        Series/DataFrame or a pyarrow array/RecordBatch/Table works too (``pip install
+        'pool[etl]'``); ``columns`` names the column feeding each input (see docs/etl.md).
         """
-        return self.submit(inputs, shard_size=shard_size, check_finite=check_finite).result()
+        return self.submit(
+            inputs, shard_size=shard_size, check_finite=check_finite, columns=columns
+        ).result()
 
     def submit(
-        self, inputs: Any, *, shard_size: int | None = None, check_finite: bool = False
+        self,
+        inputs: Any,
+        *,
+        shard_size: int | None = None,
+        check_finite: bool = False,
+        columns: etl.Columns = None,
     ) -> Future:
         """Like :meth:`predict`, but return a ``concurrent.futures.Future`` at once."""
         dispatcher, signature = self._running()
+        if columns is not None or etl.is_table(inputs):
+            inputs = etl.to_inputs(inputs, signature, columns)
         arrays, rows = sharding.prepare(inputs, signature, check_finite)
         return self._dispatch(dispatcher, signature, arrays, rows, shard_size)[0]
 
@@ -301,6 +321,31 @@ class PredictionPool:
                 for part in parts:
                     part.cancel()
 
+    def map_batches(
+        self,
+        batches: Iterable[Any],
+        *,
+        columns: etl.Columns = None,
+        output_column: etl.OutputColumns = None,
+        shard_size: int | None = None,
+        max_in_flight: int | None = None,
+        progress: bool = False,
+        total: int | None = None,
+    ) -> Iterator[Any]:
+        """Yield each pandas DataFrame / pyarrow RecordBatch of ``batches`` with its predictions
+        added as new columns, in input order and in bounded memory (see
+        :func:`pool.etl.map_batches` and docs/etl.md)."""
+        return etl.map_batches(
+            self,
+            batches,
+            columns=columns,
+            output_column=output_column,
+            shard_size=shard_size,
+            max_in_flight=max_in_flight,
+            progress=progress,
+            total=total,
+        )
+
     def _dispatch(
         self,
         dispatcher: Dispatcher,
@@ -331,8 +376,14 @@ class PredictionPool:
     # --- insight ---------------------------------------------------------------------------
     def stats(self) -> list[WorkerStats]:
         """One record per worker: pid, load_seconds, loads, shards, rows, busy_seconds,
-        rss_bytes, restarts, retries, cpus (a snapshot; the pool keeps counting)."""
-        dispatcher, _ = self._running()
+        rss_bytes, restarts, retries, cpus (a snapshot; the pool keeps counting).
+
+        After shutdown, the final counts (with ``rss_bytes`` 0) stay available."""
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            if not self._final_stats:
+                self._running()  # raises: never started
+            return [replace(s) for s in self._final_stats]
         records = []
         for slot in dispatcher.slots:
             record = replace(slot.process.stats)

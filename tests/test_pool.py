@@ -349,6 +349,9 @@ def test_no_worker_outlives_the_pool_even_on_exceptions(models):
         assert not alive
     with pytest.raises(PoolClosedError, match="not running"):
         pool.predict(images(1))
+    assert [s.rss_bytes for s in pool.stats()] == [0, 0]  # final counts stay readable
+    with pytest.raises(PoolClosedError, match="not running"):
+        PredictionPool("unused", workers=1).stats()
 
 
 def test_spawn_start_method_works(models):
