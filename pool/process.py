@@ -39,7 +39,7 @@ def make_context(start_method: str | None) -> BaseContext:
     if method == "forkserver":
         # Import TensorFlow once in the fork server, before any TensorFlow runtime starts there,
         # so each worker forks with it already imported. No effect if the server already runs.
-        context.set_forkserver_preload(["pool.model"])
+        context.set_forkserver_preload(["pool._forkserver_preload"])
     return context
 
 

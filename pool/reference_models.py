@@ -44,26 +44,31 @@ def _save(module, path: Path, signatures: dict) -> None:
     tf.saved_model.save(module, str(path), signatures=signatures)
 
 
-def _build_mobilenet_v2(path: Path) -> None:
+def _save_classifier(net, side: int, path: Path) -> None:
+    """Save a Keras image classifier as ``images`` [N, side, side, 3] -> ``probabilities``."""
     import tensorflow as tf
-    import tf_keras
 
-    tf_keras.utils.set_random_seed(0)
-    net = tf_keras.applications.MobileNetV2(
-        weights=None, input_shape=(224, 224, 3), classes=1000, classifier_activation="softmax"
-    )
     module = tf.Module()
     module.net = net
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None, side, side, 3], tf.float32, name="images")])
     def serve(images):
         return {"probabilities": net(images, training=False)}
 
     _save(module, path, {"serving_default": serve})
 
 
+def _build_mobilenet_v2(path: Path) -> None:
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(0)
+    net = tf_keras.applications.MobileNetV2(
+        weights=None, input_shape=(224, 224, 3), classes=1000, classifier_activation="softmax"
+    )
+    _save_classifier(net, 224, path)
+
+
 def _build_small_cnn(path: Path) -> None:
-    import tensorflow as tf
     import tf_keras
 
     tf_keras.utils.set_random_seed(0)
@@ -77,14 +82,7 @@ def _build_small_cnn(path: Path) -> None:
             tf_keras.layers.Dense(10, activation="softmax"),
         ]
     )
-    module = tf.Module()
-    module.net = net
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32, name="images")])
-    def serve(images):
-        return {"probabilities": net(images, training=False)}
-
-    _save(module, path, {"serving_default": serve})
+    _save_classifier(net, 32, path)
 
 
 def _build_text_embedding(path: Path) -> None:
