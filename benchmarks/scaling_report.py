@@ -1,0 +1,373 @@
+"""Figures, targets, markdown table and plot of a core-scaling run (see core_scaling.py).
+
+Everything here is computed from the raw figures the runners measured; nothing is
+extrapolated. ``summarize`` adds a ``summary`` to every entry and ``targets`` to every
+workload of the results dict, which is then written to JSON as is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MIB = 1 << 20
+
+#: The issue's targets, for the main (image) workload at N = physical cores.
+TARGET_EFFICIENCY = 0.90
+TARGET_VS_SINGLE = 1.15
+TARGET_VS_EXECUTOR = 1.0
+TARGET_STARTUP_RATIO = 1.5
+TARGET_LOAD_PER_CALL = 50.0
+
+TITLES = {
+    "load_per_call": "load per call (`hub.load` for every request)",
+    "single": "single process, loaded once, shards",
+    "single_batch": "single process, loaded once, one batch of all rows",
+    "executor": "`ProcessPoolExecutor` + initializer (spawn)",
+    "pool": "`PredictionPool`",
+}
+
+DOCS_BEGIN = "<!-- core_scaling:begin (pasted by core_scaling.py --update-docs) -->"
+DOCS_END = "<!-- core_scaling:end -->"
+
+
+def _stats(samples: list[float]) -> dict[str, Any]:
+    return {
+        "median": float(np.median(samples)),
+        "min": float(np.min(samples)),
+        "max": float(np.max(samples)),
+        "samples": [float(s) for s in samples],
+    }
+
+
+def _throughput(e: dict) -> float:
+    return e["summary"]["rows_per_second"]["median"]
+
+
+def summarize(results: dict[str, Any]) -> None:
+    """Add each entry's derived figures and each workload's targets, in place."""
+    # physical cores this process may use (the affinity mask, capped by physical cores)
+    physical = results["machine"]["default_workers"]
+    for name, workload in results["workloads"].items():
+        entries = workload["entries"]
+        for e in entries:
+            rates = [r / s for r, s in zip(e["rows_per_pass"], e["pass_seconds"], strict=True)]
+            summary: dict[str, Any] = {"rows_per_second": _stats(rates)}
+            if e["latency_seconds"]:
+                lat = np.asarray(e["latency_seconds"])
+                summary["latency_seconds"] = {
+                    "p50": float(np.percentile(lat, 50)),
+                    "p95": float(np.percentile(lat, 95)),
+                    "count": int(lat.size),
+                }
+            e["summary"] = summary
+        singles = [e for e in entries if e["label"] in ("single", "single_batch")]
+        best_single = max(singles, key=_throughput) if singles else None
+        for e in entries:
+            if best_single is not None:
+                e["summary"]["vs_best_single"] = _throughput(e) / _throughput(best_single)
+            if e["label"] in ("executor", "pool"):
+                one = _find(entries, e["label"], 1)
+                e["summary"]["scaling_efficiency"] = (
+                    _throughput(e) / (e["workers"] * _throughput(one)) if one else None
+                )
+            if e["label"] == "pool":
+                plain = _find(entries, "executor", e["workers"])
+                e["summary"]["vs_executor"] = _throughput(e) / _throughput(plain) if plain else None
+        workload["best_single"] = best_single["label"] if best_single else None
+        workload["targets"] = targets(workload, physical, enforced=name == "image")
+
+
+def _find(entries: list[dict], label: str, workers: int) -> dict | None:
+    for e in entries:
+        if e["label"] == label and e["workers"] == workers:
+            return e
+    return None
+
+
+def targets(workload: dict, physical: int, enforced: bool) -> list[dict[str, Any]]:
+    """The issue's targets, computed from the measured figures. ``passed`` is None when a
+    figure was not measured; for a workload without targets (text) the lines are information."""
+    entries = workload["entries"]
+    pools = {e["workers"]: e for e in entries if e["label"] == "pool"}
+    if physical not in pools and pools:  # e.g. --workers 1,2 on an 8-core machine
+        physical = max(pools)
+    at_p, one = pools.get(physical), pools.get(1)
+    scales = at_p is not None and one is not None and physical > 1  # else nothing to compare
+    best = max((e for e in entries if e["label"].startswith("single")), key=_throughput)
+    lines = []
+
+    def add(name: str, measured: float | None, bound: float, at_least: bool, detail: str) -> None:
+        passed = None
+        if measured is not None:
+            passed = measured >= bound if at_least else measured <= bound
+        lines.append(
+            {
+                "target": name,
+                "measured": measured,
+                "bound": bound,
+                "comparison": ">=" if at_least else "<=",
+                "passed": passed,
+                "enforced": enforced,
+                "detail": detail,
+            }
+        )
+
+    add(
+        f"scaling efficiency of PredictionPool at N={physical}",
+        at_p["summary"]["scaling_efficiency"] if scales else None,
+        TARGET_EFFICIENCY,
+        True,
+        f"throughput({physical}) / ({physical} x throughput(1))",
+    )
+    add(
+        f"PredictionPool N={physical} vs the best single-process configuration",
+        _throughput(at_p) / _throughput(best) if at_p else None,
+        TARGET_VS_SINGLE,
+        True,
+        f"best single process: {TITLES[best['label']]}, {_throughput(best):.1f} rows/s",
+    )
+    for n, e in sorted(pools.items()):
+        add(
+            f"PredictionPool vs plain ProcessPoolExecutor at N={n}",
+            e["summary"].get("vs_executor"),
+            TARGET_VS_EXECUTOR,
+            True,
+            "median rows/s ratio",
+        )
+    add(
+        f"start-up with N={physical} workers / start-up with N=1",
+        at_p["startup_seconds"] / one["startup_seconds"] if scales else None,
+        TARGET_STARTUP_RATIO,
+        False,
+        "time from creating the pool to the first result"
+        + (
+            f": {one['startup_seconds']:.2f} s -> {at_p['startup_seconds']:.2f} s" if scales else ""
+        ),
+    )
+    lpc = next((e for e in entries if e["label"] == "load_per_call"), None)
+    pool_request = at_p["summary"].get("latency_seconds", {}).get("p50") if at_p else None
+    lpc_request = float(np.median(lpc["pass_seconds"])) if lpc else None
+    add(
+        "load-per-call seconds per request / PredictionPool seconds per request",
+        lpc_request / pool_request if lpc_request and pool_request else None,
+        TARGET_LOAD_PER_CALL,
+        True,
+        (
+            f"one request = one shard; load per call {lpc_request:.3f} s (median of "
+            f"{len(lpc['pass_seconds'])}), PredictionPool N={physical} {pool_request:.4f} s "
+            f"(p50 of shards sent one at a time); amortized over a full pass the pool takes "
+            f"{workload['shard_size'] / _throughput(at_p):.4f} s per shard"
+            if lpc_request and pool_request
+            else "not measured"
+        ),
+    )
+    return lines
+
+
+def one_line(e: dict) -> str:
+    rates = [r / s for r, s in zip(e["rows_per_pass"], e["pass_seconds"], strict=True)]
+    startup = e.get("startup_seconds")
+    return f"{e['label']} {np.median(rates):.1f} rows/s" + (
+        f" (start-up {startup:.1f} s)" if startup else ""
+    )
+
+
+# --- markdown --------------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str = ".2f", none: str = "—") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _row(e: dict, workload: dict) -> str:
+    s = e["summary"]
+    rate = s["rows_per_second"]
+    threads = e["threads"].get("intra_op_threads") or "all"
+    if e["label"] in ("executor", "pool"):
+        shape = f"{e['workers']} × {threads}"
+    else:
+        shape = f"1 × {threads}"
+    title = TITLES[e["label"]]
+    if e["label"] == "single":
+        title += f" of {workload['shard_size']}"
+    elif e["label"] == "load_per_call":
+        title += f", {len(e['pass_seconds'])} requests of {workload['shard_size']} rows"
+    lat = s.get("latency_seconds")
+    mem = e["memory"]
+    verification = e["verification"]
+    if verification.get("reference"):
+        check = "reference"
+    elif verification["outputs_match"]:
+        check = f"match ({verification['rows_compared']} rows)"
+    else:
+        check = f"**DIFFER**: {verification['reason']}"
+    cells = [
+        title,
+        shape,
+        f"{rate['median']:.1f} ({rate['min']:.1f}–{rate['max']:.1f})",
+        _fmt(s.get("vs_best_single"), ".2f") + "×",
+        _fmt(s.get("scaling_efficiency"), ".2f"),
+        _fmt(e.get("startup_seconds"), ".1f"),
+        f"{lat['p50'] * 1e3:.0f} / {lat['p95'] * 1e3:.0f}" if lat else "—",
+        f"{_fmt(_mib(mem['peak_rss_bytes_max']), '.0f')} / "
+        f"{_fmt(_mib(mem['peak_uss_bytes_max']), '.0f')}",
+        _fmt(_mib(mem["all_processes_peak_uss_bytes_sum"]), ".0f"),
+        check,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / MIB
+
+
+def markdown(results: dict[str, Any], png_name: str | None = None) -> str:
+    m = results["machine"]
+    out = [
+        "# Core-scaling benchmark: latest run",
+        "",
+        f"Command: `{results['command']}` ({results['created']}, "
+        f"git {results.get('git_revision') or '?'}, {results['total_seconds']:.0f} s)",
+        "",
+        f"Machine: {m['cpu_model']}, {m['physical_cores']} physical / {m['logical_cores']} "
+        f"logical cores, {m['memory_bytes'] / (1 << 30):.0f} GiB, Python {m['python']}, "
+        f"TensorFlow {m['tensorflow']}, tensorflow-hub {m['tensorflow_hub']}, "
+        f"load average at start {_load(m)}",
+        "",
+    ]
+    for name, w in results["workloads"].items():
+        spec = ", ".join(
+            f"{n} {i['dtype']}{list(i['shape'][1:]) if i['shape'] else ''}"
+            for n, i in w["inputs"].items()
+        )
+        out += [
+            f"## {name} workload: `{w['model']}` ({spec}), {w['rows']} rows, "
+            f"shard size {w['shard_size']}",
+            "",
+            "| Configuration | Processes × intra-op threads | rows/s median (min–max) | "
+            "× best single | Scaling efficiency | Start-up s | Latency per shard p50 / p95 ms | "
+            "Peak RSS / USS per worker MiB | USS of all processes MiB | Outputs |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        out += [_row(e, w) for e in _ordered(w["entries"])]
+        out += ["", "Targets:" if name == "image" else "The same comparisons (no targets):", ""]
+        out += [f"    {target_line(t)}" for t in w["targets"]]
+        out.append("")
+    if png_name:
+        out += [f"![throughput vs worker count]({png_name})", ""]
+    out += [
+        f"rows/s: median of {results['settings']['repeats']} timed passes over all rows after "
+        "a warm-up pass (min–max in brackets); start-up: from creating the pool (or, for one "
+        "process, from `import tensorflow`) to the first shard's result; latency: shards sent "
+        "one at a time to the idle configuration; memory: peak RSS of each worker (the process "
+        "doing inference; the kernel's high-water mark, and samples every 0.1 s), peak USS "
+        "(read between phases), and the sum of the peak USS of every process of the "
+        "configuration (driver, fork server, resource tracker, workers); outputs: "
+        "`np.allclose` to the first configuration's (rtol "
+        f"{results['tolerance']['rtol']:g}, atol {results['tolerance']['atol']:g}).",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _load(m: dict) -> str:
+    load = m.get("load_average_at_start")
+    return "?" if not load else " / ".join(f"{x:.2f}" for x in load)
+
+
+def _ordered(entries: list[dict]) -> list[dict]:
+    order = {"load_per_call": 0, "single": 1, "single_batch": 2, "executor": 3, "pool": 4}
+    return sorted(entries, key=lambda e: (order[e["label"]], e["workers"]))
+
+
+def target_line(t: dict) -> str:
+    if t["passed"] is None:
+        status = "N/A " if t["enforced"] else "INFO"
+    elif not t["enforced"]:
+        status = "INFO"
+    else:
+        status = "PASS" if t["passed"] else "MISS"
+    measured = "not measured" if t["measured"] is None else f"{t['measured']:.2f}"
+    return (
+        f"{status}  {t['target']}: {measured} (target {t['comparison']} {t['bound']:g}); "
+        f"{t['detail']}"
+    )
+
+
+def update_docs(doc: Path, markdown_text: str, output_dir: Path) -> None:
+    """Replace the run pasted between the markers of ``doc`` with ``markdown_text``."""
+    text = doc.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise SystemExit(f"{doc} has no {DOCS_BEGIN!r} ... {DOCS_END!r} markers")
+    body = markdown_text.split("\n", 2)[2]  # drop the page title
+    body = body.replace("\n## ", "\n### ")
+    link = Path(os.path.relpath(output_dir.resolve(), doc.resolve().parent))
+    body = re.sub(r"!\[([^\]]*)\]\(([^)/]+)\)", lambda m: f"![{m[1]}]({link / m[2]})", body)
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    doc.write_text(f"{head}{DOCS_BEGIN}\n{body.strip()}\n{DOCS_END}{tail}")
+
+
+# --- plot ------------------------------------------------------------------------------------
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Throughput against worker count, one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = results["workloads"]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.4 * len(workloads), 4.8), squeeze=False)
+    for ax, (name, w) in zip(axes[0], workloads.items(), strict=True):
+        entries = w["entries"]
+        counts = sorted({e["workers"] for e in entries if e["label"] == "pool"})
+        for label, style in (("pool", "o-"), ("executor", "s-")):
+            points = sorted(
+                (e["workers"], e["summary"]["rows_per_second"])
+                for e in entries
+                if e["label"] == label
+            )
+            if not points:
+                continue
+            xs = [n for n, _ in points]
+            med = np.array([r["median"] for _, r in points])
+            err = [med - [r["min"] for _, r in points], [r["max"] for _, r in points] - med]
+            name_shown = "PredictionPool" if label == "pool" else "plain ProcessPoolExecutor"
+            ax.errorbar(xs, med, yerr=err, fmt=style, capsize=4, label=name_shown)
+        one = _find(entries, "pool", 1)
+        if one is not None and counts:
+            xs = [0, *counts]
+            ax.plot(xs, [n * _throughput(one) for n in xs], "k:", label="ideal linear (pool)")
+        for label, style in (("single", "--"), ("single_batch", "-."), ("load_per_call", ":")):
+            e = next((e for e in entries if e["label"] == label), None)
+            if e is not None:
+                text = {
+                    "single": f"single process, shards of {w['shard_size']}",
+                    "single_batch": "single process, one batch",
+                    "load_per_call": "load per call",
+                }[label]
+                ax.axhline(
+                    _throughput(e),
+                    linestyle=style,
+                    color="grey" if label != "load_per_call" else "red",
+                    label=f"{text} ({_throughput(e):.1f})",
+                )
+        ax.set_xticks(counts or [1])
+        ax.set_xlim(0.5, max(counts or [1]) + 0.5)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("worker processes")
+        ax.set_ylabel("rows / second")
+        ax.set_title(f"{name}: {Path(w['model']).name}, shard size {w['shard_size']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    m = results["machine"]
+    fig.suptitle(
+        f"{m['cpu_model']}, {m['physical_cores']} physical cores, TensorFlow {m['tensorflow']}",
+        fontsize="medium",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
