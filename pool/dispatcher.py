@@ -7,8 +7,10 @@ Callers and executor callbacks never touch its state: they put events on its que
     executors ──Done─▶ │  pending     │ ◀──Done─────── (future callbacks)
     restarts ──Ready─▶ └──────────────┘ ──set_result──▶ caller's Future (one per shard)
 
-Each shard goes to the ready slot holding the fewest shards, at most ``depth`` per slot (one
-running, one queued in the pipe so the worker never waits for the parent). A slot whose
+Each shard goes to the ready slot holding the fewest shards. A slot holds enough shards to
+cover ``queued_seconds`` of its recent shard time (at least two: one running, one queued in
+the pipe), so a worker never waits for the parent even when shards take well under a
+millisecond, and long shards are still handed out one at a time for balance. A slot whose
 process died (``BrokenProcessPool``), ran past ``timeout`` or outgrew its limits is replaced by a
 new process that loads the model once; the shards it held go back to the front of the queue.
 """
@@ -16,6 +18,7 @@ new process that loads the model once; the shards it held go back to the front o
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -53,7 +56,7 @@ class Slot:
     process: WorkerProcess
     status: str = "ready"  # starting | ready | retiring | dead
     held: deque[Task] = field(default_factory=deque)  # in submission (= execution) order
-    culprit: Task | None = None  # the running shard when the process died
+    shard_seconds: float = 0.0  # moving average of the worker's time per shard
     timed_out: bool = False
 
 
@@ -85,7 +88,9 @@ class _Stop:
 class Limits:
     """The reliability options of a pool, validated once by the pool."""
 
-    depth: int = 2
+    depth: int = 2  # shards a slot holds at least
+    max_depth: int = 16  # ... and at most
+    queued_seconds: float = 0.005  # work to keep queued per slot, by its recent shard time
     max_retries: int = 2
     timeout: float | None = None
     max_worker_memory: int | None = None
@@ -186,10 +191,14 @@ class Dispatcher:
     def _room(self, slot: Slot) -> int:
         """How many shards the slot's process may hold: ``depth``, and never more than its
         ``max_shards_per_worker`` allows, so a recycled process takes no shard it cannot run."""
-        limit = self._limits.max_shards_per_worker
-        if limit is None:
-            return self._limits.depth
-        return min(self._limits.depth, limit - slot.process.shards_done)
+        limits = self._limits
+        depth = limits.depth
+        if slot.shard_seconds > 0:
+            wanted = math.ceil(limits.queued_seconds / slot.shard_seconds) + 1
+            depth = max(depth, min(limits.max_depth, wanted))
+        if limits.max_shards_per_worker is None:
+            return depth
+        return min(depth, limits.max_shards_per_worker - slot.process.shards_done)
 
     def _on_done(self, event: _Done, stopping: bool) -> None:
         slot, task, future = event.slot, event.task, event.future
@@ -213,6 +222,11 @@ class Dispatcher:
             stats.rows += task.request.stop - task.request.start
             stats.busy_seconds += result.busy_seconds
             slot.process.shards_done += 1
+            slot.shard_seconds = (
+                result.busy_seconds
+                if slot.shard_seconds == 0
+                else 0.8 * slot.shard_seconds + 0.2 * result.busy_seconds
+            )
             task.future.set_result(result.outputs)
         self._maybe_retire(slot, stopping)
 

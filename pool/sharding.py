@@ -73,7 +73,14 @@ def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> 
     return _cast(name, array, spec, expected)
 
 
+_STRING_TYPES = {str, bytes, np.str_, np.bytes_}
+
+
 def _check_strings(name: str, array: np.ndarray, expected: str) -> None:
+    if array.dtype != object:  # NumPy "U"/"S" arrays hold strings by construction
+        return
+    if set(map(type, array.flat)) <= _STRING_TYPES:  # one pass in C; the common case
+        return
     for item in array.flat:
         if not isinstance(item, (str, bytes)):
             raise TypeError(
