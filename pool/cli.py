@@ -1,0 +1,230 @@
+"""The command line: ``python -m pool predict MODEL --input IN --output OUT`` (also ``tf-pool``).
+
+Streams a Parquet, CSV or ``.npy`` file through a :class:`pool.PredictionPool` into a new file
+with :func:`pool.etl.predict_file`. Nothing is written to stdout: the progress bar, the summary
+and errors go to stderr, so stdout stays free for the caller. Exit status:
+
+- 0: the output is complete;
+- 1: the job failed while running (the model failed to load or raised, an I/O error);
+- 2: the command cannot run as given (bad option, missing input, unknown column, a column that
+  does not fit the model, unwritable output, a resume that does not match), reported in one
+  line ``error: ...``, before any worker starts where the check does not need the model;
+- 130 / 143: interrupted by Ctrl-C / SIGTERM; committed chunks are kept for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import etl
+
+log = logging.getLogger("pool")
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class _UsageError(Exception):
+    """Raised by the parser instead of printing usage and exiting."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so the job cleans up as for Ctrl-C."""
+
+
+def _pairs(values: Sequence[str] | None, option: str) -> Any:
+    """``--column text`` -> ``"text"``; ``a b`` -> ``["a", "b"]``; ``a=x b=y,z`` -> a mapping."""
+    if not values:
+        return None
+    if not any("=" in v for v in values):
+        return values[0] if len(values) == 1 else list(values)
+    if not all("=" in v for v in values):
+        raise _UsageError(f"{option}: use either NAME or INPUT=NAME forms, not both")
+    mapping: dict[str, Any] = {}
+    for value in values:
+        key, _, name = value.partition("=")
+        if not key or not name:
+            raise _UsageError(f"{option}: expected INPUT=NAME, got {value!r}")
+        if key in mapping:
+            raise _UsageError(f"{option}: {key!r} given twice")
+        names = name.split(",")
+        mapping[key] = names[0] if len(names) == 1 else names
+    return mapping
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m pool",
+        description="Fast TensorFlow / TF Hub inference on CPU with a process pool.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    predict = commands.add_parser(
+        "predict",
+        help="predict every row of a Parquet, CSV or .npy file into a new file",
+        description=(
+            "Stream INPUT through MODEL into OUTPUT, keeping the input's rows and order and "
+            "adding one column per model output. OUTPUT appears only complete (atomic rename); "
+            "after a crash or Ctrl-C, --resume continues from the last committed chunk."
+        ),
+        epilog="Exit status: 0 done, 1 failed while running, 2 bad arguments or data, "
+        "130 interrupted. See docs/etl.md.",
+    )
+    predict.add_argument("model", metavar="MODEL", help="SavedModel directory or TF Hub handle")
+    predict.add_argument("--input", "-i", required=True, help="input file: .parquet, .csv, .npy")
+    predict.add_argument("--output", "-o", required=True, help="output file: .parquet, .csv, .npy")
+    predict.add_argument(
+        "--column",
+        "-c",
+        action="append",
+        metavar="[INPUT=]COLUMN",
+        help="column feeding the model's input (default: the column named like the input); "
+        "repeat as INPUT=COLUMN for several inputs, INPUT=C1,C2 to stack columns",
+    )
+    predict.add_argument(
+        "--output-column",
+        action="append",
+        metavar="[OUTPUT=]COLUMN",
+        help="name of the new column (default: the model output's name); OUTPUT=COLUMN to "
+        "rename several",
+    )
+    predict.add_argument(
+        "--workers", "-w", type=_positive, help="worker processes (default: cores)"
+    )
+    predict.add_argument("--shard-size", type=_positive, help="rows per shard (default: automatic)")
+    predict.add_argument(
+        "--chunk-rows",
+        type=_positive,
+        help="rows per committed chunk and output row group (default: about 32 MB of rows)",
+    )
+    predict.add_argument(
+        "--max-in-flight", type=_positive, help="shards submitted ahead (default: 4 per worker)"
+    )
+    predict.add_argument("--signature", default="serving_default", help="signature to call")
+    predict.add_argument("--model-output", help="keep only this output of the model")
+    predict.add_argument("--input-format", choices=["parquet", "csv", "npy"])
+    predict.add_argument("--output-format", choices=["parquet", "csv", "npy"])
+    predict.add_argument(
+        "--resume", action="store_true", help="continue an interrupted job into the same OUTPUT"
+    )
+    predict.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (it is shown only when stderr is a terminal)",
+    )
+    verbosity = predict.add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "--verbose", "-v", action="count", default=0, help="log progress (-vv: and tracebacks)"
+    )
+    verbosity.add_argument("--quiet", "-q", action="store_true", help="print errors only")
+    return parser
+
+
+def _fail(code: int, message: str) -> int:
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
+    sys.stderr.write(f"error: {first}\n")
+    return code
+
+
+def _predict(args: argparse.Namespace) -> int:
+    columns = _pairs(args.column, "--column")
+    output_column = _pairs(args.output_column, "--output-column")
+    if isinstance(output_column, list):
+        raise _UsageError("--output-column: give one NAME, or OUTPUT=NAME for each output")
+    report = etl.predict_file(
+        args.model,
+        args.input,
+        args.output,
+        columns=columns,
+        output_column=output_column,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        chunk_rows=args.chunk_rows,
+        max_in_flight=args.max_in_flight,
+        resume=args.resume,
+        progress=args.progress and not args.quiet,
+        input_format=args.input_format,
+        output_format=args.output_format,
+        signature=args.signature,
+        model_output=args.model_output,
+    )
+    if not args.quiet:
+        resumed = f", {report.resumed_chunks} chunk(s) resumed" if report.resumed_chunks else ""
+        sys.stderr.write(
+            f"wrote {report.rows:,} rows to {report.output} in {report.seconds:.1f} s "
+            f"({report.rows_per_second:,.0f} rows/s{resumed})\n"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        return _fail(EXIT_USAGE, f"{exc} (see --help)")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    levels = [logging.WARNING, logging.INFO, logging.DEBUG]
+    level = logging.ERROR if args.quiet else levels[min(args.verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    previous_level = log.level
+    log.setLevel(level)
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
+    try:
+        return _predict(args)
+    except _UsageError as exc:
+        return _fail(EXIT_USAGE, f"{exc} (see --help)")
+    except etl.EtlError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, _interrupted(args))
+    except _Terminated:
+        return _fail(EXIT_TERMINATED, _interrupted(args, "terminated"))
+    except Exception as exc:  # PoolError (model load, worker), OSError, ...: a runtime failure
+        log.debug("the job failed", exc_info=True)
+        return _fail(EXIT_RUNTIME, f"{type(exc).__name__}: {exc}")
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+        log.removeHandler(handler)
+        log.setLevel(previous_level)
+
+
+def _interrupted(args: argparse.Namespace, how: str = "interrupted") -> str:
+    return (
+        f"{how}; {args.output} was not written, committed chunks are kept: rerun with "
+        "--resume to continue"
+    )

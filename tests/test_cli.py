@@ -1,0 +1,324 @@
+"""``python -m pool predict``: one-line errors and exit codes, a million rows in bounded memory,
+a kill midway and ``--resume``, and a progress bar that stays off stdout.
+
+The runs that stream data start the command in a subprocess, as a user would; every output is
+compared row by row with the model called in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from conftest import in_process
+
+from pool import PredictionPool, cli
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+pacsv = pytest.importorskip("pyarrow.csv")
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def texts(stop: int, start: int = 0) -> list[str]:
+    return [
+        f"row {i} the quick brown fox {i % 97} jumps over {i % 13} dogs" for i in range(start, stop)
+    ]
+
+
+def write_texts(path: Path, rows: int, row_group_size: int = 20_000) -> None:
+    """A Parquet file of ``id`` and ``text``, written a row group at a time."""
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, row_group_size):
+            stop = min(rows, start + row_group_size)
+            writer.write_table(
+                pa.table({"id": np.arange(start, stop), "text": texts(stop, start)}, schema)
+            )
+
+
+def command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "pool", *map(str, args)]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def check_output(models, path: Path, rows: int, column: str = "embedding") -> None:
+    """Every input row exactly once, in order, with the embedding the model gives in-process.
+
+    Compared a row group at a time against in-process calls on the same strings, in big batches.
+    """
+    source = pq.ParquetFile(path)
+    assert source.metadata.num_rows == rows
+    at = 0
+    for group in range(source.num_row_groups):
+        table = source.read_row_group(group)
+        ids = table.column("id").to_numpy()
+        np.testing.assert_array_equal(ids, np.arange(at, at + table.num_rows))
+        want_text = texts(at + table.num_rows, at)
+        assert table.column("text").to_pylist() == want_text
+        vectors = table.column(column).combine_chunks()
+        got = vectors.flatten().to_numpy().reshape(table.num_rows, -1)
+        want = in_process(models["text_embedding"], np.asarray(want_text, dtype=object))[
+            "embedding"
+        ]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"rows from {at}")
+        at += table.num_rows
+    assert at == rows
+
+
+# --- errors: one line, non-zero, before any worker starts ------------------------------------
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    def start(self):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(PredictionPool, "start", start)
+
+
+def test_help():
+    done = subprocess.run(
+        command("predict", "--help"), capture_output=True, text=True, env=environment(), timeout=60
+    )
+    assert done.returncode == 0
+    assert "--resume" in done.stdout and "Exit status" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--input", "{tmp}/missing.parquet"], r"input '.*missing\.parquet' does not exist"),
+        (["--column", "nope"], r"unknown column 'nope'; .* has columns \['id', 'body', 'n'\]"),
+        (
+            ["--column", "n"],
+            r"column 'n' has type int64, but the model's input text: string\[None\]",
+        ),
+        ([], r"no column named 'text' for the model's input 'text'"),
+        (["--output", "{tmp}/missing/out.parquet"], r"cannot write output .*not found"),
+        (["--output", "{tmp}/in.parquet/out.parquet"], r"cannot write output .*not found"),
+        (["--output", "{tmp}/out.xlsx"], r"cannot tell the format of output"),
+        (["--column", "body", "--output-column", "id"], r"output column 'id' already exists"),
+        (["--column", "body", "--column", "text=body"], r"--column: use either NAME or"),
+        (["--workers", "0"], r"argument --workers/-w: expected a positive integer, got '0'"),
+        (["--frobnicate"], r"unrecognized arguments: --frobnicate"),
+        (["--model", "{tmp}/nowhere"], r"model '.*nowhere' is not a SavedModel directory"),
+    ],
+)
+def test_errors_are_one_line_exit_2_and_start_no_worker(
+    models, tmp_path, capsys, no_workers, arguments, message
+):
+    pq.write_table(
+        pa.table({"id": [1, 2], "body": ["a", "b"], "n": [3, 4]}), tmp_path / "in.parquet"
+    )
+    model = models["text_embedding"]
+    arguments = [a.replace("{tmp}", str(tmp_path)) for a in arguments]
+    if arguments[:1] == ["--model"]:
+        model, arguments = arguments[1], arguments[2:]
+    defaults = {"--input": str(tmp_path / "in.parquet"), "--output": str(tmp_path / "out.parquet")}
+    for option, value in defaults.items():
+        if option not in arguments:
+            arguments += [option, value]
+    code = cli.main(["predict", model, *arguments])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert re.search(message, lines[0]), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
+def test_a_failing_model_exits_1_with_one_error_line(models, tmp_path):
+    """The `checked` signature fails inside TensorFlow on a negative value: a runtime error."""
+    a = np.abs(np.random.default_rng(0).normal(size=(500, 4))).astype(np.float32)
+    a[321, 2] = -1.0
+    values = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), 4)
+    pq.write_table(pa.table({"a": values}), tmp_path / "in.parquet")
+    done = subprocess.run(
+        command("predict", models["multi_io"], "-i", tmp_path / "in.parquet")
+        + ["-o", str(tmp_path / "out.parquet"), "--signature", "checked", "--workers", "1"],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=240,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    (line,) = error_lines(done.stderr)
+    assert "a < 0" in line or "WorkerError" in line, line
+    assert not (tmp_path / "out.parquet").exists()
+
+
+# --- a million rows ----------------------------------------------------------------------------
+
+
+def run_measured(args: list[str], **popen: object) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the command; return it and the peak RSS of its own process (psutil, polled)."""
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(), **popen
+    )
+    me = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            peak = max(peak, me.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.01)
+    out, err = process.communicate()
+    return subprocess.CompletedProcess(args, process.returncode, out, err), peak
+
+
+@pytest.mark.timeout(600)
+def test_a_million_rows_stream_in_bounded_memory(models, tmp_path):
+    """1,000,000 text rows, Parquet to Parquet: the parent's peak RSS must not grow with rows.
+
+    Compared with the same job on the first 100,000 rows: the 900,000 extra rows carry about
+    230 MB of embeddings and 60 MB of text, so a parent holding even a third of them would
+    break the 80 MB margin; a streaming parent's peak depends only on chunk and shard sizes.
+    """
+    peaks = {}
+    for rows in (100_000, 1_000_000):
+        source, target = tmp_path / f"in-{rows}.parquet", tmp_path / f"out-{rows}.parquet"
+        write_texts(source, rows)
+        done, peaks[rows] = run_measured(
+            command("predict", models["text_embedding"], "-i", source, "-o", target)
+            + ["--shard-size", "4096", "--workers", "2"]
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == ""  # nothing but data in files; no bar in a pipe either
+        assert "\r" not in done.stderr and "rows/s]" not in done.stderr
+        assert f"wrote {rows:,} rows to {target}" in done.stderr
+    print(f"peak RSS: {peaks[100_000] >> 20} MB for 100k rows, {peaks[1_000_000] >> 20} MB for 1M")
+    assert peaks[1_000_000] < peaks[100_000] + (80 << 20), peaks
+    assert peaks[1_000_000] < 600 << 20, peaks
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    check_output(models, tmp_path / "out-1000000.parquet", 1_000_000)
+
+
+# --- killed midway, then --resume ------------------------------------------------------------
+
+
+def parts(staging: Path) -> list[str]:
+    return sorted(p.name for p in staging.glob("part-*")) if staging.is_dir() else []
+
+
+def start_and_stop_at(args: list[str], staging: Path, parts_at_least: int, how: int) -> tuple:
+    """Start the command; once ``parts_at_least`` chunks are committed, send it signal ``how``."""
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment()
+    )
+    deadline = time.monotonic() + 180
+    while len(parts(staging)) < parts_at_least:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no chunk was committed in time"
+        time.sleep(0.01)
+    process.send_signal(how)
+    # Reap it before reading its pipes: its workers (which share them) exit only once its pid
+    # is gone, and a killed process's pid lingers as a zombie until its parent waits for it.
+    process.wait(timeout=120)
+    out, err = process.communicate(timeout=60)
+    return process.returncode, out, err
+
+
+@pytest.mark.timeout(600)
+def test_killed_midway_leaves_no_output_and_resume_finishes_every_row_once(models, tmp_path):
+    """Ctrl-C, then SIGKILL during the resumed run, then a resume that completes the job."""
+    rows = 300_000
+    source, target = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    staging = tmp_path / ".out.parquet.partial"
+    write_texts(source, rows)
+    job = command("predict", models["text_embedding"], "-i", source, "-o", target)
+    job += ["--shard-size", "2048", "--chunk-rows", "8192", "--workers", "2"]
+
+    code, out, err = start_and_stop_at(job, staging, 3, signal.SIGINT)
+    assert code == 130, err
+    (line,) = error_lines(err)
+    assert "interrupted" in line and "--resume" in line
+    assert not target.exists() and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, staging.name])
+    first = parts(staging)
+    assert len(first) >= 3 and not (staging / "lock").exists()
+
+    code, out, err = start_and_stop_at(job + ["--resume"], staging, len(first) + 3, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not target.exists()  # killed without any cleanup: still no partial output
+    second = parts(staging)
+    assert set(first) < set(second)  # the first run's chunks were kept, more were added
+    assert second == [f"part-{i:06d}-8192.parquet" for i in range(len(second))]
+
+    done = subprocess.run(
+        job + ["--resume", "-v"], capture_output=True, text=True, env=environment(), timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    committed = len(second)
+    assert (
+        f"resuming: {committed} chunk(s), {committed * 8192} rows, already committed" in done.stderr
+    )
+    assert f"{committed} chunk(s) resumed" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, target.name])
+    check_output(models, target, rows)
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+def test_progress_bar_on_a_terminal_and_never_on_stdout(models, tmp_path):
+    """stderr on a terminal shows rows, rate and ETA; stdout (a pipe) gets nothing."""
+    rows = 60_000
+    source = tmp_path / "in.csv"
+    pq.write_table(pa.table({"id": np.arange(rows), "text": texts(rows)}), tmp_path / "in.parquet")
+    pacsv.write_csv(pq.read_table(tmp_path / "in.parquet"), source)
+    target = tmp_path / "out.parquet"
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        command("predict", models["text_embedding"], "-i", source, "-o", target)
+        + ["--output-column", "vector", "--chunk-rows", "8192"],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=environment(),
+    )
+    os.close(follower)
+    shown = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            shown.extend(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out, _ = process.communicate(timeout=240)
+    reader.join(timeout=10)
+    os.close(leader)
+    text = shown.decode(errors="replace")
+    assert process.returncode == 0, text
+    assert out == b""
+    assert "rows/s" in text and "60.0k/60.0k" in text and "100%" in text, text
+    check_output(models, target, rows, column="vector")
