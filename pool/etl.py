@@ -57,7 +57,7 @@ import numpy as np
 import psutil
 
 from . import sharding
-from .errors import PoolError
+from .errors import PoolError, WorkerCrashedError, WorkerError
 from .messages import DEFAULT_INPUT, DEFAULT_OUTPUT, STRING, SignatureInfo, TensorInfo
 
 if TYPE_CHECKING:
@@ -1099,10 +1099,8 @@ class _Staging:
             return
         self._locked = False
         (self.dir / "lock").unlink(missing_ok=True)
-        try:
-            self.dir.rmdir()  # only succeeds when empty
-        except OSError:
-            pass
+        if self.dir.is_dir() and not self.parts():  # nothing to resume: leave nothing behind
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     # manifest ------------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
@@ -1465,7 +1463,21 @@ class _Job:
         outputs: list[dict[str, np.ndarray]] = []
         chunk, row, in_chunk = first_chunk, start, 0
         names = named
-        for prediction in pool.imap(feed(), shard_size=shard, max_in_flight=self.max_in_flight):
+        results = pool.imap(feed(), shard_size=shard, max_in_flight=self.max_in_flight)
+        while True:
+            try:
+                prediction = next(results)
+            except StopIteration:
+                break
+            except (
+                WorkerError,
+                WorkerCrashedError,
+            ) as exc:  # name the file's rows, not the shard's
+                first, piece = window[0]
+                where = f"input rows {first}..{first + piece.num_rows - 1} of {self.source.path}"
+                if isinstance(exc, WorkerError):
+                    raise WorkerError(f"{where}: {exc.args[0]}", exc.remote_traceback) from None
+                raise WorkerCrashedError(f"{where}: {exc}") from None
             _, piece = window.popleft()
             values = _as_outputs(prediction, signature)
             if names is None:  # a model that does not declare its outputs

@@ -97,12 +97,48 @@ def no_workers(monkeypatch):
     monkeypatch.setattr(PredictionPool, "start", start)
 
 
-def test_help():
+def test_help_and_the_console_script():
     done = subprocess.run(
         command("predict", "--help"), capture_output=True, text=True, env=environment(), timeout=60
     )
     assert done.returncode == 0
     assert "--resume" in done.stdout and "Exit status" in done.stdout
+    script = Path(sys.executable).parent / "tf-pool"  # installed by `pip install -e .`
+    if script.exists():
+        done = subprocess.run([script, "predict", "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "--resume" in done.stdout
+
+
+def test_format_options_override_the_suffix(models, tmp_path, capsys, no_workers):
+    pq.write_table(pa.table({"body": ["a"]}), tmp_path / "data.bin")
+    arguments = ["predict", models["text_embedding"], "-i", str(tmp_path / "data.bin")]
+    arguments += ["-o", str(tmp_path / "out.dat"), "--input-format", "parquet"]
+    assert cli.main([*arguments, "--output-format", "csv", "-c", "nope"]) == 2
+    assert "error: unknown column 'nope'" in capsys.readouterr().err  # data.bin read as Parquet
+    assert cli.main([*arguments, "--output-format", "xlsx"]) == 2
+    assert "invalid choice: 'xlsx'" in capsys.readouterr().err
+
+
+def test_sigterm_and_ctrl_c_exit_with_one_line_and_keep_the_handlers(monkeypatch, capsys):
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    arguments = ["predict", "model", "-i", "in.parquet", "-o", "out.parquet"]
+    for job, code, word in ((terminated, 143, "terminated"), (interrupted, 130, "interrupted")):
+        monkeypatch.setattr(cli.etl, "predict_file", job)
+        assert cli.main(arguments) == code
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line == (
+            f"error: {word}; out.parquet was not written, committed chunks are kept: rerun with "
+            "--resume to continue"
+        )
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.parametrize(
@@ -157,7 +193,8 @@ def test_a_failing_model_exits_1_with_one_error_line(models, tmp_path):
     pq.write_table(pa.table({"a": values}), tmp_path / "in.parquet")
     done = subprocess.run(
         command("predict", models["multi_io"], "-i", tmp_path / "in.parquet")
-        + ["-o", str(tmp_path / "out.parquet"), "--signature", "checked", "--workers", "1"],
+        + ["-o", str(tmp_path / "out.parquet"), "--signature", "checked", "--workers", "1"]
+        + ["--model-output", "checked", "--quiet"],
         capture_output=True,
         text=True,
         env=environment(),
@@ -166,8 +203,9 @@ def test_a_failing_model_exits_1_with_one_error_line(models, tmp_path):
     assert done.returncode == 1, done.stderr
     assert done.stdout == ""
     (line,) = error_lines(done.stderr)
-    assert "a < 0" in line or "WorkerError" in line, line
-    assert not (tmp_path / "out.parquet").exists()
+    assert line.startswith("error: WorkerError: input rows 0..499 of "), line  # the file's rows
+    assert "InvalidArgumentError" in line and "wrote" not in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["in.parquet"]  # nothing committed, no staging
 
 
 # --- a million rows ----------------------------------------------------------------------------
@@ -294,7 +332,7 @@ def test_progress_bar_on_a_terminal_and_never_on_stdout(models, tmp_path):
     leader, follower = pty.openpty()
     process = subprocess.Popen(
         command("predict", models["text_embedding"], "-i", source, "-o", target)
-        + ["--output-column", "vector", "--chunk-rows", "8192"],
+        + ["--output-column", "vector", "--chunk-rows", "8192", "--max-in-flight", "8"],
         stdout=subprocess.PIPE,
         stderr=follower,
         env=environment(),
