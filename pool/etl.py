@@ -207,7 +207,9 @@ def _empty_like(spec: TensorInfo | None) -> np.ndarray | None:
     return np.empty((0, *spec.shape[1:]), dtype=spec.numpy_dtype)
 
 
-def _arrow_to_numpy(column: Any, label: str, spec: TensorInfo | None) -> np.ndarray:
+def _arrow_to_numpy(
+    column: Any, label: str, spec: TensorInfo | None, first_row: int = 0
+) -> np.ndarray:
     """One Arrow column as a NumPy batch: strings as objects, equal-length lists stacked."""
     pa = _require("pyarrow")
     pc = _require("pyarrow.compute")
@@ -216,7 +218,7 @@ def _arrow_to_numpy(column: Any, label: str, spec: TensorInfo | None) -> np.ndar
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
     if column.null_count:
-        first = pc.index(column.is_null(), True).as_py()
+        first = first_row + pc.index(column.is_null(), True).as_py()
         raise EtlError(f"{label} has {column.null_count} null value(s), the first at row {first}")
     if len(column) == 0 and (empty := _empty_like(spec)) is not None:
         return empty
@@ -237,7 +239,9 @@ def _arrow_to_numpy(column: Any, label: str, spec: TensorInfo | None) -> np.ndar
     return column.to_numpy(zero_copy_only=False)
 
 
-def _series_to_numpy(series: Any, label: str, spec: TensorInfo | None) -> np.ndarray:
+def _series_to_numpy(
+    series: Any, label: str, spec: TensorInfo | None, first_row: int = 0
+) -> np.ndarray:
     """One pandas column as a NumPy batch; sequences in an object column are stacked."""
     plain_float = isinstance(series.dtype, np.dtype) and series.dtype.kind == "f"
     if not plain_float:  # NaN is a value in a float column, but a missing value elsewhere
@@ -245,7 +249,7 @@ def _series_to_numpy(series: Any, label: str, spec: TensorInfo | None) -> np.nda
         if missing.any():
             raise EtlError(
                 f"{label} has {int(missing.sum())} missing value(s), the first at row "
-                f"{int(np.argmax(missing))}"
+                f"{first_row + int(np.argmax(missing))}"
             )
     numpy_dtype = getattr(series.dtype, "numpy_dtype", None)  # nullable Int64, Float32, ...
     values = series.to_numpy(dtype=numpy_dtype) if numpy_dtype is not None else series.to_numpy()
@@ -261,16 +265,18 @@ def _series_to_numpy(series: Any, label: str, spec: TensorInfo | None) -> np.nda
     return values
 
 
-def _column_to_numpy(column: Any, label: str, spec: TensorInfo | None) -> np.ndarray:
+def _column_to_numpy(
+    column: Any, label: str, spec: TensorInfo | None, first_row: int = 0
+) -> np.ndarray:
     if type(column).__module__.startswith("pandas"):
-        return _series_to_numpy(column, label, spec)
-    return _arrow_to_numpy(column, label, spec)
+        return _series_to_numpy(column, label, spec, first_row)
+    return _arrow_to_numpy(column, label, spec, first_row)
 
 
-def _gather(frame: Any, source: Any, spec: TensorInfo | None) -> np.ndarray:
+def _gather(frame: Any, source: Any, spec: TensorInfo | None, first_row: int) -> np.ndarray:
     """The column (or the columns, side by side) that feed one input."""
     names = _as_list(source)
-    parts = [_column_to_numpy(frame[name], _label(name), spec) for name in names]
+    parts = [_column_to_numpy(frame[name], _label(name), spec, first_row) for name in names]
     if len(parts) == 1:
         return parts[0]
     return np.stack(parts, axis=1)
@@ -297,7 +303,7 @@ def _checked(
 
 
 def to_inputs(
-    data: Any, signature: SignatureInfo, columns: Columns = None
+    data: Any, signature: SignatureInfo, columns: Columns = None, first_row: int = 0
 ) -> dict[str, np.ndarray]:
     """``{model input: ndarray}`` from a pandas Series/DataFrame or an Arrow array/batch/table.
 
@@ -306,6 +312,7 @@ def to_inputs(
     columns is stacked side by side into one ``[N, k]`` input, and a column of equal-length
     lists (or arrays) becomes an ``[N, k, ...]`` input. Raises ``EtlError`` for an unknown
     column or a null value, ``TypeError``/``ValueError`` naming the column when it does not fit.
+    Rows in messages are counted from ``first_row`` (where ``data`` starts in a file).
     """
     if not is_table(data):
         raise TypeError(
@@ -315,7 +322,10 @@ def to_inputs(
     specs = {t.name: t for t in signature.inputs} if signature.inputs is not None else {}
     if _is_frame(data):
         sources = resolve_columns(_column_names(data), signature, columns)
-        arrays = {name: _gather(data, source, specs.get(name)) for name, source in sources.items()}
+        arrays = {
+            name: _gather(data, source, specs.get(name), first_row)
+            for name, source in sources.items()
+        }
     else:
         if columns is not None:
             raise TypeError(
@@ -331,7 +341,7 @@ def to_inputs(
         name = inputs[0] if inputs else DEFAULT_INPUT
         label = getattr(data, "name", None) or name
         sources = {name: label}
-        arrays = {name: _column_to_numpy(data, _label(label), specs.get(name))}
+        arrays = {name: _column_to_numpy(data, _label(label), specs.get(name), first_row)}
     return _checked(arrays, sources, signature)
 
 
@@ -1453,9 +1463,9 @@ class _Job:
             pieces = _pieces(self.source.batches(start, shard, strings), start, shard, chunk_rows)
             for row, piece in pieces:
                 try:
-                    arrays = to_inputs(piece, signature, sources)
+                    arrays = to_inputs(piece, signature, sources, first_row=row)
                 except (TypeError, ValueError) as exc:
-                    raise EtlError(f"rows {row}..{row + piece.num_rows - 1}: {exc}") from None
+                    raise EtlError(f"{self.source.path}: {exc}") from None
                 window.append((row, piece))
                 yield arrays
 

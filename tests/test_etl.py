@@ -269,13 +269,14 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_bar_only_on_a_terminal(text_pool, monkeypatch, capsys):
+def test_progress_bar_only_on_a_terminal(text_pool, capsys, monkeypatch):
     frames = [pd.DataFrame({"text": texts(500)})] * 4
     list(text_pool.map_batches(frames, progress=True, total=2000))
     assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     list(text_pool.map_batches(frames, progress=True, total=2000))
+    monkeypatch.undo()  # before capsys restores sys.stderr
     shown = terminal.getvalue()
     assert "2.00k/2.00k" in shown and "rows/s" in shown and "100%" in shown, shown
 
@@ -392,6 +393,28 @@ def test_empty_input_gives_an_empty_output(text_pool, tmp_path):
     assert report.rows == 0
     out = pq.read_table(tmp_path / "out.parquet")
     assert out.num_rows == 0 and out.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+
+
+def test_a_null_mid_file_names_its_row_and_keeps_the_chunks_before_it(text_pool, tmp_path):
+    rows: list[str | None] = list(texts(8000))
+    rows[5000] = None
+    pq.write_table(pa.table({"text": rows}), tmp_path / "in.parquet", row_group_size=1000)
+    with pytest.raises(
+        etl.EtlError, match=r"column 'text' has 1 null value\(s\), the first at row 5000"
+    ):
+        etl.predict_file(
+            text_pool,
+            tmp_path / "in.parquet",
+            tmp_path / "out.parquet",
+            chunk_rows=2048,
+            shard_size=512,
+        )
+    assert not (tmp_path / "out.parquet").exists()
+    staging = tmp_path / ".out.parquet.partial"
+    assert sorted(p.name for p in staging.glob("part-*")) == [
+        "part-000000-2048.parquet",
+        "part-000001-2048.parquet",
+    ]
 
 
 # --- predict_file: errors before any worker starts ---------------------------------------------
