@@ -17,8 +17,9 @@ once. Calls are validated, split into shards, run on all cores and gathered in i
 Modules: ``model`` (the only one importing TensorFlow), ``worker`` (inside worker processes),
 ``messages`` (what crosses the process boundary), ``sharding`` (validate, split, gather),
 ``dispatcher`` (scheduling, retries), ``process`` (one worker's executor), ``prediction_pool``
-(lifecycle and public API), ``etl`` and ``cli`` (files, data frames, command line),
-``reference_models`` (the SavedModels used by tests, the demo and benchmarks).
+(lifecycle and public API), ``etl`` (a subpackage: data frames, file formats, staging, file
+jobs; its docstring lists its modules), ``cli`` (the command line), ``reference_models`` (the
+SavedModels used by tests, the demo and benchmarks).
 See docs/design.md for the longer story.
 """
 

@@ -1,0 +1,81 @@
+"""What every part of :mod:`pool.etl` shares: the error, the optional imports, the ``columns=``
+types, and returning memory and flushing files between chunks."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import PoolError
+
+log = logging.getLogger("pool")
+
+#: ``columns=``: one column name (single-input models), several names stacked into one input,
+#: or ``{model input: column or [columns]}``.
+Columns = str | Sequence[str] | Mapping[str, str | Sequence[str]] | None
+#: ``output_column=``: the new column's name (single-output models) or ``{output: column}``.
+OutputColumns = str | Mapping[str, str] | None
+
+
+class EtlError(PoolError, ValueError):
+    """An input, column, value type or output path the job cannot use.
+
+    Raised before any worker starts where the check does not need the model, and before any row
+    is dispatched otherwise. The command line reports it in one line and exits with status 2.
+    """
+
+
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"{module.partition('.')[0]} is needed for data frames, Arrow and files: "
+            f"pip install 'pool[etl]' ({exc})"
+        ) from exc
+
+
+# --- memory and disk, between chunks ------------------------------------------------------
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _return_free_memory() -> None:
+    """Hand memory freed since the last chunk back to the OS, so the process's footprint follows
+    what it holds (a chunk or two) instead of ratcheting up with the rows done.
+
+    ``gc.collect`` first: a finished call's shard futures and their results form a reference
+    cycle (each future's done-callback closes over the list of futures), so without it the
+    results of many chunks wait for the cyclic collector. Then Arrow's pool and the C heap."""
+    gc.collect()
+    _require("pyarrow").default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
