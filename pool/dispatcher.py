@@ -35,8 +35,10 @@ from .process import WorkerProcess
 
 log = logging.getLogger("pool")
 
-#: Seconds between checks of shard deadlines when a timeout is set.
+#: Seconds between checks of shard deadlines when a timeout is set...
 TICK_SECONDS = 0.05
+#: ...and between checks that busy workers are still alive.
+HEALTH_SECONDS = 0.25
 
 
 @dataclass
@@ -111,6 +113,7 @@ class Dispatcher:
         self.retired: list[WorkerProcess] = []  # replaced processes, still exiting
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self._last_health = 0.0
         self._thread = threading.Thread(target=self._run, name="pool-dispatcher", daemon=True)
         self._thread.start()
 
@@ -132,7 +135,7 @@ class Dispatcher:
     def _run(self) -> None:
         stopping: _Stop | None = None
         while True:
-            wait = TICK_SECONDS if self._limits.timeout is not None else None
+            wait = TICK_SECONDS if self._limits.timeout is not None else HEALTH_SECONDS
             try:
                 event = self._events.get(timeout=wait)
             except queue.Empty:
@@ -146,6 +149,7 @@ class Dispatcher:
                     self._fail_all(PoolClosedError("the pool was shut down before this shard ran"))
                     return
                 self._check_deadlines()
+                self._check_health()
                 self._pump()
             except Exception:  # never let the manager die silently: fail every caller
                 log.exception("pool dispatcher failed")
@@ -332,6 +336,17 @@ class Dispatcher:
                 if now - slot.held[0].started > timeout:
                     slot.timed_out = True
                     slot.process.kill()  # its futures fail with BrokenProcessPool -> _on_death
+
+    def _check_health(self) -> None:
+        """A busy worker found dead whose executor has not said so is stuck on a half-sent
+        result: release it, so the executor breaks and the shards are re-run."""
+        now = time.monotonic()
+        if now - self._last_health < HEALTH_SECONDS:
+            return
+        self._last_health = now
+        for slot in self.slots:
+            if slot.status in ("ready", "retiring") and slot.held and not slot.process.alive():
+                slot.process.release_result_pipe()
 
     def _fail_all(self, exc: Exception) -> None:
         tasks = list(self._pending) + [t for s in self.slots for t in s.held]

@@ -403,39 +403,52 @@ class PredictionPool:
 
 
 def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
-    """A future for the whole call: the shards' outputs gathered in order, or the first error."""
+    """A future for the whole call: the shards' outputs gathered in order, or the first error.
+
+    Each shard future's callback refers to the list of shard futures; the list is emptied when
+    the call completes, which breaks that reference cycle so the shards' outputs are freed at
+    once rather than at the next garbage collection (it matters when streaming)."""
     combined: Future = Future()
     combined.set_running_or_notify_cancel()
+    pending = list(parts)
     remaining = [len(parts)]
     lock = threading.Lock()
 
+    def finish() -> list[Future]:
+        with lock:
+            if combined.done() or not pending:
+                return []
+            taken = pending[:]
+            pending.clear()
+            return taken
+
     def on_part_done(part: Future) -> None:
-        if combined.done():
-            return
         if part.cancelled() or part.exception() is not None:
-            error = (
-                part.exception()
-                if not part.cancelled()
-                else PoolClosedError("a shard of this call was cancelled")
+            others = finish()
+            if not others:
+                return
+            combined.set_exception(
+                PoolClosedError("a shard of this call was cancelled")
+                if part.cancelled()
+                else part.exception()
             )
-            with lock:
-                if combined.done():
-                    return
-                combined.set_exception(error)
-            for other in parts:
+            for other in others:
                 other.cancel()
             return
         with lock:
             remaining[0] -= 1
             last = remaining[0] == 0
-        if last:
-            try:
-                outputs = sharding.gather([p.result() for p in parts])
-                result = sharding.unwrap(outputs, signature)
-            except Exception as exc:
-                combined.set_exception(exc)
-                return
-            combined.set_result(result)
+        if not last:
+            return
+        done = finish()
+        if not done:
+            return
+        try:
+            result = sharding.unwrap(sharding.gather([p.result() for p in done]), signature)
+        except Exception as exc:
+            combined.set_exception(exc)
+            return
+        combined.set_result(result)
 
     for part in parts:
         part.add_done_callback(on_part_done)

@@ -74,13 +74,41 @@ class WorkerProcess:
         except psutil.Error:
             return 0
 
-    def kill(self) -> None:
-        """Kill the worker process now (it may be mid-shard); its futures fail."""
+    def alive(self) -> bool:
+        """Whether the worker process still runs (a zombie or a vanished pid does not)."""
         for pid in self.pids():
             try:
-                psutil.Process(pid).kill()
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    return True
             except psutil.Error:
                 pass
+        return False
+
+    def kill(self) -> None:
+        """Kill the worker process now (it may be mid-shard); its futures fail."""
+        processes = []
+        for pid in self.pids():
+            try:
+                process = psutil.Process(pid)
+                process.kill()
+                processes.append(process)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(processes, timeout=5)
+        self.release_result_pipe()
+
+    def release_result_pipe(self) -> None:
+        """Close the parent's copy of the write end of the executor's result pipe.
+
+        CPython's ``ProcessPoolExecutor`` keeps that copy open, so when a worker dies halfway
+        through sending a result, the executor's thread waits forever for the rest of the
+        message and never reports the death. Call this only once the worker is dead: the
+        reader then gets end-of-file, and the executor breaks as it does for any other death.
+        """
+        result_queue = getattr(self.executor, "_result_queue", None)
+        writer = getattr(result_queue, "_writer", None)
+        if writer is not None:
+            writer.close()
 
     def shutdown(self, kill: bool = False, wait: bool = True) -> None:
         if kill:

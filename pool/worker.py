@@ -43,7 +43,9 @@ def _watch_parent(pid: int, create_time: float) -> None:
     while True:
         time.sleep(PARENT_POLL_SECONDS)
         try:
-            alive = psutil.Process(pid).create_time() == create_time
+            parent = psutil.Process(pid)
+            # A killed parent that nobody has reaped yet is a zombie: gone all the same.
+            alive = parent.create_time() == create_time and parent.status() != "zombie"
         except psutil.NoSuchProcess:
             alive = False
         if not alive:

@@ -41,6 +41,19 @@ KILL = -1.0  # a row whose first value is KILL makes the worker die (os._exit)
 HANG = -2.0  # ... hang for a long time
 KILL_ONCE = -3.0  # ... die the first time, in the first worker that sees it (marker file)
 LEAK = -4.0  # ... keep 50 MB more memory alive in the worker
+HALF_SENT = -5.0  # ... die in the middle of sending a result to the parent
+
+
+def _die_mid_send() -> None:
+    """Write the start of a result message on the executor's result pipe, then die: exactly
+    what a worker killed (OOM, SIGKILL) while sending a large result leaves behind."""
+    import gc
+    import struct
+    from multiprocessing.queues import SimpleQueue
+
+    (queue,) = [q for q in gc.get_objects() if isinstance(q, SimpleQueue) and q._writer]
+    os.write(queue._writer.fileno(), struct.pack("!i", 1 << 20) + b"partial")
+    os._exit(5)
 
 
 def faulty(marker: str | None = None, delay: float = 0.0):
@@ -64,6 +77,8 @@ def faulty(marker: str | None = None, delay: float = 0.0):
             if marker and not os.path.exists(marker):
                 open(marker, "w").close()
                 os._exit(4)
+        if (first == HALF_SENT).any():
+            _die_mid_send()
         if (first == LEAK).any():
             leaked.append(np.ones(50 << 20, dtype=np.uint8))
         return {"y": x * 1.0, "pid": np.full((len(x),), os.getpid(), dtype=np.int64)}

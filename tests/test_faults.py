@@ -105,6 +105,18 @@ def test_shard_that_kills_once_is_rerun_and_answered(tmp_path):
     np.testing.assert_array_equal(out["y"], expected(x))
 
 
+def test_worker_dying_mid_send_is_noticed_and_its_rows_named():
+    """CPython's executor alone would wait forever for the rest of a half-sent result."""
+    x = rows(6)
+    x[3, 0] = factories.HALF_SENT
+    with PredictionPool(factories.faulty, workers=1, shard_size=2, max_retries=0) as pool:
+        with pytest.raises(WorkerCrashedError, match=r"rows 2:4 killed their worker process 1"):
+            pool.submit(x).result(timeout=30)
+        healthy = rows(5)
+        np.testing.assert_array_equal(pool.predict(healthy)["y"], expected(healthy))
+        assert pool.stats()[0].restarts == 1
+
+
 def test_hanging_shard_times_out_with_its_rows_and_pool_recovers():
     x = rows(6)
     x[3, 0] = factories.HANG
@@ -207,7 +219,10 @@ def test_workers_exit_on_their_own_when_the_parent_is_killed(tmp_path):
     proc, pids = start_script(tmp_path)
     helpers = psutil.Process(proc.pid).children()  # fork server and friends
     time.sleep(1.0)
-    proc.kill()
+    proc.kill()  # not reaped until the workers are gone: they must not wait for the reaping
+    procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    assert not [p for p in alive if p.is_running() and p.status() != "zombie"]
     proc.wait(timeout=10)
     procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)] + helpers
     _, alive = psutil.wait_procs(procs, timeout=10)
