@@ -99,6 +99,19 @@ class Limits:
     max_shards_per_worker: int | None = None
 
 
+def room(limits: Limits, shard_seconds: float, shards_done: int) -> int:
+    """How many shards one worker process may hold: ``depth``, or enough to cover
+    ``queued_seconds`` of its recent time per shard (at most ``max_depth``); never more than its
+    ``max_shards_per_worker`` leaves, so a recycled process takes no shard it cannot run."""
+    depth = limits.depth
+    if shard_seconds > 0:
+        wanted = math.ceil(limits.queued_seconds / shard_seconds) + 1
+        depth = max(depth, min(limits.max_depth, wanted))
+    if limits.max_shards_per_worker is None:
+        return depth
+    return min(depth, limits.max_shards_per_worker - shards_done)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -193,16 +206,7 @@ class Dispatcher:
             )
 
     def _room(self, slot: Slot) -> int:
-        """How many shards the slot's process may hold: ``depth``, and never more than its
-        ``max_shards_per_worker`` allows, so a recycled process takes no shard it cannot run."""
-        limits = self._limits
-        depth = limits.depth
-        if slot.shard_seconds > 0:
-            wanted = math.ceil(limits.queued_seconds / slot.shard_seconds) + 1
-            depth = max(depth, min(limits.max_depth, wanted))
-        if limits.max_shards_per_worker is None:
-            return depth
-        return min(depth, limits.max_shards_per_worker - slot.process.shards_done)
+        return room(self._limits, slot.shard_seconds, slot.process.shards_done)
 
     def _on_done(self, event: _Done, stopping: bool) -> None:
         slot, task, future = event.slot, event.task, event.future
