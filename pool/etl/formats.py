@@ -7,7 +7,7 @@ import bisect
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +71,23 @@ class _ParquetSource:
             return
         skip = start - offsets[first]
         groups = list(range(first, meta.num_row_groups))
-        for batch in self._file.iter_batches(batch_size=batch_rows, row_groups=groups):
-            if skip >= batch.num_rows:
-                skip -= batch.num_rows
-                continue
-            if skip:
-                batch, skip = batch.slice(skip), 0
-            yield batch
+        yield from _skip_rows(
+            self._file.iter_batches(batch_size=batch_rows, row_groups=groups), skip
+        )
 
     def close(self) -> None:
         self._file.close()
+
+
+def _skip_rows(batches: Iterable[Any], skip: int) -> Iterator[Any]:
+    """The record batches of ``batches`` after their first ``skip`` rows."""
+    for batch in batches:
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        if skip:
+            batch, skip = batch.slice(skip), 0
+        yield batch
 
 
 class _CsvSource:
@@ -106,21 +113,18 @@ class _CsvSource:
     def batches(self, start: int, batch_rows: int, strings: Sequence[str] = ()) -> Iterator[Any]:
         pa = _require("pyarrow")
         reader = self._open({name: pa.string() for name in strings})
-        skip = start
-        try:
+
+        def read() -> Iterator[Any]:
             while True:
                 try:
-                    batch = reader.read_next_batch()
+                    yield reader.read_next_batch()
                 except StopIteration:
                     return
                 except _arrow_error() as exc:
                     raise EtlError(f"{self.path}: cannot read CSV ({exc})") from None
-                if skip >= batch.num_rows:
-                    skip -= batch.num_rows
-                    continue
-                if skip:
-                    batch, skip = batch.slice(skip), 0
-                yield batch
+
+        try:
+            yield from _skip_rows(read(), start)
         finally:
             reader.close()
 
