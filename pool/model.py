@@ -35,9 +35,7 @@ def configure_threads(intra_op_threads: int, inter_op_threads: int) -> tuple[int
 
 
 def resolve(handle: str) -> str:
-    """Return a local SavedModel directory for ``handle``, downloading a remote one once."""
-    if "://" not in handle:
-        return os.path.abspath(handle)
+    """Download a remote TF Hub handle into the TF Hub cache (once); return the local copy."""
     log.info("resolving %s into the TF Hub cache", handle)
     return hub.resolve(handle)
 

@@ -27,6 +27,12 @@ def uint8_small_cnn():
     return predict
 
 
+def slow_load():
+    """A factory that takes a minute to load (for start_timeout)."""
+    time.sleep(60)
+    return plain_double()
+
+
 def plain_double():
     """A plain Python callable with no signature: doubles its input."""
 

@@ -6,6 +6,7 @@ import itertools
 import subprocess
 import sys
 import threading
+import time
 
 import factories
 import numpy as np
@@ -352,6 +353,22 @@ def test_no_worker_outlives_the_pool_even_on_exceptions(models):
     assert [s.rss_bytes for s in pool.stats()] == [0, 0]  # final counts stay readable
     with pytest.raises(PoolClosedError, match="not running"):
         PredictionPool("unused", workers=1).stats()
+
+
+def test_threads_and_unpinned_workers(models):
+    options = {"threads_per_worker": 2, "inter_op_threads": 2, "pin_cpus": False}
+    with PredictionPool(models["small_cnn"], workers=1, **options) as pool:
+        (info,) = pool.ready_info
+        assert (info.intra_op_threads, info.inter_op_threads, info.cpus) == (2, 2, None)
+        allowed = sorted(psutil.Process().cpu_affinity())
+        assert sorted(psutil.Process(info.pid).cpu_affinity()) == allowed
+
+
+def test_start_timeout_names_itself_and_leaves_no_worker():
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="within start_timeout=2"):
+        PredictionPool(factories.slow_load, workers=2, start_timeout=2).start()
+    assert time.monotonic() - started < 30  # the module fixture checks no worker is left
 
 
 def test_spawn_start_method_works(models):
