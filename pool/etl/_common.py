@@ -58,9 +58,8 @@ def _return_free_memory() -> None:
     """Hand memory freed since the last chunk back to the OS, so the process's footprint follows
     what it holds (a chunk or two) instead of ratcheting up with the rows done.
 
-    ``gc.collect`` first: a finished call's shard futures and their results form a reference
-    cycle (each future's done-callback closes over the list of futures), so without it the
-    results of many chunks wait for the cyclic collector. Then Arrow's pool and the C heap."""
+    ``gc.collect`` first, so that any cyclic garbage of the chunk (pandas and Arrow objects)
+    is freed before Arrow's pool and the C heap are trimmed."""
     gc.collect()
     _require("pyarrow").default_memory_pool().release_unused()
     trim = _malloc_trim()

@@ -506,14 +506,8 @@ def predict_file(
                 shard_size=shard_size,
                 **pool_options,
             ).start()
-            try:
+            with started:  # on Ctrl-C or an error, the workers are killed at once
                 return job.run(started, previous, chunk_rows, shard_size)
-            finally:
-                # Not ``with``: on Ctrl-C it kills the workers, and a worker killed while sending
-                # a result leaves ProcessPoolExecutor waiting for the rest of it forever. A
-                # graceful stop costs at most the shards already running (imap cancelled the
-                # rest when it was closed).
-                started.shutdown()
         finally:
             staging.release()
     finally:
