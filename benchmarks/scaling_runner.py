@@ -202,12 +202,8 @@ def run_single(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, 
         cold = time.perf_counter() - started
         log(f"single: first result after {first:.2f} s")
         memory.checkpoint()
-        passes, outputs = [], None
-        for _ in range(spec["repeats"]):
-            t = time.perf_counter()
-            parts = [model(shard) for shard in shards]
-            passes.append(time.perf_counter() - t)
-            outputs = concat(parts)
+        passes, parts = _timed_passes(lambda: [model(shard) for shard in shards], spec)
+        outputs = concat(parts)
         memory.checkpoint()
         latency = _latency(lambda shard: model(shard), shards, spec["latency_requests"])
     shard_entry = entry(
@@ -224,11 +220,7 @@ def run_single(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, 
         model(inputs)
         warmup = time.perf_counter() - t
         memory.checkpoint()
-        passes, batch_outputs = [], None
-        for _ in range(spec["repeats"]):
-            t = time.perf_counter()
-            batch_outputs = model(inputs)
-            passes.append(time.perf_counter() - t)
+        passes, batch_outputs = _timed_passes(lambda: model(inputs), spec)
     batch_entry = entry(
         "single_batch",
         startup_seconds=None,  # the same process as "single": its start-up is that one
@@ -296,12 +288,10 @@ def run_executor(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list
             for _ in executor.map(baselines.run_shard, shards):
                 pass
         memory.checkpoint()
-        passes, outputs = [], None
-        for _ in range(spec["repeats"]):
-            t = time.perf_counter()
-            parts = [out for _, out in executor.map(baselines.run_shard, shards)]
-            passes.append(time.perf_counter() - t)
-            outputs = concat(parts)
+        passes, parts = _timed_passes(
+            lambda: [out for _, out in executor.map(baselines.run_shard, shards)], spec
+        )
+        outputs = concat(parts)
         memory.checkpoint()
         latency = _latency(
             lambda shard: executor.submit(baselines.run_shard, shard).result(),
@@ -348,12 +338,8 @@ def run_pool(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, li
                 f"first result after {first:.2f} s"
             )
             memory.checkpoint()
-            passes, outputs = [], None
-            for _ in range(spec["repeats"]):
-                t = time.perf_counter()
-                result = pool.predict(inputs)
-                passes.append(time.perf_counter() - t)
-                outputs = _as_dict(result, pool.signature.single_output)
+            passes, result = _timed_passes(lambda: pool.predict(inputs), spec)
+            outputs = _as_dict(result, pool.signature.single_output)
             memory.checkpoint()
             latency = _latency(pool.predict, shards, spec["latency_requests"])
             stats = [vars(s) for s in pool.stats()]
@@ -381,6 +367,16 @@ def run_pool(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, li
 
 def _as_dict(result: Any, single_output: str | None) -> Outputs:
     return dict(result) if isinstance(result, dict) else {single_output or "output_0": result}
+
+
+def _timed_passes(run_pass: Callable[[], Any], spec: dict[str, Any]) -> tuple[list[float], Any]:
+    """Time ``spec["repeats"]`` calls of ``run_pass``: the seconds of each, and the last result."""
+    passes, result = [], None
+    for _ in range(spec["repeats"]):
+        started = time.perf_counter()
+        result = run_pass()
+        passes.append(time.perf_counter() - started)
+    return passes, result
 
 
 def _latency(call: Callable[[Inputs], Any], shards: list[Inputs], requests: int) -> list[float]:
