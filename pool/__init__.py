@@ -27,7 +27,14 @@ from __future__ import annotations
 
 import logging
 
-from .errors import ModelLoadError, PoolClosedError, PoolError, WorkerCrashedError, WorkerError
+from .errors import (
+    ModelLoadError,
+    PoolClosedError,
+    PoolError,
+    QueueFullError,
+    WorkerCrashedError,
+    WorkerError,
+)
 from .messages import SignatureInfo, TensorInfo, WorkerReady, WorkerStats
 from .prediction_pool import PredictionPool
 
@@ -38,6 +45,7 @@ __all__ = [
     "PoolClosedError",
     "PoolError",
     "PredictionPool",
+    "QueueFullError",
     "SignatureInfo",
     "TensorInfo",
     "WorkerCrashedError",

@@ -29,6 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from . import worker
+from .backend import Settings
 from .errors import ModelLoadError, PoolClosedError, WorkerCrashedError
 from .messages import ShardRequest, ShardResult
 from .process import WorkerProcess
@@ -116,11 +117,11 @@ class Dispatcher:
     def __init__(
         self,
         processes: list[WorkerProcess],
-        limits: Limits,
+        settings: Settings,
         restart: Callable[[WorkerProcess], WorkerProcess],
     ) -> None:
         self.slots = [Slot(process=p) for p in processes]
-        self._limits = limits
+        self._limits = _limits(settings.limits)
         self._restart = restart
         self._pending: deque[Task] = deque()
         self.retired: list[WorkerProcess] = []  # replaced processes, still exiting
@@ -131,12 +132,18 @@ class Dispatcher:
         self._thread.start()
 
     # --- called from any thread -------------------------------------------------------------
-    def submit(self, request: ShardRequest) -> Future:
+    def submit(self, requests: list[ShardRequest]) -> list[Future]:
         if self._closed:
             raise PoolClosedError("the pool is shut down; start a new PredictionPool")
-        task = Task(request=request, future=Future())
-        self._events.put(_Submit(task))
-        return task.future
+        futures = []
+        for request in requests:
+            task = Task(request=request, future=Future())
+            self._events.put(_Submit(task))
+            futures.append(task.future)
+        return futures
+
+    def queued_requests(self) -> int:
+        return len(self._pending)
 
     def stop(self, kill: bool) -> None:
         """Stop the manager: after all queued shards are answered, or at once with ``kill``."""
@@ -362,3 +369,12 @@ class Dispatcher:
                 if task.future.cancel():
                     continue
                 task.future.set_exception(exc)
+
+
+def _limits(limits) -> Limits:
+    return Limits(
+        max_retries=limits.max_retries,
+        timeout=limits.timeout,
+        max_worker_memory=limits.max_worker_memory,
+        max_shards_per_worker=limits.max_shards_per_worker,
+    )

@@ -38,3 +38,8 @@ class WorkerCrashedError(PoolError):
 
 class PoolClosedError(PoolError, RuntimeError):
     """The pool is not running: it was never started or has been shut down."""
+
+
+class QueueFullError(PoolError):
+    """``max_queued_requests`` calls are already waiting for a worker: the call was refused at
+    once, and nothing of it was queued. Retry later (a server answers 503)."""

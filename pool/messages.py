@@ -120,6 +120,7 @@ class WorkerStats:
     load_seconds: float
     loads: int
     shards: int = 0
+    batches: int = 0  # model calls: combined shards count once
     rows: int = 0
     busy_seconds: float = 0.0
     rss_bytes: int = 0

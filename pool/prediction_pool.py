@@ -1,12 +1,15 @@
 """``PredictionPool``: the pool's lifecycle and its public methods.
 
-Start-up loads the model in every worker at once and returns when all are warm; calls are
-validated and split into shards here, dispatched by :mod:`pool.dispatcher`, and gathered back
-in input order. This module never imports TensorFlow.
+Options are validated once into a :class:`pool.backend.Settings`; start-up hands them to a
+backend (:class:`pool.local.LocalBackend`, or the Dask backend with ``cluster=``) that loads
+the model in every worker at once and returns when all are warm. Calls are validated and
+split into shards here, answered by the backend, and gathered back in input order. This
+module never imports TensorFlow.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -14,18 +17,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import psutil
 
-from . import etl, sharding
-from .dispatcher import Dispatcher, Limits
-from .errors import ModelLoadError, PoolClosedError
-from .messages import ShardRequest, SignatureInfo, WorkerConfig, WorkerReady, WorkerStats
-from .process import WorkerProcess, allowed_cpus, cpus_for, default_workers, make_context
+from . import sharding
+from .backend import Backend, Batching, Limits, Settings, positive
+from .errors import PoolClosedError
+from .messages import ShardRequest, SignatureInfo, WorkerReady, WorkerStats
+from .process import allowed_cpus, default_workers, make_context
 
 log = logging.getLogger("pool")
 
@@ -60,6 +61,11 @@ class PredictionPool:
         timeout: float | None = None,
         max_worker_memory: int | None = None,
         max_shards_per_worker: int | None = None,
+        max_batch_rows: int = 256,
+        max_batch_bytes: int = 4 << 20,
+        batch_timeout_micros: int = 0,
+        max_queued_requests: int | None = None,
+        cluster: Any = None,
     ) -> None:
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
@@ -68,42 +74,96 @@ class PredictionPool:
                 "model must be a SavedModel path, a TF Hub handle or a factory callable, "
                 f"got {type(model).__name__}"
             )
-        self._model = model
-        self.workers = default_workers() if workers is None else _positive("workers", workers)
-        self.signature_name = signature
-        self.output = output
-        self.threads_per_worker = _positive("threads_per_worker", threads_per_worker)
-        self.inter_op_threads = _positive("inter_op_threads", inter_op_threads)
-        cpus = allowed_cpus()
-        if pin_cpus and cpus is None:
+        cpus = allowed_cpus() if cluster is None else None
+        if pin_cpus and cluster is None and cpus is None:
             raise ValueError("pin_cpus=True, but this OS has no CPU affinity API (e.g. macOS)")
-        self.pin_cpus = cpus is not None if pin_cpus is None else pin_cpus
-        self._allowed_cpus = cpus
-        self.shard_size = None if shard_size is None else _positive("shard_size", shard_size)
-        self.max_in_flight = (
-            4 * self.workers if max_in_flight is None else _positive("max_in_flight", max_in_flight)
-        )
-        self._context = make_context(start_method)
-        self.start_method = self._context.get_start_method()
-        self.start_timeout = start_timeout
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        self._limits = Limits(
-            max_retries=max_retries,
-            timeout=None if timeout is None else _positive("timeout", timeout),
-            max_worker_memory=None
-            if max_worker_memory is None
-            else _positive("max_worker_memory", max_worker_memory),
-            max_shards_per_worker=None
-            if max_shards_per_worker is None
-            else _positive("max_shards_per_worker", max_shards_per_worker),
+        if isinstance(batch_timeout_micros, bool) or not isinstance(batch_timeout_micros, int):
+            raise ValueError(
+                f"batch_timeout_micros must be an int >= 0, got {batch_timeout_micros!r}"
+            )
+        if batch_timeout_micros < 0:
+            raise ValueError(
+                f"batch_timeout_micros must be an int >= 0, got {batch_timeout_micros!r}"
+            )
+        workers = None if workers is None else positive("workers", workers)
+        if workers is None and cluster is None:
+            workers = default_workers()
+        self._settings = Settings(
+            model=model,
+            workers=workers or 0,
+            signature=signature,
+            output=output,
+            threads_per_worker=positive("threads_per_worker", threads_per_worker),
+            inter_op_threads=positive("inter_op_threads", inter_op_threads),
+            pin_cpus=(cpus is not None if pin_cpus is None else bool(pin_cpus))
+            and cpus is not None,
+            allowed_cpus=None if cpus is None else tuple(cpus),
+            shard_size=None if shard_size is None else positive("shard_size", shard_size),
+            start_method=make_context(start_method).get_start_method()
+            if cluster is None
+            else start_method,
+            start_timeout=start_timeout,
+            limits=Limits(
+                max_retries=max_retries,
+                timeout=None if timeout is None else positive("timeout", timeout),
+                max_worker_memory=None
+                if max_worker_memory is None
+                else positive("max_worker_memory", max_worker_memory),
+                max_shards_per_worker=None
+                if max_shards_per_worker is None
+                else positive("max_shards_per_worker", max_shards_per_worker),
+            ),
+            batching=Batching(
+                max_batch_rows=positive("max_batch_rows", max_batch_rows),
+                max_batch_bytes=positive("max_batch_bytes", max_batch_bytes),
+                batch_timeout_micros=batch_timeout_micros,
+                max_queued_requests=None
+                if max_queued_requests is None
+                else positive("max_queued_requests", max_queued_requests),
+            ),
         )
-        self._dispatcher: Dispatcher | None = None
+        self._cluster = cluster
+        self._max_in_flight = (
+            None if max_in_flight is None else positive("max_in_flight", max_in_flight)
+        )
+        self._backend: Backend | None = None
         self._signature: SignatureInfo | None = None
         self._ready: list[WorkerReady] = []
         self._final_stats: list[WorkerStats] = []
         self._lock = threading.Lock()
         self.startup_seconds: float | None = None
+
+    # --- options, as validated ---------------------------------------------------------------
+    @property
+    def workers(self) -> int:
+        """Worker processes (for a cluster: the Dask workers when the pool started)."""
+        return self._settings.workers or len(self._ready)
+
+    @property
+    def shard_size(self) -> int | None:
+        return self._settings.shard_size
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._max_in_flight or 4 * max(1, self.workers)
+
+    @property
+    def start_method(self) -> str | None:
+        return self._settings.start_method
+
+    @property
+    def pin_cpus(self) -> bool:
+        return self._settings.pin_cpus
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self._settings.threads_per_worker
+
+    @property
+    def signature_name(self) -> str:
+        return self._settings.signature
 
     # --- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> PredictionPool:
@@ -115,109 +175,51 @@ class PredictionPool:
     def start(self) -> PredictionPool:
         """Start every worker, load the model in all of them at once, and warm them up."""
         with self._lock:
-            if self._dispatcher is not None:
+            if self._backend is not None:
                 return self
             started = time.perf_counter()
-            config = self._worker_config()
-            processes: list[WorkerProcess] = []
-            try:
-                for index in range(self.workers):
-                    processes.append(self._new_process(index, config))
-                self._ready = self._wait_ready(processes)
-            except BaseException:
-                for p in processes:
-                    p.shutdown(kill=True)
-                raise
-            for p, ready in zip(processes, self._ready, strict=True):
-                p.mark_ready(ready)
+            backend = self._new_backend()
+            self._ready = backend.start()  # on failure the backend has stopped its workers
+            if len({r.signature for r in self._ready}) != 1:
+                backend.shutdown(kill=True)
+                from .errors import ModelLoadError
+
+                raise ModelLoadError("workers loaded models with different signatures")
             self._signature = self._ready[0].signature
-            self._dispatcher = Dispatcher(processes, self._limits, self._restart)
+            self._backend = backend
             self.startup_seconds = time.perf_counter() - started
             log.info(
                 "pool started: %d workers (%s, %d intra-op threads each) in %.2f s",
-                self.workers,
-                self.start_method,
+                len(self._ready),
+                self.start_method or "cluster",
                 self._ready[0].intra_op_threads,
                 self.startup_seconds,
             )
             return self
 
+    def _new_backend(self) -> Backend:
+        if self._cluster is None:
+            from .local import LocalBackend
+
+            return LocalBackend(self._settings)
+        # The cluster backend is an optional edge (``pip install 'prediction-pool[dask]'``):
+        # named only here, imported only when asked for, never by ``import pool``.
+        cluster = importlib.import_module("pool.cluster")
+        return cluster.DaskBackend(self._settings, self._cluster)
+
     def shutdown(self, kill: bool = False) -> None:
         """Stop all workers. Waits for queued shards unless ``kill``; idempotent."""
         with self._lock:
-            dispatcher, self._dispatcher = self._dispatcher, None
-            if dispatcher is None:
+            backend, self._backend = self._backend, None
+            if backend is None:
                 return
             try:
-                dispatcher.stop(kill=kill)
+                backend.shutdown(kill=kill)
             finally:
-                for process in [s.process for s in dispatcher.slots] + dispatcher.retired:
-                    process.shutdown(kill=kill)
-                self._final_stats = [
-                    replace(s.process.stats, rss_bytes=0) for s in dispatcher.slots
-                ]
+                self._final_stats = [_without_rss(s) for s in backend.stats()]
             log.info("pool shut down%s", " (workers killed)" if kill else "")
 
     close = shutdown
-
-    def _worker_config(self) -> WorkerConfig:
-        model = self._model
-        if isinstance(model, str):
-            if "://" in model:
-                from . import model as model_module  # imports TensorFlow: remote handles only
-
-                model = model_module.resolve(model)
-            elif not os.path.isdir(model):
-                raise ModelLoadError(
-                    f"expected a SavedModel directory or a TF Hub handle, got {model!r}: "
-                    "no such directory"
-                )
-            model = os.path.abspath(model)
-        me = psutil.Process()
-        return WorkerConfig(
-            model=model,
-            signature=self.signature_name,
-            output=self.output,
-            intra_op_threads=self.threads_per_worker,
-            inter_op_threads=self.inter_op_threads,
-            cpus=None,
-            warmup_rows=self.shard_size or 1,
-            parent_pid=me.pid,
-            parent_create_time=me.create_time(),
-        )
-
-    def _new_process(self, index: int, config: WorkerConfig) -> WorkerProcess:
-        if self.pin_cpus and self._allowed_cpus:
-            config = replace(
-                config, cpus=cpus_for(index, self.threads_per_worker, self._allowed_cpus)
-            )
-        return WorkerProcess(index, config, self._context)
-
-    def _restart(self, old: WorkerProcess) -> WorkerProcess:
-        return WorkerProcess(old.index, old.config, self._context)
-
-    def _wait_ready(self, processes: list[WorkerProcess]) -> list[WorkerReady]:
-        futures = [p.ready_future for p in processes]
-        done, _ = wait_futures(futures, timeout=self.start_timeout, return_when="FIRST_EXCEPTION")
-        for f in futures:
-            if f in done and f.exception() is not None:
-                exc = f.exception()
-                if isinstance(exc, ModelLoadError):
-                    raise ModelLoadError(str(exc)) from None
-                raise ModelLoadError(
-                    f"a worker process exited while loading the model ({exc}). In a script, "
-                    'create the pool under `if __name__ == "__main__":`: with the '
-                    f"{self.start_method} start method every worker re-imports the main module "
-                    "(docs/guide.md, 'Start methods')"
-                ) from exc
-        if len(done) < len(futures):
-            raise ModelLoadError(
-                f"workers did not load the model within start_timeout={self.start_timeout} s"
-            )
-        ready = [f.result() for f in futures]
-        if len({r.signature for r in ready}) != 1:
-            raise ModelLoadError("workers loaded models with different signatures")
-        return ready
 
     # --- calls -----------------------------------------------------------------------------
     @property
@@ -225,13 +227,13 @@ class PredictionPool:
         """The model's inputs and outputs as the workers loaded them."""
         return self._running()[1]
 
-    def _running(self) -> tuple[Dispatcher, SignatureInfo]:
-        dispatcher, signature = self._dispatcher, self._signature
-        if dispatcher is None or signature is None:
+    def _running(self) -> tuple[Backend, SignatureInfo]:
+        backend, signature = self._backend, self._signature
+        if backend is None or signature is None:
             raise PoolClosedError(
                 "the pool is not running: use `with PredictionPool(...) as pool:` or call start()"
             )
-        return dispatcher, signature
+        return backend, signature
 
     def predict(
         self,
@@ -239,19 +241,15 @@ class PredictionPool:
         *,
         shard_size: int | None = None,
         check_finite: bool = False,
-        columns: etl.Columns = None,
     ) -> Prediction:
         """Answer every row of ``inputs``; row ``i`` of the result answers input row ``i``.
 
         ``inputs``: an array (single-input signature), a dict of arrays (several inputs), or a
         list/array of ``str``/``bytes`` (``tf.string`` input). ``check_finite`` refuses NaN and
-        infinity in floating-point inputs before anything is dispatched. A pandas
-        Series/DataFrame or a pyarrow array/RecordBatch/Table works too (``pip install
-        'pool[etl]'``); ``columns`` names the column feeding each input (see docs/etl.md).
+        infinity in floating-point inputs before anything is dispatched. Data frames and Arrow
+        tables go through :func:`pool.etl.predict` (docs/etl.md).
         """
-        return self.submit(
-            inputs, shard_size=shard_size, check_finite=check_finite, columns=columns
-        ).result()
+        return self.submit(inputs, shard_size=shard_size, check_finite=check_finite).result()
 
     def submit(
         self,
@@ -259,14 +257,11 @@ class PredictionPool:
         *,
         shard_size: int | None = None,
         check_finite: bool = False,
-        columns: etl.Columns = None,
     ) -> Future:
         """Like :meth:`predict`, but return a ``concurrent.futures.Future`` at once."""
-        dispatcher, signature = self._running()
-        if columns is not None or etl.is_table(inputs):
-            inputs = etl.to_inputs(inputs, signature, columns)
+        backend, signature = self._running()
         arrays, rows = sharding.prepare(inputs, signature, check_finite)
-        return self._dispatch(dispatcher, signature, arrays, rows, shard_size)[0]
+        return self._dispatch(backend, signature, arrays, rows, shard_size)[0]
 
     def imap(
         self,
@@ -282,11 +277,11 @@ class PredictionPool:
         is never split across that bound), so an endless generator runs in flat memory. If the
         iterable or one of its batches raises, every earlier result is yielded first.
         """
-        dispatcher, signature = self._running()
+        backend, signature = self._running()
         bound = (
             self.max_in_flight
             if max_in_flight is None
-            else _positive("max_in_flight", max_in_flight)
+            else positive("max_in_flight", max_in_flight)
         )
         window: deque[tuple[Future, list[Future]]] = deque()
         in_flight = 0
@@ -307,7 +302,7 @@ class PredictionPool:
                     while window:
                         yield window.popleft()[0].result()
                     raise
-                future, parts = self._dispatch(dispatcher, signature, arrays, rows, shard_size)
+                future, parts = self._dispatch(backend, signature, arrays, rows, shard_size)
                 window.append((future, parts))
                 in_flight += len(parts)
                 while in_flight >= bound and window:
@@ -321,34 +316,9 @@ class PredictionPool:
                 for part in parts:
                     part.cancel()
 
-    def map_batches(
-        self,
-        batches: Iterable[Any],
-        *,
-        columns: etl.Columns = None,
-        output_column: etl.OutputColumns = None,
-        shard_size: int | None = None,
-        max_in_flight: int | None = None,
-        progress: bool = False,
-        total: int | None = None,
-    ) -> Iterator[Any]:
-        """Yield each pandas DataFrame / pyarrow RecordBatch of ``batches`` with its predictions
-        added as new columns, in input order and in bounded memory (see
-        :func:`pool.etl.map_batches` and docs/etl.md)."""
-        return etl.map_batches(
-            self,
-            batches,
-            columns=columns,
-            output_column=output_column,
-            shard_size=shard_size,
-            max_in_flight=max_in_flight,
-            progress=progress,
-            total=total,
-        )
-
     def _dispatch(
         self,
-        dispatcher: Dispatcher,
+        backend: Backend,
         signature: SignatureInfo,
         arrays: sharding.Inputs,
         rows: int,
@@ -363,43 +333,45 @@ class PredictionPool:
                 return future, []
         size = shard_size or self.shard_size
         size = (
-            _positive("shard_size", size)
+            positive("shard_size", size)
             if size
             else sharding.auto_shard_size(arrays, rows, self.workers)
         )
         bounds = sharding.split(rows, size) or [(0, 0)]
-        parts = [
-            dispatcher.submit(ShardRequest(a, b, sharding.take(arrays, a, b))) for a, b in bounds
-        ]
+        parts = backend.submit([ShardRequest(a, b, sharding.take(arrays, a, b)) for a, b in bounds])
         return _combine(parts, signature), parts
 
     # --- insight ---------------------------------------------------------------------------
     def stats(self) -> list[WorkerStats]:
-        """One record per worker: pid, load_seconds, loads, shards, rows, busy_seconds,
-        rss_bytes, restarts, retries, cpus (a snapshot; the pool keeps counting).
+        """One record per worker: pid, load_seconds, loads, shards, batches, rows,
+        busy_seconds, rss_bytes, restarts, retries, cpus (a snapshot; the pool keeps counting).
 
         After shutdown, the final counts (with ``rss_bytes`` 0) stay available."""
-        dispatcher = self._dispatcher
-        if dispatcher is None:
+        backend = self._backend
+        if backend is None:
             if not self._final_stats:
                 self._running()  # raises: never started
             return [replace(s) for s in self._final_stats]
-        records = []
-        for slot in dispatcher.slots:
-            record = replace(slot.process.stats)
-            record.rss_bytes = slot.process.rss_bytes()
-            records.append(record)
-        return records
+        return backend.stats()
 
     def worker_pids(self) -> list[int]:
         """The pids of every live worker process."""
-        dispatcher, _ = self._running()
-        return [pid for slot in dispatcher.slots for pid in slot.process.pids()]
+        backend, _ = self._running()
+        return backend.worker_pids()
+
+    def queued_requests(self) -> int:
+        """Calls with shards still waiting for a worker (what ``max_queued_requests`` bounds)."""
+        backend, _ = self._running()
+        return backend.queued_requests()
 
     @property
     def ready_info(self) -> list[WorkerReady]:
         """What each worker reported when the pool started (threads, CPUs, load time)."""
         return list(self._ready)
+
+
+def _without_rss(stats: WorkerStats) -> WorkerStats:
+    return replace(stats, rss_bytes=0)
 
 
 def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
@@ -453,9 +425,3 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
     for part in parts:
         part.add_done_callback(on_part_done)
     return combined
-
-
-def _positive(name: str, value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return value

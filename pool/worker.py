@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -52,6 +53,52 @@ def _watch_parent(pid: int, create_time: float) -> None:
             os._exit(1)
 
 
+def load_model(config: WorkerConfig, loads: int = 1) -> tuple[Any, WorkerReady]:
+    """Pin this process to ``config.cpus``, size TensorFlow's thread pools, import TensorFlow,
+    load the model and warm it up. Returns the loaded model and the report for the parent.
+
+    Shared by the local worker processes and the Dask worker plugin; raises on failure."""
+    if config.cpus is not None:
+        psutil.Process().cpu_affinity(list(config.cpus))
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(config.intra_op_threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(config.inter_op_threads)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from . import model as model_module  # imports TensorFlow, after pinning
+
+    intra, inter = model_module.configure_threads(config.intra_op_threads, config.inter_op_threads)
+    started = time.perf_counter()
+    model = model_module.load(config.model, config.signature, config.output)
+    load_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    warmup = model.warmup_inputs(config.warmup_rows)
+    if warmup is not None:
+        model(warmup)
+    ready = WorkerReady(
+        pid=os.getpid(),
+        load_seconds=load_seconds,
+        warmup_seconds=time.perf_counter() - started,
+        loads=loads,
+        intra_op_threads=intra,
+        inter_op_threads=inter,
+        cpus=config.cpus,
+        signature=model.signature,
+    )
+    return model, ready
+
+
+def call_model(model: Any, request: ShardRequest) -> ShardResult:
+    """Call the model on one shard; a model failure becomes a ``WorkerError`` naming the rows."""
+    started = time.perf_counter()
+    try:
+        outputs = model(request.inputs)
+    except Exception as exc:
+        raise WorkerError(
+            f"rows {request.start}:{request.stop}: the model raised {type(exc).__name__}: {exc}",
+            traceback.format_exc(),
+        ) from None
+    return ShardResult(outputs=outputs, busy_seconds=time.perf_counter() - started, pid=os.getpid())
+
+
 def initialize(config: WorkerConfig) -> None:
     """Executor initializer: load the model once in this process. Never raises."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -62,35 +109,8 @@ def initialize(config: WorkerConfig) -> None:
         daemon=True,
     ).start()
     try:
-        if config.cpus is not None:
-            psutil.Process().cpu_affinity(list(config.cpus))
-        os.environ["TF_NUM_INTRAOP_THREADS"] = str(config.intra_op_threads)
-        os.environ["TF_NUM_INTEROP_THREADS"] = str(config.inter_op_threads)
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from . import model as model_module  # imports TensorFlow, after pinning
-
-        intra, inter = model_module.configure_threads(
-            config.intra_op_threads, config.inter_op_threads
-        )
-        started = time.perf_counter()
-        model = model_module.load(config.model, config.signature, config.output)
         _STATE.loads += 1
-        load_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        warmup = model.warmup_inputs(config.warmup_rows)
-        if warmup is not None:
-            model(warmup)
-        _STATE.model = model
-        _STATE.ready = WorkerReady(
-            pid=os.getpid(),
-            load_seconds=load_seconds,
-            warmup_seconds=time.perf_counter() - started,
-            loads=_STATE.loads,
-            intra_op_threads=intra,
-            inter_op_threads=inter,
-            cpus=config.cpus,
-            signature=model.signature,
-        )
+        _STATE.model, _STATE.ready = load_model(config, _STATE.loads)
     except BaseException as exc:  # kept and re-raised by describe()
         _STATE.error = f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"
 
@@ -108,12 +128,4 @@ def run_shard(request: ShardRequest) -> ShardResult:
     """Call the model on one shard."""
     if _STATE.model is None:
         describe()
-    started = time.perf_counter()
-    try:
-        outputs = _STATE.model(request.inputs)
-    except Exception as exc:
-        raise WorkerError(
-            f"rows {request.start}:{request.stop}: the model raised {type(exc).__name__}: {exc}",
-            traceback.format_exc(),
-        ) from None
-    return ShardResult(outputs=outputs, busy_seconds=time.perf_counter() - started, pid=os.getpid())
+    return call_model(_STATE.model, request)
