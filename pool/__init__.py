@@ -53,4 +53,9 @@ __all__ = [
     "WorkerReady",
     "WorkerStats",
 ]
-__version__ = "0.1.0"
+try:  # one source: pyproject.toml's version, read back from the installed package's metadata
+    from importlib.metadata import version as _distribution_version
+
+    __version__ = _distribution_version("prediction-pool")
+except ImportError:  # PackageNotFoundError: a source checkout that was never installed
+    __version__ = "0+unknown"
