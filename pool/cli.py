@@ -1,8 +1,11 @@
 """The command line: ``python -m pool predict MODEL --input IN --output OUT`` (also ``tf-pool``).
 
-Streams a Parquet, CSV or ``.npy`` file through a :class:`pool.PredictionPool` into a new file
-with :func:`pool.etl.predict_file`. Nothing is written to stdout: the progress bar, the summary
-and errors go to stderr, so stdout stays free for the caller. Exit status:
+``predict`` streams a Parquet, CSV or ``.npy`` file through a :class:`pool.PredictionPool` into
+a new file with :func:`pool.etl.predict_file`. It writes nothing to stdout: the progress bar, the
+summary and errors go to stderr, so stdout stays free for the caller. ``inspect MODEL`` prints
+the model's signatures (inputs, outputs, dtypes, shapes, what to pass to ``--column``) to
+stdout without starting workers, read from ``saved_model.pb`` without TensorFlow where it can.
+``--version`` prints the distribution's version. Exit status:
 
 - 0: the output is complete;
 - 1: the job failed while running (the model failed to load or raised, an I/O error);
@@ -15,14 +18,18 @@ and errors go to stderr, so stdout stays free for the caller. Exit status:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import etl
+from . import __version__, etl
+from .messages import STRING, SignatureInfo, TensorInfo
+from .serve import command as serve_command
 
 log = logging.getLogger("pool")
 
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pool",
         description="Fast TensorFlow / TF Hub inference on CPU with a process pool.",
     )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     predict = commands.add_parser(
         "predict",
@@ -140,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", "-v", action="count", default=0, help="log progress (-vv: and tracebacks)"
     )
     verbosity.add_argument("--quiet", "-q", action="store_true", help="print errors only")
+    inspect = commands.add_parser(
+        "inspect",
+        help="show a model's signatures: inputs, outputs, dtypes, shapes, what --column takes",
+        description=(
+            "Print MODEL's signatures to stdout without starting workers: each input and output "
+            "with its dtype and shape, and the --column options that feed it. A local "
+            "SavedModel is read without TensorFlow; a TF Hub handle is loaded with it."
+        ),
+    )
+    inspect.add_argument("model", metavar="MODEL", help="SavedModel directory or TF Hub handle")
+    inspect.add_argument("--signature", help="show only this signature")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    serve_command.add_parser(commands)  # python -m pool serve: pool/serve/command.py
     return parser
 
 
@@ -187,9 +208,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except _UsageError as exc:
         return _fail(EXIT_USAGE, f"{exc} (see --help)")
+    if args.version:
+        sys.stdout.write(f"prediction-pool {__version__}\n")
+        return 0
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "serve":  # its own logging and signals; imports the web stack lazily
+        return serve_command.run(args)
     levels = [logging.WARNING, logging.INFO, logging.DEBUG]
     level = logging.ERROR if args.quiet else levels[min(args.verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
@@ -228,3 +256,114 @@ def _interrupted(args: argparse.Namespace, how: str = "interrupted") -> str:
         f"{how}; {args.output} was not written, committed chunks are kept: rerun with "
         "--resume to continue"
     )
+
+
+# --- inspect ----------------------------------------------------------------------------------
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    try:
+        signatures, source = _signatures(args.model, args.signature)
+    except etl.EtlError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except Exception as exc:  # TensorFlow could not load the model
+        return _fail(EXIT_RUNTIME, f"{type(exc).__name__}: {exc}")
+    if args.signature is not None:
+        signatures = {args.signature: signatures[args.signature]}
+    if args.json:
+        described = {
+            name: None
+            if info is None
+            else {"inputs": _tensors_json(info.inputs), "outputs": _tensors_json(info.outputs)}
+            for name, info in signatures.items()
+        }
+        document = {"model": args.model, "source": source, "signatures": described}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        sys.stdout.write(_inspect_text(args.model, source, signatures))
+    return 0
+
+
+def _signatures(model: str, wanted: str | None) -> tuple[dict[str, SignatureInfo | None], str]:
+    """The model's signatures (serving_default first) and where they were read from.
+
+    ``saved_model.pb`` without TensorFlow when it describes what is asked; else the model is
+    loaded with TensorFlow in this process (a TF Hub handle, sparse or composite tensors)."""
+    remote = "://" in model
+    if not remote and not os.path.isfile(os.path.join(model, "saved_model.pb")):
+        reason = "no such directory" if not os.path.isdir(model) else "no saved_model.pb in it"
+        raise etl.EtlError(f"model {model!r} is not a SavedModel directory ({reason})")
+    found = etl.read_signatures(model)
+    name = wanted or "serving_default"
+    if found is not None and wanted is not None and wanted not in found:
+        raise etl.EtlError(f"the model has no signature {wanted!r}; it has {sorted(found)}")
+    if found is not None and (found.get(name) is not None or (wanted is None and found)):
+        first = {"serving_default": found.pop("serving_default")} if name in found else {}
+        return {**first, **dict(sorted(found.items()))}, "saved_model.pb"
+    from . import model as tf_model  # imports TensorFlow: only when the file is not enough
+
+    path = tf_model.resolve(model) if remote else model
+    return {name: tf_model.load(path, name, None).signature}, "tensorflow"
+
+
+def _tensors_json(tensors: tuple[TensorInfo, ...] | None) -> list[dict[str, Any]] | None:
+    if tensors is None:
+        return None
+    return [
+        {"name": t.name, "dtype": t.dtype, "shape": None if t.shape is None else list(t.shape)}
+        for t in tensors
+    ]
+
+
+def _per_row(t: TensorInfo) -> str:
+    """What one row of this input is, and which column(s) can hold it."""
+    if t.shape is None:
+        return "any shape"
+    what = "text" if t.dtype == STRING else f"{t.dtype} value"
+    rest = t.shape[1:]
+    if not rest:
+        return f"one {what} per row: a {'string' if t.dtype == STRING else 'numeric'} column"
+    if len(rest) == 1 and rest[0] is not None:
+        k = rest[0]
+        names = ",".join(f"C{i}" for i in range(1, k + 1)) if k <= 4 else f"C1,...,C{k}"
+        return f"{k} {what}s per row: a list column of {k}, or {k} columns: {t.name}={names}"
+    dims = "x".join("?" if d is None else str(d) for d in rest)
+    return f"{dims} {what}s per row: a nested list column (Parquet) or a .npy array"
+
+
+def _inspect_text(model: str, source: str, signatures: dict[str, SignatureInfo | None]) -> str:
+    how = (
+        "read from saved_model.pb, without TensorFlow"
+        if source == "saved_model.pb"
+        else "loaded with TensorFlow"
+    )
+    lines = [f"model: {model} ({how})"]
+    for name, info in signatures.items():
+        lines.append("")
+        flag = "" if name == "serving_default" else f" --signature {name}"
+        lines.append(f"signature {name!r}" + (" (the default)" if not flag else f" ({flag[1:]})"))
+        if info is None:
+            lines.append(
+                "  sparse or composite tensors: not described without TensorFlow; "
+                f"python -m pool inspect MODEL --signature {name}"
+            )
+            continue
+        for side, tensors in (("inputs", info.inputs), ("outputs", info.outputs)):
+            lines.append(f"  {side}:")
+            if tensors is None:
+                lines.append("    (not declared)")
+                continue
+            width = max(len(t.describe()) for t in tensors)
+            for t in tensors:
+                hint = _per_row(t) if side == "inputs" else ""
+                lines.append(f"    {t.describe():<{width}}   {hint}".rstrip())
+        inputs = [t.name for t in info.inputs or ()]
+        if len(inputs) == 1:
+            option = "--column COLUMN"
+            default = f"the column named {inputs[0]!r}, or the only column"
+        else:
+            option = " ".join(f"--column {n}=COLUMN" for n in inputs)
+            default = "the columns named " + " and ".join(repr(n) for n in inputs)
+        lines.append(f"  predict: python -m pool predict MODEL -i IN -o OUT {option}{flag}")
+        lines.append(f"           (without --column: {default})")
+    return "\n".join(lines) + "\n"

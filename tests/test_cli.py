@@ -1,5 +1,6 @@
 """``python -m pool predict``: one-line errors and exit codes, a million rows in bounded memory,
-a kill midway and ``--resume``, and a progress bar that stays off stdout.
+a kill midway and ``--resume``, and a progress bar that stays off stdout. ``inspect``: the
+signatures as TensorFlow loads them, read without it. ``--version``: the package metadata's.
 
 The runs that stream data start the command in a subprocess, as a user would; every output is
 compared row by row with the model called in-process.
@@ -7,6 +8,8 @@ compared row by row with the model called in-process.
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import pty
 import re
@@ -22,6 +25,7 @@ import psutil
 import pytest
 from conftest import in_process
 
+import pool
 from pool import PredictionPool, cli
 
 pa = pytest.importorskip("pyarrow")
@@ -107,6 +111,135 @@ def test_help_and_the_console_script():
     if script.exists():
         done = subprocess.run([script, "predict", "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "--resume" in done.stdout
+
+
+def test_one_source_for_the_version(capsys):
+    """pyproject.toml's version is what the metadata, ``pool.__version__`` and ``--version``
+    say (a stale editable install fails here: reinstall with ``make``)."""
+    declared = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    version = importlib.metadata.version("prediction-pool")
+    assert declared is not None and declared[1] == version == pool.__version__
+    done = subprocess.run(
+        command("--version"), capture_output=True, text=True, env=environment(), timeout=60
+    )
+    assert (done.returncode, done.stdout) == (0, f"prediction-pool {version}\n"), done.stderr
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"prediction-pool {version}\n"
+
+
+# --- inspect -------------------------------------------------------------------------------------
+
+
+def as_json(tensors) -> list[dict]:
+    return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in tensors]
+
+
+def test_inspect_reads_without_tensorflow_what_tensorflow_loads(models):
+    """Every signature of every reference model, read from saved_model.pb in a process that
+    never imports TensorFlow, equals what the workers' loader (TensorFlow, here) reports."""
+    from pool import model as loader  # TensorFlow, in this process: the ground truth
+
+    for name in ("multi_io", "text_embedding", "small_cnn", "mobilenet_v2"):
+        code = (
+            "import sys\nfrom pool import cli\n"
+            f"code = cli.main(['inspect', {models[name]!r}, '--json'])\n"
+            "assert 'tensorflow' not in sys.modules, 'inspect imported TensorFlow'\n"
+            "sys.exit(code)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=environment(),
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        document = json.loads(done.stdout)
+        assert (document["model"], document["source"]) == (models[name], "saved_model.pb")
+        expected = ["serving_default", "checked", "scaled"] if name == "multi_io" else None
+        assert list(document["signatures"]) == (expected or ["serving_default"])
+        for signature, described in document["signatures"].items():
+            want = loader.load(models[name], signature, None).signature
+            assert described == {"inputs": as_json(want.inputs), "outputs": as_json(want.outputs)}
+
+
+def test_inspect_shows_what_to_pass_to_column(models, capsys, no_workers):
+    assert cli.main(["inspect", models["multi_io"]]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert lines[0] == f"model: {models['multi_io']} (read from saved_model.pb, without TensorFlow)"
+    assert lines[2:13] == [
+        "signature 'serving_default' (the default)",
+        "  inputs:",
+        "    a: float32[None, 4]   4 float32 values per row: a list column of 4, or 4 columns: "
+        "a=C1,C2,C3,C4",
+        "    b: int32[None, 3]     3 int32 values per row: a list column of 3, or 3 columns: "
+        "b=C1,C2,C3",
+        "  outputs:",
+        "    logits: float32[None, 5]",
+        "    sum: float32[None, 1]",
+        "  predict: python -m pool predict MODEL -i IN -o OUT --column a=COLUMN --column b=COLUMN",
+        "           (without --column: the columns named 'a' and 'b')",
+        "",
+        "signature 'checked' (--signature checked)",
+    ]
+    assert (
+        "  predict: python -m pool predict MODEL -i IN -o OUT --column COLUMN --signature scaled"
+        in lines
+    )
+
+    assert cli.main(["inspect", models["text_embedding"]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3:9] == [
+        "  inputs:",
+        "    text: string[None]   one text per row: a string column",
+        "  outputs:",
+        "    embedding: float32[None, 64]",
+        "  predict: python -m pool predict MODEL -i IN -o OUT --column COLUMN",
+        "           (without --column: the column named 'text', or the only column)",
+    ]
+    assert cli.main(["inspect", models["small_cnn"], "--signature", "serving_default"]) == 0
+    assert (
+        "    images: float32[None, 32, 32, 3]   32x32x3 float32 values per row: a nested list "
+        "column (Parquet) or a .npy array" in capsys.readouterr().out.splitlines()
+    )
+
+
+def test_inspect_loads_with_tensorflow_what_the_file_cannot_tell(models, capsys, monkeypatch):
+    """A TF Hub handle, or sparse and composite tensors, are described by TensorFlow instead."""
+    from pool import model as loader
+
+    monkeypatch.setattr(cli.etl, "read_signatures", lambda model: None)
+    assert cli.main(["inspect", models["multi_io"], "--signature", "scaled", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    want = loader.load(models["multi_io"], "scaled", None).signature
+    assert document["source"] == "tensorflow"
+    assert document["signatures"] == {
+        "scaled": {"inputs": as_json(want.inputs), "outputs": as_json(want.outputs)}
+    }
+    assert cli.main(["inspect", models["multi_io"], "--signature", "nope"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ModelLoadError: expected signature 'nope'; the model has ")
+
+
+def test_inspect_errors_are_one_line_exit_2(models, tmp_path, capsys, no_workers):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(tmp_path / "nowhere")], r"model '.*nowhere' is not a SavedModel directory \(no such"),
+        ([str(tmp_path / "empty")], r"is not a SavedModel directory \(no saved_model\.pb in it\)"),
+        (
+            [models["multi_io"], "--signature", "nope"],
+            r"the model has no signature 'nope'; it has \['checked', 'scaled', 'serving_default'\]",
+        ),
+        ([], r"the following arguments are required: MODEL"),
+    ]
+    for arguments, message in cases:
+        assert cli.main(["inspect", *arguments]) == 2
+        out, err = capsys.readouterr()
+        assert out == ""
+        (line,) = err.splitlines()
+        assert re.search(message, line), line
 
 
 def test_format_options_override_the_suffix(models, tmp_path, capsys, no_workers):

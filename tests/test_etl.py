@@ -18,6 +18,7 @@ import pytest
 from conftest import assert_rows_equal, in_process
 
 from pool import PredictionPool, etl
+from pool.etl import formats
 
 pd = pytest.importorskip("pandas")
 pa = pytest.importorskip("pyarrow")
@@ -88,12 +89,13 @@ sys.modules.update(pandas=None, pyarrow=None, tqdm=None)  # as if not installed
 import numpy as np
 import pool
 from pool import cli, etl
+from pool.etl.progress import NoBar
 assert not etl.is_table(np.zeros(3)) and not etl.is_table([1, 2])
-assert isinstance(etl.progress_bar(True), etl._NoBar)
+assert isinstance(etl.progress_bar(True), NoBar)
 try:
     etl.predict_file({str(tmp_path / "model")!r}, {str(tmp_path / "in.parquet")!r}, "o.parquet")
 except ImportError as exc:
-    assert "pip install 'pool[etl]'" in str(exc), exc
+    assert "pip install 'prediction-pool[etl]'" in str(exc), exc
 else:
     raise AssertionError("expected ImportError")
 """
@@ -106,14 +108,14 @@ else:
 def test_predict_accepts_series_and_dataframes(text_pool, models):
     rows = texts(300)
     want = embeddings(models, rows)
-    assert_rows_equal(text_pool.predict(pd.Series(rows)), want)
+    assert_rows_equal(etl.predict(text_pool, pd.Series(rows)), want)
     frame = pd.DataFrame({"id": range(300), "text": rows}, index=range(1000, 1300))
-    assert_rows_equal(text_pool.predict(frame), want)  # the column named like the input
+    assert_rows_equal(etl.predict(text_pool, frame), want)  # the column named like the input
     renamed = frame.rename(columns={"text": "body"})
-    assert_rows_equal(text_pool.predict(renamed, columns="body"), want)
-    assert_rows_equal(text_pool.submit(renamed, columns="body").result(), want)
+    assert_rows_equal(etl.predict(text_pool, renamed, columns="body"), want)
+    assert_rows_equal(etl.submit(text_pool, renamed, columns="body").result(), want)
     as_objects = pd.DataFrame({"body": pd.Series(rows, dtype=object)})
-    assert_rows_equal(text_pool.predict(as_objects), want)  # the only column
+    assert_rows_equal(etl.predict(text_pool, as_objects), want)  # the only column
 
 
 def test_predict_accepts_arrow(text_pool, models):
@@ -128,8 +130,8 @@ def test_predict_accepts_arrow(text_pool, models):
         pa.table({"text": rows}),
         pa.table({"text": pa.array([r.encode() for r in rows], pa.binary())}),
     ):
-        assert_rows_equal(text_pool.predict(data), want)
-    assert_rows_equal(text_pool.predict(pa.array(rows).slice(50, 100)), want[50:150])
+        assert_rows_equal(etl.predict(text_pool, data), want)
+    assert_rows_equal(etl.predict(text_pool, pa.array(rows).slice(50, 100)), want[50:150])
 
 
 def test_multi_input_frames(multi_pool, models):
@@ -138,43 +140,43 @@ def test_multi_input_frames(multi_pool, models):
     b = rng.integers(-5, 5, size=(64, 3)).astype(np.int32)
     want = in_process(models["multi_io"], {"a": a, "b": b})
     frame = pd.DataFrame({"a": list(a), "b0": b[:, 0], "b1": b[:, 1], "b2": b[:, 2]})
-    got = multi_pool.predict(frame, columns={"a": "a", "b": ["b0", "b1", "b2"]})
+    got = etl.predict(multi_pool, frame, columns={"a": "a", "b": ["b0", "b1", "b2"]})
     assert_rows_equal(got, want)
     nullable = frame.astype({"b0": "Int32", "b1": "Int32", "b2": "Int32"})
     assert_rows_equal(
-        multi_pool.predict(nullable, columns={"a": "a", "b": ["b0", "b1", "b2"]}), want
+        etl.predict(multi_pool, nullable, columns={"a": "a", "b": ["b0", "b1", "b2"]}), want
     )
     batch = pa.record_batch({"a": etl.arrow_column(a), "b": etl.arrow_column(b)})
     assert batch.schema.field("a").type == pa.list_(pa.float32(), 4)
-    assert_rows_equal(multi_pool.predict(batch), want)
+    assert_rows_equal(etl.predict(multi_pool, batch), want)
     lists = pa.table({"x": pa.array(a.tolist()), "y": pa.array(b.tolist(), pa.list_(pa.int32()))})
-    assert_rows_equal(multi_pool.predict(lists, columns={"a": "x", "b": "y"}), want)
+    assert_rows_equal(etl.predict(multi_pool, lists, columns={"a": "x", "b": "y"}), want)
 
 
 def test_frame_errors_name_the_column(text_pool, multi_pool):
     frame = pd.DataFrame({"id": [1, 2], "body": ["a", "b"]})
     with pytest.raises(etl.EtlError, match=r"no column named 'text'.*\['id', 'body'\]"):
-        text_pool.predict(frame)
+        etl.predict(text_pool, frame)
     with pytest.raises(etl.EtlError, match=r"unknown column 'nope'.*\['id', 'body'\]"):
-        text_pool.predict(frame, columns="nope")
+        etl.predict(text_pool, frame, columns="nope")
     with pytest.raises(TypeError, match=r"column 'id' does not fit the model's input 'text'"):
-        text_pool.predict(frame, columns="id")
+        etl.predict(text_pool, frame, columns="id")
     with pytest.raises(etl.EtlError, match=r"column 'text' has 1 missing value\(s\).*row 1"):
-        text_pool.predict(pd.DataFrame({"text": ["a", None, "c"]}))
+        etl.predict(text_pool, pd.DataFrame({"text": ["a", None, "c"]}))
     with pytest.raises(etl.EtlError, match=r"null value\(s\), the first at row 2"):
-        text_pool.predict(pa.array(["a", "b", None]))
-    with pytest.raises(TypeError, match="columns= applies to pandas"):
-        text_pool.predict(np.array(["a"], dtype=object), columns="text")
+        etl.predict(text_pool, pa.array(["a", "b", None]))
+    with pytest.raises(TypeError, match=r"expected a pandas Series/DataFrame .* got ndarray"):
+        etl.predict(text_pool, np.array(["a"], dtype=object), columns="text")
     with pytest.raises(etl.EtlError, match=r"has 2 inputs.*columns=\{'a'"):
-        multi_pool.predict(pd.DataFrame({"x": [[0.0] * 4]}), columns="x")
+        etl.predict(multi_pool, pd.DataFrame({"x": [[0.0] * 4]}), columns="x")
     with pytest.raises(etl.EtlError, match=r"unknown inputs \['c'\], unmapped inputs \['b'\]"):
-        multi_pool.predict(pd.DataFrame({"x": [[0.0] * 4]}), columns={"a": "x", "c": "x"})
+        etl.predict(multi_pool, pd.DataFrame({"x": [[0.0] * 4]}), columns={"a": "x", "c": "x"})
     ragged = pa.table({"a": [[0.0] * 4, [0.0] * 3], "b": [[1, 2, 3], [1, 2, 3]]})
     with pytest.raises(etl.EtlError, match=r"column 'a' holds lists of different lengths"):
-        multi_pool.predict(ragged)
+        etl.predict(multi_pool, ragged)
     wrong_width = pd.DataFrame({"a": [np.zeros(5, np.float32)], "b": [np.zeros(3, np.int32)]})
     with pytest.raises(ValueError, match=r"column 'a' does not fit.*axis 1 is 5, not 4"):
-        multi_pool.predict(wrong_width)
+        etl.predict(multi_pool, wrong_width)
 
 
 # --- map_batches -----------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def test_map_batches_pandas_keeps_order_index_and_inputs(text_pool, models):
         )
         at += size
     copies = [f.copy() for f in frames]
-    out = list(text_pool.map_batches(iter(frames), shard_size=256))
+    out = list(etl.map_batches(text_pool, iter(frames), shard_size=256))
     assert [len(f) for f in out] == sizes
     for frame, copy, result in zip(frames, copies, out, strict=True):
         pd.testing.assert_frame_equal(frame, copy)  # the input is not modified
@@ -209,14 +211,14 @@ def test_map_batches_record_batches_from_parquet(text_pool, models, tmp_path):
         pa.table({"id": range(6000), "text": rows}), tmp_path / "in.parquet", row_group_size=1000
     )
     batches = pq.ParquetFile(tmp_path / "in.parquet").iter_batches(batch_size=1500)
-    out = list(text_pool.map_batches(batches, output_column="vector", max_in_flight=2))
+    out = list(etl.map_batches(text_pool, batches, output_column="vector", max_in_flight=2))
     table = pa.Table.from_batches(out)
     assert table.schema.field("vector").type == pa.list_(pa.float32(), 64)
     assert table.column("id").to_pylist() == list(range(6000))
     assert table.column("text").to_pylist() == rows
     assert_rows_equal(stacked(table.column("vector")), embeddings(models, rows))
     tables = [pa.table({"text": rows[:10]}).replace_schema_metadata({"source": "test"})]
-    (out,) = text_pool.map_batches(tables)  # a Table works too, and keeps its metadata
+    (out,) = etl.map_batches(text_pool, tables)  # a Table works too, and keeps its metadata
     assert out.schema.metadata == {b"source": b"test"} and out.column_names == ["text", "embedding"]
     assert_rows_equal(stacked(out.column("embedding")), embeddings(models, rows[:10]))
 
@@ -229,16 +231,16 @@ def test_map_batches_several_outputs(multi_pool, models):
     frames = [
         pd.DataFrame({"a": list(a[i : i + 100]), "b": list(b[i : i + 100])}) for i in (0, 100, 200)
     ]
-    out = pd.concat(multi_pool.map_batches(frames, output_column={"sum": "total"}))
+    out = pd.concat(etl.map_batches(multi_pool, frames, output_column={"sum": "total"}))
     assert list(out.columns) == ["a", "b", "logits", "total"]
     assert_rows_equal(stacked(out["total"]), want["sum"])
     assert_rows_equal(stacked(out["logits"]), want["logits"])
     with pytest.raises(etl.EtlError, match=r"has 2 outputs \['logits', 'sum'\]"):
-        list(multi_pool.map_batches(frames, output_column="x"))
+        list(etl.map_batches(multi_pool, frames, output_column="x"))
     with pytest.raises(etl.EtlError, match=r"output column 'a' already exists"):
-        list(multi_pool.map_batches(frames, output_column={"sum": "a"}))
+        list(etl.map_batches(multi_pool, frames, output_column={"sum": "a"}))
     with pytest.raises(TypeError, match="expects pandas DataFrames"):
-        list(multi_pool.map_batches([{"a": a, "b": b}]))
+        list(etl.map_batches(multi_pool, [{"a": a, "b": b}]))
 
 
 def test_map_batches_holds_a_bounded_number_of_batches(text_pool, models):
@@ -253,7 +255,7 @@ def test_map_batches_holds_a_bounded_number_of_batches(text_pool, models):
             yield pd.DataFrame({"text": texts(start + 64, start)})
 
     ahead = []
-    stream = text_pool.map_batches(endless(), shard_size=64, max_in_flight=3)
+    stream = etl.map_batches(text_pool, endless(), shard_size=64, max_in_flight=3)
     for count, frame in enumerate(stream, start=1):
         ahead.append(produced[0] - count)
         if count == 1000:
@@ -271,11 +273,11 @@ class _Terminal(io.StringIO):
 
 def test_progress_bar_only_on_a_terminal(text_pool, capsys, monkeypatch):
     frames = [pd.DataFrame({"text": texts(500)})] * 4
-    list(text_pool.map_batches(frames, progress=True, total=2000))
+    list(etl.map_batches(text_pool, frames, progress=True, total=2000))
     assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    list(text_pool.map_batches(frames, progress=True, total=2000))
+    list(etl.map_batches(text_pool, frames, progress=True, total=2000))
     monkeypatch.undo()  # before capsys restores sys.stderr
     shown = terminal.getvalue()
     assert "2.00k/2.00k" in shown and "rows/s" in shown and "100%" in shown, shown
@@ -506,7 +508,7 @@ class _Interrupt:
 
     def __init__(self, monkeypatch, at: int):
         self.written: list[int] = []
-        original = etl._ParquetSink.write_part
+        original = formats.ParquetSink.write_part
 
         def write_part(sink, pieces, outputs, path):
             index = int(path.name.split("-")[2])  # .tmp-part-000004-2048.parquet
@@ -516,7 +518,7 @@ class _Interrupt:
             self.written.append(index)
             original(sink, pieces, outputs, path)
 
-        monkeypatch.setattr(etl._ParquetSink, "write_part", write_part)
+        monkeypatch.setattr(formats.ParquetSink, "write_part", write_part)
 
 
 def test_interrupt_then_resume_commits_every_row_once(

@@ -1,34 +1,37 @@
 """Data frames, Arrow and files through the pool: the ETL edge of the package.
 
-pandas, pyarrow and tqdm are the optional ``etl`` extra (``pip install 'pool[etl]'``). This package
-imports them only inside the functions that use them, so ``import pool`` works without them.
+The core (:class:`pool.PredictionPool`) takes NumPy arrays and never imports this package; this
+edge adapts tables to arrays and calls the core. pandas, pyarrow and tqdm are the optional
+``etl`` extra (``pip install 'prediction-pool[etl]'``), imported only inside the functions that
+use them, so ``import pool.etl`` works without them.
 
-Submodules: ``frames`` (pandas/Arrow <-> NumPy, output columns, ``map_batches``), ``progress``
-(the tqdm bar), ``savedmodel_pb`` (the model's signature from ``saved_model.pb``, without
-TensorFlow), ``formats`` (Parquet/CSV/.npy sources and sinks, column type checks), ``staging``
-(the ``.OUT.partial/`` directory: lock, manifest, commit, atomic assembly), ``files`` (one
-:func:`predict_file` job) and ``_common`` (``EtlError``, optional imports, shared helpers).
+Modules: ``frames`` (pandas/Arrow <-> NumPy, :func:`predict`, :func:`submit`,
+:func:`map_batches`, output columns), ``progress`` (the tqdm bar), ``savedmodel_pb`` (a model's
+signatures from ``saved_model.pb``, without TensorFlow), ``formats`` (Parquet/CSV/.npy sources
+and sinks, column type checks), ``staging`` (the ``.OUT.partial/`` directory: lock, manifest,
+commit, atomic assembly), ``files`` (one :func:`predict_file` job) and ``common`` (``EtlError``,
+optional imports, what the others share). Each offers the others public names only.
 
-In memory (``PredictionPool.predict(frame, columns=...)`` and ``PredictionPool.map_batches``)::
+In memory (:func:`predict`, :func:`submit`, :func:`map_batches`; any :class:`Predictor`)::
 
     DataFrame / Series / RecordBatch / Table / Arrow array
       ▼ to_inputs             columns -> {model input: ndarray}, each checked against its input
-      ▼ PredictionPool.imap   at most max_in_flight shards ahead, results in input order
+      ▼ pool.submit / imap    NumPy only; at most max_in_flight shards ahead, in input order
       ▼ with_predictions      one new column per output (vectors: list / fixed-size-list column)
     each batch, with its predictions, in input order
 
 A file job (:func:`predict_file` and ``python -m pool predict``)::
 
     files.predict_file        check arguments; peek_signature checks columns before any worker
-      ▼ formats._*Source      Parquet row groups / CSV blocks / .npy memory map, a batch at a time
+      ▼ formats.open_source   Parquet row groups / CSV blocks / .npy memory map, a batch at a time
       ▼ files._pieces         <= shard_size rows each, never across a chunk boundary
       ▼ PredictionPool.imap   (files._Job._stream)
-      ▼ chunk_rows output rows ──staging.commit──▶ .OUT.partial/part-000007-65536.parquet
-      ▼ every chunk committed ──formats._*Sink.assemble──▶ .OUT.partial/.tmp-output
+      ▼ chunk_rows output rows ──Staging.commit──▶ .OUT.partial/part-000007-65536.parquet
+      ▼ every chunk committed ──sink.assemble──▶ .OUT.partial/.tmp-output
       ▼ os.replace ──▶ OUT    (see :mod:`pool.etl.staging` for commit and resume)
 """
 
-from ._common import Columns, EtlError, OutputColumns
+from .common import Columns, EtlError, OutputColumns
 from .files import (
     MANIFEST_VERSION,
     MAX_CHUNK_ROWS,
@@ -38,19 +41,20 @@ from .files import (
     predict_file,
 )
 from .formats import FORMATS
-from .formats import _ParquetSink as _ParquetSink  # for tests, as before the split
 from .frames import (
+    Predictor,
     arrow_column,
     is_table,
     map_batches,
     output_columns,
+    predict,
     resolve_columns,
+    submit,
     to_inputs,
     with_predictions,
 )
-from .progress import _NoBar as _NoBar  # for tests, as before the split
 from .progress import progress_bar
-from .savedmodel_pb import peek_signature
+from .savedmodel_pb import peek_signature, read_signatures
 
 __all__ = [
     "FORMATS",
@@ -62,14 +66,18 @@ __all__ = [
     "EtlError",
     "FileReport",
     "OutputColumns",
+    "Predictor",
     "arrow_column",
     "is_table",
     "map_batches",
     "output_columns",
     "peek_signature",
+    "predict",
     "predict_file",
     "progress_bar",
+    "read_signatures",
     "resolve_columns",
+    "submit",
     "to_inputs",
     "with_predictions",
 ]

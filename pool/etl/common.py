@@ -1,5 +1,8 @@
 """What every part of :mod:`pool.etl` shares: the error, the optional imports, the ``columns=``
-types, and returning memory and flushing files between chunks."""
+types, and returning memory and flushing files between chunks.
+
+Install hints name the distribution, ``prediction-pool``; the import name is ``pool``.
+"""
 
 from __future__ import annotations
 
@@ -33,13 +36,18 @@ class EtlError(PoolError, ValueError):
     """
 
 
-def _require(module: str) -> Any:
+#: The extra that brings pandas, pyarrow and tqdm.
+ETL_EXTRA_HINT = "pip install 'prediction-pool[etl]'"
+
+
+def import_optional(module: str) -> Any:
+    """Import ``module`` of the ``etl`` extra, or raise ``ImportError`` saying how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
             f"{module.partition('.')[0]} is needed for data frames, Arrow and files: "
-            f"pip install 'pool[etl]' ({exc})"
+            f"{ETL_EXTRA_HINT} ({exc})"
         ) from exc
 
 
@@ -54,20 +62,21 @@ def _malloc_trim() -> Any:
         return None
 
 
-def _return_free_memory() -> None:
+def return_free_memory() -> None:
     """Hand memory freed since the last chunk back to the OS, so the process's footprint follows
     what it holds (a chunk or two) instead of ratcheting up with the rows done.
 
     ``gc.collect`` first, so that any cyclic garbage of the chunk (pandas and Arrow objects)
     is freed before Arrow's pool and the C heap are trimmed."""
     gc.collect()
-    _require("pyarrow").default_memory_pool().release_unused()
+    import_optional("pyarrow").default_memory_pool().release_unused()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file or a directory) to disk; best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -1,5 +1,7 @@
 """One file job: :func:`predict_file` checks its arguments, opens the source and the staging
-directory, and streams the rows through the pool chunk by chunk (``_Job``)."""
+directory, and streams the rows through the pool chunk by chunk (``_Job``).
+
+This edge starts a :class:`pool.PredictionPool` for a model path; the core never imports it."""
 
 from __future__ import annotations
 
@@ -11,30 +13,28 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .. import sharding
 from ..errors import WorkerCrashedError, WorkerError
 from ..messages import DEFAULT_INPUT, STRING, SignatureInfo, TensorInfo
-from ._common import Columns, EtlError, OutputColumns, _require, log
-from .formats import _SINKS, _check_types, _format_of, _open_source
+from ..prediction_pool import PredictionPool
+from .common import Columns, EtlError, OutputColumns, import_optional, log
+from .formats import SINKS, check_column_types, format_of, open_source
 from .frames import (
-    _as_list,
-    _as_outputs,
-    _input_names,
-    _output_names,
+    input_names,
     output_columns,
+    output_names,
+    outputs_by_name,
     resolve_columns,
+    source_columns,
     to_inputs,
 )
 from .progress import progress_bar
 from .savedmodel_pb import peek_signature
-from .staging import _Staging
-
-if TYPE_CHECKING:
-    from ..prediction_pool import PredictionPool
+from .staging import Staging
 
 #: Automatic ``chunk_rows`` aims at about this many bytes of input plus output per chunk...
 TARGET_CHUNK_BYTES = 32 << 20
@@ -101,7 +101,7 @@ def _check_named(source: Any, columns: Columns, output_column: OutputColumns) ->
     if source.format != "npy" and columns is not None:
         named = columns.values() if isinstance(columns, Mapping) else [columns]
         for entry in named:
-            for name in _as_list(entry):
+            for name in source_columns(entry):
                 if name not in available:
                     raise EtlError(
                         f"unknown column {name!r}; {source.path} has columns {available}"
@@ -135,7 +135,7 @@ class _Job:
         self,
         source: Any,
         sink: Any,
-        staging: _Staging,
+        staging: Staging,
         *,
         columns: Columns,
         output_column: OutputColumns,
@@ -153,7 +153,7 @@ class _Job:
     def check(self, signature: SignatureInfo) -> tuple[dict[str, Any], dict[str, str] | None]:
         """Columns and output names for ``signature``; ``EtlError`` if the data cannot fit."""
         if self.source.format == "npy":
-            inputs = _input_names(signature)
+            inputs = input_names(signature)
             if inputs is not None and len(inputs) != 1:
                 raise EtlError(
                     f"a .npy input holds one array, but the model has {len(inputs)} inputs "
@@ -164,8 +164,8 @@ class _Job:
             sources = {inputs[0] if inputs else DEFAULT_INPUT: self.source.name}
         else:
             sources = resolve_columns(self.source.schema.names, signature, self.columns)
-            _check_types(self._read_schema(sources, signature), sources, signature)
-        outputs = _output_names(signature)
+            check_column_types(self._read_schema(sources, signature), sources, signature)
+        outputs = output_names(signature)
         if self.sink.format == "npy":
             if self.output_column is not None:
                 raise EtlError(".npy outputs hold only the predictions: drop --output-column")
@@ -190,7 +190,7 @@ class _Job:
         if self.source.format != "csv":
             return self.source.schema
         strings = self._string_columns(sources, signature)
-        pa = _require("pyarrow")
+        pa = import_optional("pyarrow")
         schema = self.source.schema
         for name in strings:
             schema = schema.set(schema.get_field_index(name), pa.field(name, pa.string()))
@@ -201,7 +201,9 @@ class _Job:
         if signature.inputs is None:
             return []
         text = {t.name for t in signature.inputs if t.dtype == STRING}
-        return [c for name, source in sources.items() if name in text for c in _as_list(source)]
+        return [
+            c for name, source in sources.items() if name in text for c in source_columns(source)
+        ]
 
     def run(
         self,
@@ -323,7 +325,7 @@ class _Job:
                     raise WorkerError(f"{where}: {exc.args[0]}", exc.remote_traceback) from None
                 raise WorkerCrashedError(f"{where}: {exc}") from None
             _, piece = window.popleft()
-            values = _as_outputs(prediction, signature)
+            values = outputs_by_name(prediction, signature)
             if names is None:  # a model that does not declare its outputs
                 names = output_columns(list(values), self.output_column, self.source.schema.names)
             held.append(piece)
@@ -346,9 +348,9 @@ class _Job:
         sources: Mapping[str, Any],
         named: dict[str, str] | None,
     ) -> None:
-        pa = _require("pyarrow")
+        pa = import_optional("pyarrow")
         empty = pa.RecordBatch.from_pylist([], schema=self.source.schema)
-        values = _as_outputs(pool.predict(to_inputs(empty, signature, sources)), signature)
+        values = outputs_by_name(pool.predict(to_inputs(empty, signature, sources)), signature)
         names = named or output_columns(list(values), self.output_column, empty.schema.names)
         self.staging.commit(0, 0, [empty], [{names[k]: v for k, v in values.items()}])
 
@@ -360,7 +362,7 @@ def _pieces(
 
     Small input batches (short row groups, CSV blocks) are merged, large ones cut.
     """
-    pa = _require("pyarrow")
+    pa = import_optional("pyarrow")
     held: list[Any] = []
     size, row = 0, start
     for batch in batches:
@@ -421,8 +423,6 @@ def predict_file(
     the model, or an unwritable output; all but the type check happen before any worker starts
     (the type check too, for a local SavedModel whose signature can be read from disk).
     """
-    from ..prediction_pool import PredictionPool
-
     input_path, output_path = Path(input), Path(output)
     running = model if isinstance(model, PredictionPool) else None
     if running is not None and (
@@ -439,17 +439,17 @@ def predict_file(
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise EtlError(f"{name} must be a positive integer, got {value!r}")
-    in_format = _format_of(input_path, input_format, "input")
-    out_format = _format_of(output_path, output_format, "output")
-    source = _open_source(input_path, in_format, columns)
+    in_format = format_of(input_path, input_format, "input")
+    out_format = format_of(output_path, output_format, "output")
+    source = open_source(input_path, in_format, columns)
     try:
         _check_output_path(input_path, output_path)
         _check_named(source, columns, output_column)
-        sink = _SINKS[out_format]()
+        sink = SINKS[out_format]()
         signature_name = signature
         if running is not None:
             model, signature_name, model_output = (
-                running._model,
+                running.model,
                 running.signature_name,
                 running.output,
             )
@@ -470,7 +470,7 @@ def predict_file(
         job = _Job(
             source,
             sink,
-            _Staging(output_path, sink),
+            Staging(output_path, sink),
             columns=columns,
             output_column=output_column,
             progress=progress,

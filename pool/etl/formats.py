@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from ..messages import DEFAULT_INPUT, STRING, SignatureInfo, TensorInfo
-from ._common import Columns, EtlError, _require, _return_free_memory
-from .frames import _as_list, arrow_column, with_predictions
+from .common import Columns, EtlError, import_optional, return_free_memory
+from .frames import arrow_column, source_columns, with_predictions
 
 #: File formats, by file name suffix.
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".npy": "npy"}
@@ -24,7 +24,7 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".npy": "npy"
 # --- files: sources ---------------------------------------------------------------------------
 
 
-def _format_of(path: Path, given: str | None, role: str) -> str:
+def format_of(path: Path, given: str | None, role: str) -> str:
     if given is not None:
         if given not in set(FORMATS.values()):
             raise EtlError(
@@ -41,17 +41,17 @@ def _format_of(path: Path, given: str | None, role: str) -> str:
 
 
 def _arrow_error() -> tuple[type[BaseException], ...]:
-    pa = _require("pyarrow")
+    pa = import_optional("pyarrow")
     return (pa.ArrowException,)
 
 
-class _ParquetSource:
+class ParquetSource:
     """Row groups of a Parquet file, read a batch at a time (never the whole file)."""
 
     format = "parquet"
 
     def __init__(self, path: Path) -> None:
-        pq = _require("pyarrow.parquet")
+        pq = import_optional("pyarrow.parquet")
         self.path = path
         try:
             # pre_buffer off and a read buffer: column chunks stream instead of loading whole.
@@ -90,7 +90,7 @@ def _skip_rows(batches: Iterable[Any], skip: int) -> Iterator[Any]:
         yield batch
 
 
-class _CsvSource:
+class CsvSource:
     """A CSV file, parsed a block at a time; columns that feed text inputs are read as text."""
 
     format = "csv"
@@ -103,7 +103,7 @@ class _CsvSource:
         self.num_rows: int | None = None
 
     def _open(self, column_types: dict[str, Any]) -> Any:
-        pacsv = _require("pyarrow.csv")
+        pacsv = import_optional("pyarrow.csv")
         try:
             options = pacsv.ConvertOptions(column_types=column_types)
             return pacsv.open_csv(self.path, convert_options=options)
@@ -111,7 +111,7 @@ class _CsvSource:
             raise EtlError(f"{self.path}: cannot read CSV ({exc})") from None
 
     def batches(self, start: int, batch_rows: int, strings: Sequence[str] = ()) -> Iterator[Any]:
-        pa = _require("pyarrow")
+        pa = import_optional("pyarrow")
         reader = self._open({name: pa.string() for name in strings})
 
         def read() -> Iterator[Any]:
@@ -130,8 +130,8 @@ class _CsvSource:
 
     def count_rows(self) -> int:
         """Rows of the file (one fast parsing pass over the first column only)."""
-        pa = _require("pyarrow")
-        pacsv = _require("pyarrow.csv")
+        pa = import_optional("pyarrow")
+        pacsv = import_optional("pyarrow.csv")
         first = self.schema.names[0]
         options = pacsv.ConvertOptions(include_columns=[first], column_types={first: pa.string()})
         rows = 0
@@ -147,7 +147,7 @@ class _CsvSource:
         pass
 
 
-class _NpySource:
+class NpySource:
     """A ``.npy`` array, memory-mapped: one column named after the model's input."""
 
     format = "npy"
@@ -170,12 +170,12 @@ class _NpySource:
 
     @property
     def schema(self) -> Any:
-        pa = _require("pyarrow")
+        pa = import_optional("pyarrow")
         empty = np.empty((0, *self._array.shape[1:]), dtype=self._array.dtype)
         return pa.schema([pa.field(self.name or DEFAULT_INPUT, arrow_column(empty).type)])
 
     def batches(self, start: int, batch_rows: int, strings: Sequence[str] = ()) -> Iterator[Any]:
-        pa = _require("pyarrow")
+        pa = import_optional("pyarrow")
         for begin in range(start, self._array.shape[0], batch_rows):
             values = np.ascontiguousarray(self._array[begin : begin + batch_rows])
             yield pa.record_batch([arrow_column(values)], names=[self.name or DEFAULT_INPUT])
@@ -184,7 +184,7 @@ class _NpySource:
         self._array = None
 
 
-def _open_source(path: Path, fmt: str, columns: Columns) -> Any:
+def open_source(path: Path, fmt: str, columns: Columns) -> Any:
     if not path.exists():
         raise EtlError(f"input {str(path)!r} does not exist")
     if not path.is_file():
@@ -192,9 +192,9 @@ def _open_source(path: Path, fmt: str, columns: Columns) -> Any:
     if not os.access(path, os.R_OK):
         raise EtlError(f"input {str(path)!r} is not readable")
     if fmt == "parquet":
-        return _ParquetSource(path)
+        return ParquetSource(path)
     if fmt == "csv":
-        return _CsvSource(path)
+        return CsvSource(path)
     if isinstance(columns, Mapping):
         if len(columns) != 1:
             raise EtlError(f"a .npy input holds one array, but columns= maps {len(columns)} inputs")
@@ -203,12 +203,12 @@ def _open_source(path: Path, fmt: str, columns: Columns) -> Any:
         name = columns
     if name is not None and not isinstance(name, str):
         raise EtlError("a .npy input holds one array: name it with one column name")
-    return _NpySource(path, name)
+    return NpySource(path, name)
 
 
 def _type_problem(field: Any, spec: TensorInfo) -> str | None:
     """Why an Arrow column of this type cannot feed ``spec``, or ``None`` if it can."""
-    pa = _require("pyarrow")
+    pa = import_optional("pyarrow")
     kind, depth, widths = field.type, 0, []
     while True:
         if pa.types.is_dictionary(kind):
@@ -252,13 +252,13 @@ def _type_problem(field: Any, spec: TensorInfo) -> str | None:
     return None
 
 
-def _check_types(schema: Any, sources: Mapping[str, Any], signature: SignatureInfo) -> None:
+def check_column_types(schema: Any, sources: Mapping[str, Any], signature: SignatureInfo) -> None:
     """Raise ``EtlError`` if a column's Arrow type cannot feed its model input."""
     if signature.inputs is None:
         return
     specs = {t.name: t for t in signature.inputs}
     for name, source in sources.items():
-        names = _as_list(source)
+        names = source_columns(source)
         spec = specs[name]
         if len(names) > 1 and spec.shape is not None:  # side-by-side scalars: check one scalar
             spec = TensorInfo(spec.name, spec.dtype, spec.shape[:-1])
@@ -272,24 +272,24 @@ def _check_types(schema: Any, sources: Mapping[str, Any], signature: SignatureIn
 
 
 def _output_table(pieces: Sequence[Any], outputs: Sequence[Mapping[str, np.ndarray]]) -> Any:
-    pa = _require("pyarrow")
+    pa = import_optional("pyarrow")
     batches = [with_predictions(p, o) for p, o in zip(pieces, outputs, strict=True)]
     return pa.Table.from_batches(batches)
 
 
-class _ParquetSink:
+class ParquetSink:
     """Each chunk a one-row-group Parquet part; assembled row group by row group."""
 
     format = "parquet"
     suffix = ".parquet"
 
     def write_part(self, pieces: Sequence[Any], outputs: Sequence[Any], path: Path) -> None:
-        pq = _require("pyarrow.parquet")
+        pq = import_optional("pyarrow.parquet")
         table = _output_table(pieces, outputs)
         pq.write_table(table, path, row_group_size=max(1, table.num_rows))
 
     def assemble(self, parts: Sequence[Path], target: Path, total_rows: int) -> None:
-        pq = _require("pyarrow.parquet")
+        pq = import_optional("pyarrow.parquet")
         writer = None
         try:
             for part in parts:  # one chunk in memory at a time, released before the next
@@ -303,7 +303,7 @@ class _ParquetSink:
                             table = table.cast(schema)
                         writer.write_table(table, row_group_size=max(1, table.num_rows))
                         del table
-                _return_free_memory()
+                return_free_memory()
         finally:
             if writer is not None:
                 writer.close()
@@ -311,7 +311,7 @@ class _ParquetSink:
 
 def _csv_ready(table: Any) -> Any:
     """List columns as JSON arrays (``[0.25, -1.5]``): CSV has no list type."""
-    pa = _require("pyarrow")
+    pa = import_optional("pyarrow")
     for index, field in enumerate(table.schema):
         kind = field.type
         if (
@@ -325,25 +325,25 @@ def _csv_ready(table: Any) -> Any:
 
 
 def _csv_header(names: Sequence[str]) -> bytes:
-    pa = _require("pyarrow")
-    pacsv = _require("pyarrow.csv")
+    pa = import_optional("pyarrow")
+    pacsv = import_optional("pyarrow.csv")
     sink = pa.BufferOutputStream()
     pacsv.write_csv(pa.table({n: pa.array([], pa.string()) for n in names}), sink)
     return sink.getvalue().to_pybytes()
 
 
-class _CsvSink:
+class CsvSink:
     """Each chunk a CSV part with its header; assembled as one header plus every part's rows."""
 
     format = "csv"
     suffix = ".csv"
 
     def write_part(self, pieces: Sequence[Any], outputs: Sequence[Any], path: Path) -> None:
-        pacsv = _require("pyarrow.csv")
+        pacsv = import_optional("pyarrow.csv")
         pacsv.write_csv(_csv_ready(_output_table(pieces, outputs)), path)
 
     def assemble(self, parts: Sequence[Path], target: Path, total_rows: int) -> None:
-        pacsv = _require("pyarrow.csv")
+        pacsv = import_optional("pyarrow.csv")
         with pacsv.open_csv(parts[0]) as reader:
             header = _csv_header(reader.schema.names)
         with open(target, "wb") as out:
@@ -355,7 +355,7 @@ class _CsvSink:
                     shutil.copyfileobj(source, out, 1 << 20)
 
 
-class _NpySink:
+class NpySink:
     """Each chunk an ``.npy`` part of the predictions; assembled into one ``[N, ...]`` array."""
 
     format = "npy"
@@ -384,4 +384,4 @@ class _NpySink:
         del out
 
 
-_SINKS = {"parquet": _ParquetSink, "csv": _CsvSink, "npy": _NpySink}
+SINKS = {"parquet": ParquetSink, "csv": CsvSink, "npy": NpySink}

@@ -1,25 +1,47 @@
 """In memory: pandas and Arrow in, NumPy to the pool, predictions back as new columns.
 
+The pool's core takes NumPy arrays only; data frames are adapted here, at the edge.
 ``to_inputs`` turns a Series/DataFrame or an Arrow array/RecordBatch/Table into
-``{model input: ndarray}``, each checked against its input; ``with_predictions`` appends one
-column per output; ``map_batches`` streams batches through ``PredictionPool.imap`` in order.
+``{model input: ndarray}``, each checked against its input; :func:`predict` and :func:`submit`
+call a pool on the result; ``with_predictions`` appends one column per output; ``map_batches``
+streams batches through the pool's ``imap`` in order. Each works with any :class:`Predictor`
+(a :class:`pool.PredictionPool`, local or on a cluster).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future
+from typing import Any, Protocol
 
 import numpy as np
 
 from .. import sharding
 from ..messages import DEFAULT_INPUT, DEFAULT_OUTPUT, SignatureInfo, TensorInfo
-from ._common import Columns, EtlError, OutputColumns, _require
+from .common import Columns, EtlError, OutputColumns, import_optional
 from .progress import progress_bar
 
-if TYPE_CHECKING:
-    from ..prediction_pool import PredictionPool
+
+class Predictor(Protocol):
+    """What the functions of :mod:`pool.etl` need of a pool: a running
+    :class:`pool.PredictionPool` has it, whichever backend answers its shards."""
+
+    @property
+    def signature(self) -> SignatureInfo: ...
+
+    def submit(
+        self, inputs: Any, *, shard_size: int | None = None, check_finite: bool = False
+    ) -> Future: ...
+
+    def imap(
+        self,
+        batches: Iterable[Any],
+        *,
+        shard_size: int | None = None,
+        max_in_flight: int | None = None,
+        check_finite: bool = False,
+    ) -> Iterator[Any]: ...
 
 
 # --- in memory: frames and Arrow in, NumPy to the pool --------------------------------------
@@ -56,7 +78,8 @@ def _num_rows(frame: Any) -> int:
     return frame.num_rows if hasattr(frame, "num_rows") else len(frame)
 
 
-def _input_names(signature: SignatureInfo) -> list[str] | None:
+def input_names(signature: SignatureInfo) -> list[str] | None:
+    """The model's input names, or ``None`` when the model does not declare them."""
     return None if signature.inputs is None else [t.name for t in signature.inputs]
 
 
@@ -68,7 +91,7 @@ def resolve_columns(
     Without ``columns``, an input is fed by the column of the same name, and a single-input
     model by the only column of a one-column table.
     """
-    inputs = _input_names(signature)
+    inputs = input_names(signature)
     expected = signature.describe_inputs()
     if columns is None:
         if inputs is None:
@@ -106,20 +129,21 @@ def resolve_columns(
             )
         mapping = {inputs[0] if inputs else DEFAULT_INPUT: columns}
     for source in mapping.values():
-        for name in _as_list(source):
+        for name in source_columns(source):
             if name not in available:
                 raise EtlError(f"unknown column {name!r}; the data has columns {list(available)}")
     return mapping
 
 
-def _as_list(source: Any) -> list:
+def source_columns(source: Any) -> list:
+    """The column names that feed one input: ``"text"`` -> ``["text"]``, ``["b0", "b1"]`` as is."""
     if isinstance(source, (str, bytes)) or not isinstance(source, Sequence):
         return [source]
     return list(source)
 
 
 def _label(source: Any) -> str:
-    names = _as_list(source)
+    names = source_columns(source)
     return f"column {names[0]!r}" if len(names) == 1 else f"columns {names}"
 
 
@@ -133,8 +157,8 @@ def _arrow_to_numpy(
     column: Any, label: str, spec: TensorInfo | None, first_row: int = 0
 ) -> np.ndarray:
     """One Arrow column as a NumPy batch: strings as objects, equal-length lists stacked."""
-    pa = _require("pyarrow")
-    pc = _require("pyarrow.compute")
+    pa = import_optional("pyarrow")
+    pc = import_optional("pyarrow.compute")
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_dictionary(column.type):
@@ -197,7 +221,7 @@ def _column_to_numpy(
 
 def _gather(frame: Any, source: Any, spec: TensorInfo | None, first_row: int) -> np.ndarray:
     """The column (or the columns, side by side) that feed one input."""
-    names = _as_list(source)
+    names = source_columns(source)
     parts = [_column_to_numpy(frame[name], _label(name), spec, first_row) for name in names]
     if len(parts) == 1:
         return parts[0]
@@ -224,6 +248,41 @@ def _checked(
     return checked
 
 
+def predict(
+    pool: Predictor,
+    data: Any,
+    *,
+    columns: Columns = None,
+    shard_size: int | None = None,
+    check_finite: bool = False,
+) -> Any:
+    """Predict every row of a data frame or Arrow data: ``pool.predict`` for tables.
+
+    ``data`` is a pandas Series/DataFrame or a pyarrow array/RecordBatch/Table; ``columns`` says
+    which column feeds which model input (see :func:`to_inputs`). Returns what
+    ``pool.predict`` returns: an array, or a dict of arrays for several outputs, row ``i``
+    answering row ``i`` of ``data``. Errors name the column (and the row, for a missing value).
+    """
+    return submit(
+        pool, data, columns=columns, shard_size=shard_size, check_finite=check_finite
+    ).result()
+
+
+def submit(
+    pool: Predictor,
+    data: Any,
+    *,
+    columns: Columns = None,
+    shard_size: int | None = None,
+    check_finite: bool = False,
+) -> Future:
+    """Like :func:`predict`, but return a ``concurrent.futures.Future`` at once.
+
+    The table is converted and checked here, in the caller: a bad column raises at once."""
+    arrays = to_inputs(data, pool.signature, columns)
+    return pool.submit(arrays, shard_size=shard_size, check_finite=check_finite)
+
+
 def to_inputs(
     data: Any, signature: SignatureInfo, columns: Columns = None, first_row: int = 0
 ) -> dict[str, np.ndarray]:
@@ -238,8 +297,9 @@ def to_inputs(
     """
     if not is_table(data):
         raise TypeError(
-            "columns= applies to pandas Series/DataFrame and pyarrow arrays, RecordBatch and "
-            f"Table inputs, got {type(data).__name__}"
+            "expected a pandas Series/DataFrame or a pyarrow array/RecordBatch/Table, got "
+            f"{type(data).__name__}; pass arrays, dicts of arrays and lists of str to "
+            "pool.predict directly"
         )
     specs = {t.name: t for t in signature.inputs} if signature.inputs is not None else {}
     if _is_frame(data):
@@ -254,7 +314,7 @@ def to_inputs(
                 "columns= names columns of a DataFrame, RecordBatch or Table; a "
                 f"{type(data).__name__} is a single column already"
             )
-        inputs = _input_names(signature)
+        inputs = input_names(signature)
         if inputs is not None and len(inputs) != 1:
             raise EtlError(
                 f"the model has {len(inputs)} inputs {signature.describe_inputs()}: pass a "
@@ -270,14 +330,14 @@ def to_inputs(
 # --- predictions back into frames ------------------------------------------------------------
 
 
-def _as_outputs(prediction: Any, signature: SignatureInfo) -> dict[str, np.ndarray]:
+def outputs_by_name(prediction: Any, signature: SignatureInfo) -> dict[str, np.ndarray]:
     """``{output name: array}``, by name: new columns come in the same order every time."""
     if isinstance(prediction, Mapping):
         return {name: prediction[name] for name in sorted(prediction)}
     return {signature.single_output or DEFAULT_OUTPUT: prediction}
 
 
-def _output_names(signature: SignatureInfo) -> list[str] | None:
+def output_names(signature: SignatureInfo) -> list[str] | None:
     """The names of what ``predict`` returns, or ``None`` when the model does not declare them."""
     if signature.single_output is not None:
         return [signature.single_output]
@@ -319,7 +379,7 @@ def output_columns(
 
 def arrow_column(values: np.ndarray) -> Any:
     """An Arrow array for a NumPy batch: ``[N]`` plain, ``[N, d, ...]`` nested fixed-size lists."""
-    pa = _require("pyarrow")
+    pa = import_optional("pyarrow")
     values = np.ascontiguousarray(values)
     if values.ndim <= 1:
         return pa.array(values)
@@ -330,7 +390,7 @@ def arrow_column(values: np.ndarray) -> Any:
 
 
 def _pandas_column(values: np.ndarray, index: Any) -> Any:
-    pd = _require("pandas")
+    pd = import_optional("pandas")
     if values.ndim <= 1:
         return pd.Series(values, index=index)
     rows = np.empty(len(values), dtype=object)
@@ -346,7 +406,7 @@ def with_predictions(frame: Any, columns: Mapping[str, np.ndarray]) -> Any:
         for name, values in columns.items():
             out[name] = _pandas_column(values, frame.index)
         return out
-    pa = _require("pyarrow")
+    pa = import_optional("pyarrow")
     arrays, schema = list(frame.columns), frame.schema  # the schema keeps its metadata
     for name, values in columns.items():
         arrays.append(arrow_column(values))
@@ -371,7 +431,7 @@ def _as_frame(batch: Any) -> Any:
 
 
 def map_batches(
-    pool: PredictionPool,
+    pool: Predictor,
     batches: Iterable[Any],
     *,
     columns: Columns = None,
@@ -391,7 +451,7 @@ def map_batches(
     the progress bar an ETA.
     """
     signature = pool.signature
-    names = _output_names(signature)
+    names = output_names(signature)
     window: deque[Any] = deque()
 
     def feed() -> Iterator[dict[str, np.ndarray]]:
@@ -407,7 +467,7 @@ def map_batches(
     try:
         for prediction in pool.imap(feed(), shard_size=shard_size, max_in_flight=max_in_flight):
             frame = window.popleft()
-            outputs = _as_outputs(prediction, signature)
+            outputs = outputs_by_name(prediction, signature)
             named = output_columns(list(outputs), output_column, _column_names(frame))
             bar.update(_num_rows(frame))
             yield with_predictions(frame, {named[k]: v for k, v in outputs.items()})

@@ -6,10 +6,12 @@ import os
 import sys
 from typing import Any
 
-from ._common import log
+from .common import ETL_EXTRA_HINT, log
 
 
-class _NoBar:
+class NoBar:
+    """The bar :func:`progress_bar` returns when none is shown: its methods do nothing."""
+
     def update(self, n: int = 1) -> None:
         pass
 
@@ -26,12 +28,12 @@ def progress_bar(
     in the data. Without tqdm installed, a warning is logged and no bar is shown.
     """
     if not enabled:
-        return _NoBar()
+        return NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
-        log.warning("progress=True needs tqdm (pip install 'pool[etl]'); showing no progress")
-        return _NoBar()
+        log.warning("progress=True needs tqdm (%s); showing no progress", ETL_EXTRA_HINT)
+        return NoBar()
     try:
         columns = os.get_terminal_size(sys.stderr.fileno()).columns
     except (AttributeError, OSError, ValueError):

@@ -1,4 +1,6 @@
-"""A SavedModel's signature without TensorFlow: a minimal reader of ``saved_model.pb``.
+"""A SavedModel's signatures without TensorFlow: a minimal reader of ``saved_model.pb``.
+
+Used by the file jobs (check columns before any worker starts) and ``python -m pool inspect``.
 
 Only the protobuf wire format and the few fields on the path
 SavedModel.meta_graphs -> MetaGraphDef.signature_def -> SignatureDef.inputs/outputs are read.
@@ -80,6 +82,50 @@ def _tensor_info(name: str, buf: memoryview) -> TensorInfo | None:
     return None if dtype is None else TensorInfo(name=name, dtype=dtype, shape=shape)
 
 
+def read_signatures(model: Any) -> dict[str, SignatureInfo | None] | None:
+    """Every signature of a local SavedModel, read from ``saved_model.pb`` without TensorFlow.
+
+    ``{signature name: SignatureInfo}`` in the file's order, with ``None`` for a signature that
+    uses sparse or composite tensors (not described here). ``None`` for anything but a readable
+    local SavedModel (a TF Hub handle, a missing or unparsable file). Internal entries such as
+    ``__saved_model_init_op`` are left out.
+    """
+    if not isinstance(model, (str, os.PathLike)) or "://" in str(model):
+        return None
+    try:
+        buf = memoryview(Path(model, "saved_model.pb").read_bytes())
+        found: dict[str, SignatureInfo | None] = {}
+        for number, meta_graph in _fields(buf):
+            if number != 2:  # SavedModel.meta_graphs
+                continue
+            for field, entry in _fields(meta_graph):
+                if field != 5:  # MetaGraphDef.signature_def
+                    continue
+                items = dict(_fields(entry))
+                name = bytes(items.get(1, b"")).decode()
+                if not name.startswith("__"):
+                    found[name] = _signature(items.get(2, memoryview(b"")))
+        return found
+    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _signature(buf: memoryview) -> SignatureInfo | None:
+    """One SignatureDef: its inputs and outputs sorted by name, as the workers report them."""
+    sides: dict[int, list[TensorInfo]] = {1: [], 2: []}
+    for side, tensors in _fields(buf):
+        if side in sides:
+            pair = dict(_fields(tensors))
+            info = _tensor_info(bytes(pair[1]).decode(), pair.get(2, memoryview(b"")))
+            if info is None:
+                return None
+            sides[side].append(info)
+    inputs = tuple(sorted(sides[1], key=lambda t: t.name))
+    outputs = tuple(sorted(sides[2], key=lambda t: t.name))
+    single = outputs[0].name if len(outputs) == 1 else None
+    return SignatureInfo(inputs=inputs, outputs=outputs, single_output=single)
+
+
 def peek_signature(
     model: Any, signature: str = "serving_default", output: str | None = None
 ) -> SignatureInfo | None:
@@ -88,35 +134,13 @@ def peek_signature(
     Used to check columns against the model before any worker starts. Best effort: ``None``
     for anything but a plain local SavedModel; the pool's own check after loading is final.
     """
-    if not isinstance(model, (str, os.PathLike)) or "://" in str(model):
+    found = (read_signatures(model) or {}).get(signature)
+    if found is None or found.inputs is None or found.outputs is None:
         return None
-    try:
-        buf = memoryview(Path(model, "saved_model.pb").read_bytes())
-        for number, meta_graph in _fields(buf):
-            if number != 2:  # SavedModel.meta_graphs
-                continue
-            for field, entry in _fields(meta_graph):
-                if field != 5:  # MetaGraphDef.signature_def
-                    continue
-                items = dict(_fields(entry))
-                if bytes(items.get(1, b"")).decode() != signature:
-                    continue
-                sides: dict[int, list[TensorInfo]] = {1: [], 2: []}
-                for side, tensors in _fields(items.get(2, memoryview(b""))):
-                    if side in sides:
-                        pair = dict(_fields(tensors))
-                        info = _tensor_info(bytes(pair[1]).decode(), pair.get(2, memoryview(b"")))
-                        if info is None:
-                            return None
-                        sides[side].append(info)
-                inputs = tuple(sorted(sides[1], key=lambda t: t.name))
-                outputs = tuple(sorted(sides[2], key=lambda t: t.name))
-                if output is not None:
-                    outputs = tuple(t for t in outputs if t.name == output)
-                if not inputs or not outputs:
-                    return None
-                single = outputs[0].name if len(outputs) == 1 else None
-                return SignatureInfo(inputs=inputs, outputs=outputs, single_output=single)
-    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError):
+    outputs = found.outputs
+    if output is not None:
+        outputs = tuple(t for t in outputs if t.name == output)
+    if not found.inputs or not outputs:
         return None
-    return None
+    single = outputs[0].name if len(outputs) == 1 else None
+    return SignatureInfo(inputs=found.inputs, outputs=outputs, single_output=single)

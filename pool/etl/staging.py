@@ -25,10 +25,10 @@ from typing import Any
 
 import psutil
 
-from ._common import EtlError, _fsync, _return_free_memory, log
+from .common import EtlError, fsync_path, log, return_free_memory
 
 
-class _Staging:
+class Staging:
     """``.OUT.partial/`` next to the output: lock, manifest, committed parts, assembly."""
 
     def __init__(self, output: Path, sink: Any) -> None:
@@ -150,7 +150,7 @@ class _Staging:
         name = f"part-{index:06d}-{rows}{self.sink.suffix}"
         self._write_atomically(name, lambda path: self.sink.write_part(pieces, outputs, path))
         log.debug("committed chunk %d (%d rows) of %s", index, rows, self.output)
-        _return_free_memory()
+        return_free_memory()
 
     def parts(self) -> list[Path]:
         numbered = []
@@ -164,24 +164,24 @@ class _Staging:
         temporary = self.dir / f".tmp-{name}"
         try:
             write(temporary)
-            _fsync(temporary)
+            fsync_path(temporary)
             os.replace(temporary, self.dir / name)
         finally:
             temporary.unlink(missing_ok=True)
-        _fsync(self.dir)
+        fsync_path(self.dir)
 
     # the end -------------------------------------------------------------------------------
     def finish(self, total_rows: int) -> None:
         """Concatenate the parts into a temporary file, rename it over the output, clean up."""
         temporary = self.dir / f".tmp-output{self.sink.suffix}"
         parts = self.parts()
-        _return_free_memory()
+        return_free_memory()
         try:
             self.sink.assemble(parts, temporary, total_rows)
-            _fsync(temporary)
+            fsync_path(temporary)
             os.replace(temporary, self.output)
         finally:
             temporary.unlink(missing_ok=True)
-        _fsync(self.output.parent)
+        fsync_path(self.output.parent)
         self._locked = False
         shutil.rmtree(self.dir, ignore_errors=True)
