@@ -1,341 +1,528 @@
-"""The dispatcher: one manager thread that owns every shard and every worker slot.
+"""The dispatcher: one manager thread that owns every worker, every batch in flight, every shard.
 
-Callers and executor callbacks never touch its state: they put events on its queue.
+Callers only put shards on the :class:`pool.batching.BatchQueue` and wake the thread; workers
+only talk to it over their sockets. It waits on all of them at once::
 
-    caller ──Submit──▶ ┌──────────────┐ ──run_shard──▶ worker slot 0 (1-process executor)
-    caller ──Cancel──▶ │ manager loop │ ──run_shard──▶ worker slot 1
-    executors ──Done─▶ │  pending     │ ◀──Done─────── (future callbacks)
-    restarts ──Ready─▶ └──────────────┘ ──set_result──▶ caller's Future (one per shard)
+    callers ──BatchQueue.put──▶ ┌──────────────┐ ──Batch──▶ worker 0 (socket + arena)
+              wake pipe ──────▶ │ manager loop │ ──Batch──▶ worker 1
+    worker sockets ──BatchDone─▶│  (one thread)│ ◀──BatchDone / BatchFailed / WorkerReady
+    process sentinels ─death──▶ └──────────────┘ ──set_result──▶ each shard's Future
 
-Each shard goes to the ready slot holding the fewest shards. A slot holds enough shards to
-cover ``queued_seconds`` of its recent shard time (at least two: one running, one queued in
-the pipe), so a worker never waits for the parent even when shards take well under a
-millisecond, and long shards are still handed out one at a time for balance. A slot whose
-process died (``BrokenProcessPool``), ran past ``timeout`` or outgrew its limits is replaced by a
-new process that loads the model once; the shards it held go back to the front of the queue.
+Each ready worker holds up to two batches: one running and one queued behind it, so it never
+waits for the parent. A batch is formed by the queue when a worker has room (see
+:mod:`pool.batching` for what is combined and when). The second batch is handed out only
+when its message is small (inputs in the arena): a large message goes only to an idle worker,
+so the parent and a worker can never both block writing to each other.
+
+A worker that dies (its sentinel fires, or its socket ends mid-message), runs past ``timeout``
+or outgrows its limits is replaced by a new process that loads the model once; what it held
+goes back to the front of the queue. Only the batch that was *running* is suspect: if it
+combined several shards they are re-run alone, without counting an attempt; a shard that
+kills its worker while running alone counts one, and fails after ``max_retries``.
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 import logging
-import math
-import queue
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing import connection
+from multiprocessing.context import BaseContext
 
-from . import worker
+import numpy as np
+
+from . import transport
 from .backend import Settings
-from .errors import ModelLoadError, PoolClosedError, WorkerCrashedError
-from .messages import ShardRequest, ShardResult
+from .batching import BatchQueue, Task
+from .errors import ModelLoadError, PoolClosedError, WorkerCrashedError, WorkerError
+from .messages import (
+    ArenaRef,
+    Batch,
+    BatchDone,
+    BatchFailed,
+    LoadFailed,
+    WorkerConfig,
+    WorkerReady,
+)
 from .process import WorkerProcess
 
 log = logging.getLogger("pool")
 
-#: Seconds between checks of shard deadlines when a timeout is set...
+#: Seconds between checks of batch deadlines when a ``timeout`` is set.
 TICK_SECONDS = 0.05
-#: ...and between checks that busy workers are still alive.
-HEALTH_SECONDS = 0.25
+#: A batch whose message carries more than this many bytes goes only to an idle worker.
+SMALL_MESSAGE_BYTES = 64 << 10
+#: The arena of a worker grows (when idle) up to this size; larger batches use the socket.
+MAX_ARENA_BYTES = 1 << 30
 
 
-@dataclass
-class Task:
-    """One shard of one caller's request, until its result reaches the caller."""
+class State(enum.Enum):
+    """A worker position's life. Moves: STARTING→READY (loaded) or →DEAD (load failed);
+    READY→RETIRING (limits) →STARTING (replaced once idle); READY/RETIRING→STARTING (died or
+    timed out: replaced at once); any→DEAD while the pool shuts down."""
 
-    request: ShardRequest
-    future: Future
-    attempts: int = 0  # worker deaths this shard caused
-    started: float = 0.0  # when it became the running shard of its worker
+    STARTING = "starting"
+    READY = "ready"
+    RETIRING = "retiring"
+    DEAD = "dead"
 
 
-@dataclass
+@dataclass(eq=False)
+class InFlight:
+    """A batch sent to a worker and not yet answered."""
+
+    batch_id: int
+    tasks: list[Task]
+    rows: int
+    arena: transport.Arena | None
+    region: int | None
+    started: float = 0.0  # when it became the batch its worker is running
+
+
+@dataclass(eq=False)
 class Slot:
     """A worker position; its process is replaced on death, keeping index and counters."""
 
+    index: int
     process: WorkerProcess
-    status: str = "ready"  # starting | ready | retiring | dead
-    held: deque[Task] = field(default_factory=deque)  # in submission (= execution) order
-    shard_seconds: float = 0.0  # moving average of the worker's time per shard
+    state: State = State.STARTING
+    in_flight: deque[InFlight] = field(default_factory=deque)
     timed_out: bool = False
-
-
-@dataclass(frozen=True)
-class _Submit:
-    task: Task
-
-
-@dataclass(frozen=True)
-class _Done:
-    slot: Slot
-    process: WorkerProcess
-    task: Task
-    future: Future
-
-
-@dataclass(frozen=True)
-class _Ready:
-    slot: Slot
-    process: WorkerProcess
-
-
-@dataclass(frozen=True)
-class _Stop:
-    kill: bool
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The reliability options of a pool, validated once by the pool."""
-
-    depth: int = 2  # shards a slot holds at least
-    max_depth: int = 16  # ... and at most
-    queued_seconds: float = 0.005  # work to keep queued per slot, by its recent shard time
-    max_retries: int = 2
-    timeout: float | None = None
-    max_worker_memory: int | None = None
-    max_shards_per_worker: int | None = None
-
-
-def room(limits: Limits, shard_seconds: float, shards_done: int) -> int:
-    """How many shards one worker process may hold: ``depth``, or enough to cover
-    ``queued_seconds`` of its recent time per shard (at most ``max_depth``); never more than its
-    ``max_shards_per_worker`` leaves, so a recycled process takes no shard it cannot run."""
-    depth = limits.depth
-    if shard_seconds > 0:
-        wanted = math.ceil(limits.queued_seconds / shard_seconds) + 1
-        depth = max(depth, min(limits.max_depth, wanted))
-    if limits.max_shards_per_worker is None:
-        return depth
-    return min(depth, limits.max_shards_per_worker - shards_done)
+    failure: str | None = None
 
 
 class Dispatcher:
     def __init__(
         self,
-        processes: list[WorkerProcess],
         settings: Settings,
-        restart: Callable[[WorkerProcess], WorkerProcess],
+        context: BaseContext,
+        config_for: Callable[[int], WorkerConfig],
     ) -> None:
-        self.slots = [Slot(process=p) for p in processes]
-        self._limits = _limits(settings.limits)
-        self._restart = restart
-        self._pending: deque[Task] = deque()
-        self.retired: list[WorkerProcess] = []  # replaced processes, still exiting
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._settings = settings
+        self._limits = settings.limits
+        self._context = context
+        self._config_for = config_for
+        batching = settings.batching
+        self._arena_bytes = transport.REGIONS * 2 * batching.max_batch_bytes
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._woken = False
+        self._wake_lock = threading.Lock()
+        self.queue = BatchQueue(batching, self._wake)
+        self.slots = [Slot(i, self._spawn(i)) for i in range(settings.workers)]
+        self.retired: list[WorkerProcess] = []  # replaced processes, exiting on their own
+        self.batches_in_arena = 0
+        self.batches_on_socket = 0
+        self._batch_ids = itertools.count()
+        self._started = False
+        self._startup = threading.Event()
+        self._stop: bool | None = None  # None: running; False: drain then stop; True: kill
         self._closed = False
-        self._last_health = 0.0
         self._thread = threading.Thread(target=self._run, name="pool-dispatcher", daemon=True)
         self._thread.start()
 
     # --- called from any thread -------------------------------------------------------------
-    def submit(self, requests: list[ShardRequest]) -> list[Future]:
+    def wait_ready(self, timeout: float | None) -> list[WorkerReady]:
+        """Block until every worker has loaded the model; raise ``ModelLoadError`` if one
+        could not (with its own reason) or the time ran out."""
+        if not self._startup.wait(timeout):
+            raise ModelLoadError(f"workers did not load the model within start_timeout={timeout} s")
+        failures = [s.failure for s in self.slots if s.failure]
+        if failures:
+            raise ModelLoadError(failures[0])
+        self._started = True
+        return [s.process.ready for s in self.slots]
+
+    def submit(self, requests: list) -> list:
         if self._closed:
             raise PoolClosedError("the pool is shut down; start a new PredictionPool")
-        futures = []
-        for request in requests:
-            task = Task(request=request, future=Future())
-            self._events.put(_Submit(task))
-            futures.append(task.future)
-        return futures
+        return self.queue.put(requests)
 
     def queued_requests(self) -> int:
-        return len(self._pending)
+        return self.queue.queued_calls()
 
     def stop(self, kill: bool) -> None:
-        """Stop the manager: after all queued shards are answered, or at once with ``kill``."""
+        """Stop: after every queued shard is answered, or at once with ``kill``."""
         self._closed = True
-        self._events.put(_Stop(kill=kill))
+        self.queue.close()
+        self._stop = kill or bool(self._stop)
+        self._wake()
         self._thread.join()
+        for slot in self.slots:
+            slot.process.stop(timeout=0 if kill else 30)
+        for process in self.retired:
+            process.stop(timeout=0 if kill else 30)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._woken:
+                return
+            self._woken = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
 
     # --- the manager thread -----------------------------------------------------------------
+    def _spawn(self, index: int) -> WorkerProcess:
+        return WorkerProcess(index, self._config_for(index), self._context, self._arena_bytes)
+
     def _run(self) -> None:
-        stopping: _Stop | None = None
-        while True:
-            wait = TICK_SECONDS if self._limits.timeout is not None else HEALTH_SECONDS
-            try:
-                event = self._events.get(timeout=wait)
-            except queue.Empty:
-                event = None
-            try:
-                if isinstance(event, _Stop):
-                    stopping = event
-                elif event is not None:
-                    self._handle(event, stopping is not None)
-                if stopping is not None and (stopping.kill or self._idle()):
-                    self._fail_all(PoolClosedError("the pool was shut down before this shard ran"))
-                    return
+        try:
+            while True:
+                self._wait_and_handle()
+                if self._stop is not None and (self._stop or self._idle()):
+                    break
                 self._check_deadlines()
-                self._check_health()
                 self._pump()
-            except Exception:  # never let the manager die silently: fail every caller
-                log.exception("pool dispatcher failed")
-                self._fail_all(PoolClosedError("the pool's dispatcher failed; see the log"))
-                return
+        except Exception:  # never let the manager die silently: fail every caller
+            log.exception("pool dispatcher failed")
+            self._closed = True
+            self.queue.close()
+        self._fail_all(PoolClosedError("the pool was shut down before this shard ran"))
+        self._startup.set()
 
     def _idle(self) -> bool:
-        return not self._pending and not any(s.held for s in self.slots)
+        self.queue.collect()
+        return not len(self.queue) and not any(s.in_flight for s in self.slots)
 
-    def _handle(self, event: object, stopping: bool) -> None:
-        if isinstance(event, _Submit):
-            self._pending.append(event.task)
-        elif isinstance(event, _Done):
-            self._on_done(event, stopping)
-        elif isinstance(event, _Ready):
-            self._on_ready(event)
-
-    def _pump(self) -> None:
-        while self._pending:
-            ready = [s for s in self.slots if s.status == "ready" and len(s.held) < self._room(s)]
-            if not ready:
-                return
-            slot = min(ready, key=lambda s: (len(s.held), s.process.index))
-            task = self._pending.popleft()
-            if task.future.cancelled():
+    def _wait_and_handle(self) -> None:
+        waitables: list = [self._wake_r]
+        by_sentinel: dict[int, Slot] = {}
+        by_conn: dict[int, Slot] = {}
+        for slot in self.slots:
+            if slot.state is State.DEAD:
                 continue
-            if not task.future.running() and not task.future.set_running_or_notify_cancel():
-                continue
-            process = slot.process
-            try:
-                future = process.executor.submit(worker.run_shard, task.request)
-            except (BrokenProcessPool, RuntimeError):
-                self._pending.appendleft(task)
+            waitables.append(slot.process.conn)
+            waitables.append(slot.process.sentinel)
+            by_sentinel[slot.process.sentinel] = slot
+            by_conn[id(slot.process.conn)] = slot
+        ready = connection.wait(waitables, self._wait_timeout())
+        dead = []
+        for item in ready:
+            if isinstance(item, int) and item == self._wake_r:
+                os.read(self._wake_r, 4096)
+                with self._wake_lock:
+                    self._woken = False
+                self.queue.collect()
+                self.queue.purge_cancelled()
+            elif isinstance(item, int):
+                dead.append(by_sentinel[item])
+            else:
+                self._receive(by_conn[id(item)])
+        for slot in dead:
+            if slot.state is not State.DEAD and slot.process.sentinel in by_sentinel:
                 self._on_death(slot)
-                continue
-            if not slot.held:
-                task.started = time.monotonic()
-            slot.held.append(task)
-            future.add_done_callback(
-                lambda f, s=slot, p=process, t=task: self._events.put(_Done(s, p, t, f))
+
+    def _wait_timeout(self) -> float | None:
+        timeouts = []
+        if self._limits.timeout is not None and any(s.in_flight for s in self.slots):
+            timeouts.append(TICK_SECONDS)
+        deadline = self.queue.next_deadline()
+        if deadline is not None:
+            timeouts.append(max(0.0, deadline - time.monotonic()))
+        return min(timeouts) if timeouts else None
+
+    def _receive(self, slot: Slot) -> None:
+        process = slot.process
+        while True:
+            try:
+                message = transport.recv(process.conn)
+            except Exception:  # EOF or a message cut short: the worker died (mid-send)
+                self._on_death(slot)
+                return
+            self._on_message(slot, message)
+            if slot.process is not process or slot.state is State.DEAD:
+                return
+            try:
+                if not process.conn.poll():
+                    return
+            except OSError:
+                return
+
+    def _on_message(self, slot: Slot, message: object) -> None:
+        if isinstance(message, BatchDone):
+            self._on_done(slot, message)
+        elif isinstance(message, BatchFailed):
+            self._on_failed(slot, message)
+        elif isinstance(message, WorkerReady):
+            slot.process.mark_ready(message)
+            slot.state = State.READY
+            self._check_startup()
+        elif isinstance(message, LoadFailed):
+            self._on_load_failure(
+                slot, f"worker {slot.process.stats.pid} could not load the model: {message.error}"
             )
 
-    def _room(self, slot: Slot) -> int:
-        return room(self._limits, slot.shard_seconds, slot.process.shards_done)
+    # --- start-up and replacement -----------------------------------------------------------
+    def _check_startup(self) -> None:
+        if not self._startup.is_set() and all(
+            s.state is State.READY or s.failure for s in self.slots
+        ):
+            self._startup.set()
 
-    def _on_done(self, event: _Done, stopping: bool) -> None:
-        slot, task, future = event.slot, event.task, event.future
-        if event.process is not slot.process:  # a late callback from a replaced process
+    def _on_load_failure(self, slot: Slot, reason: str) -> None:
+        slot.state = State.DEAD
+        slot.process.kill()
+        if not self._started:
+            slot.failure = reason
+            self._startup.set()
             return
-        exc = future.exception()
-        if isinstance(exc, BrokenProcessPool):
-            self._on_death(slot)
+        log.error("a replacement worker could not load the model: %s", reason)
+        if all(s.state is State.DEAD for s in self.slots):
+            self._fail_all(ModelLoadError(f"no worker could reload the model: {reason}"))
+
+    def _replace(self, slot: Slot) -> None:
+        old = slot.process
+        if self._closed:  # shutting down: the other workers finish what is queued
+            slot.state = State.DEAD
+            self.retired.append(old)
+            if all(s.state is State.DEAD for s in self.slots):
+                self._fail_all(PoolClosedError("every worker stopped while the pool shut down"))
             return
-        if task not in slot.held:  # already failed by a shutdown
+        self.retired.append(old)
+        new = self._spawn(slot.index)
+        stats, previous = new.stats, old.stats
+        stats.restarts = previous.restarts + 1
+        stats.retries = previous.retries
+        stats.shards, stats.batches = previous.shards, previous.batches
+        stats.rows, stats.busy_seconds = previous.rows, previous.busy_seconds
+        slot.process = new
+        slot.state = State.STARTING
+        slot.timed_out = False
+
+    def _on_death(self, slot: Slot) -> None:
+        """The slot's process died: requeue what it held (only the running batch is suspect)."""
+        old = slot.process
+        old.kill()
+        if slot.state is State.STARTING:
+            code = old.process.exitcode
+            self._on_load_failure(
+                slot,
+                f"a worker process exited while loading the model (exit code {code}). In a "
+                'script, create the pool under `if __name__ == "__main__":`: with the '
+                f"{self._context.get_start_method()} start method every worker re-imports the "
+                "main module (docs/guide.md, 'Start methods')",
+            )
             return
-        slot.held.remove(task)
-        if slot.held:
-            slot.held[0].started = time.monotonic()
-        if exc is not None:
-            task.future.set_exception(exc)
+        if slot.state is State.DEAD:
+            return
+        log.warning(
+            "worker %d (pid %d) %s; restarting it",
+            slot.index,
+            old.stats.pid,
+            "ran past the timeout" if slot.timed_out else "died",
+        )
+        requeue: list[Task] = []
+        for position, batch in enumerate(slot.in_flight):
+            if position > 0 or not batch.tasks:
+                requeue.extend(batch.tasks)
+            elif len(batch.tasks) > 1:  # a combined call: find the culprit by running alone
+                for task in batch.tasks:
+                    task.solo = True
+                old.stats.retries += 1
+                requeue.extend(batch.tasks)
+            else:
+                (task,) = batch.tasks
+                task.attempts += 1
+                if task.attempts > self._limits.max_retries:
+                    _fail(task, self._give_up(task, slot.timed_out))
+                else:
+                    old.stats.retries += 1
+                    requeue.append(task)
+        slot.in_flight.clear()
+        self.queue.requeue_front(requeue)
+        self._replace(slot)
+
+    def _give_up(self, task: Task, timed_out: bool) -> Exception:
+        r, tries, retries = task.request, task.attempts, self._limits.max_retries
+        if timed_out:
+            return TimeoutError(
+                f"rows {r.start}:{r.stop} ran past the timeout of {self._limits.timeout} s "
+                f"on {tries} worker(s) (max_retries={retries})"
+            )
+        return WorkerCrashedError(
+            f"rows {r.start}:{r.stop} killed their worker process {tries} time(s) "
+            f"(max_retries={retries}); the pool has replaced the worker"
+        )
+
+    # --- results ----------------------------------------------------------------------------
+    def _finish_head(self, slot: Slot, batch_id: int) -> InFlight:
+        batch = slot.in_flight.popleft()
+        if batch.batch_id != batch_id:
+            raise RuntimeError(f"worker answered batch {batch_id}, expected {batch.batch_id}")
+        if slot.in_flight:
+            slot.in_flight[0].started = time.monotonic()
+        return batch
+
+    def _on_done(self, slot: Slot, message: BatchDone) -> None:
+        batch = self._finish_head(slot, message.batch_id)
+        outputs = {
+            name: batch.arena.view(value) if isinstance(value, ArenaRef) and batch.arena else value
+            for name, value in message.outputs.items()
+        }
+        in_arena = {name for name, value in message.outputs.items() if isinstance(value, ArenaRef)}
+        tasks = {id(t) for t in batch.tasks if not t.future.done()}
+        if len(batch.tasks) > 1 and any(
+            np.ndim(v) == 0 or len(v) != batch.rows for v in outputs.values()
+        ):
+            # Outputs without a batch axis cannot be split between shards: run them alone.
+            rerun = [t for t in batch.tasks if id(t) in tasks]
+            for task in rerun:
+                task.solo = True
+            self.queue.requeue_front(rerun)
+            tasks = set()
+        stats = slot.process.stats
+        stats.batches += 1
+        stats.shards += len(batch.tasks)
+        stats.rows += batch.rows
+        stats.busy_seconds += message.busy_seconds
+        slot.process.shards_done += len(batch.tasks)
+        start = 0
+        for task in batch.tasks:
+            stop = start + task.rows
+            if id(task) in tasks:
+                own = {}
+                for name, value in outputs.items():
+                    part = value if len(batch.tasks) == 1 else value[start:stop]
+                    own[name] = np.array(part) if name in in_arena else part
+                _resolve(task, own)
+            start = stop
+        del outputs
+        self._maybe_retire(slot)
+
+    def _on_failed(self, slot: Slot, message: BatchFailed) -> None:
+        batch = self._finish_head(slot, message.batch_id)
+        if len(batch.tasks) > 1:  # isolate: every shard re-runs alone, in order
+            for task in batch.tasks:
+                task.solo = True
+            self.queue.requeue_front([t for t in batch.tasks if not t.future.done()])
         else:
-            result: ShardResult = future.result()
-            stats = slot.process.stats
-            stats.shards += 1
-            stats.rows += task.request.stop - task.request.start
-            stats.busy_seconds += result.busy_seconds
-            slot.process.shards_done += 1
-            slot.shard_seconds = (
-                result.busy_seconds
-                if slot.shard_seconds == 0
-                else 0.8 * slot.shard_seconds + 0.2 * result.busy_seconds
+            (task,) = batch.tasks
+            r = task.request
+            _fail(
+                task,
+                WorkerError(
+                    f"rows {r.start}:{r.stop}: the model raised {message.error}",
+                    message.traceback,
+                ),
             )
-            task.future.set_result(result.outputs)
-        self._maybe_retire(slot, stopping)
+        self._maybe_retire(slot)
 
-    def _maybe_retire(self, slot: Slot, stopping: bool) -> None:
-        limits, stats = self._limits, slot.process.stats
-        if slot.status == "ready" and not stopping:
+    def _maybe_retire(self, slot: Slot) -> None:
+        limits, process = self._limits, slot.process
+        if slot.state is State.READY and not self._closed:
             too_many = limits.max_shards_per_worker is not None and (
-                slot.process.shards_done >= limits.max_shards_per_worker
+                process.shards_done >= limits.max_shards_per_worker
             )
             too_big = limits.max_worker_memory is not None and (
-                slot.process.rss_bytes() > limits.max_worker_memory
+                process.rss_bytes() > limits.max_worker_memory
             )
             if too_many or too_big:
                 log.info(
                     "retiring worker %d (pid %d): %s",
-                    slot.process.index,
-                    stats.pid,
+                    slot.index,
+                    process.stats.pid,
                     "max_shards_per_worker" if too_many else "max_worker_memory",
                 )
-                slot.status = "retiring"
-        if slot.status == "retiring" and not slot.held:
-            old = slot.process
-            old.shutdown(wait=False)  # exits once idle; joined by the pool's shutdown
-            self._replace(slot, old)
+                slot.state = State.RETIRING
+        if slot.state is State.RETIRING and not slot.in_flight:
+            try:
+                transport.send(process.conn, None)  # exits once idle; joined at shutdown
+            except OSError:
+                pass
+            self._replace(slot)
 
-    def _on_death(self, slot: Slot) -> None:
-        """The slot's process died: requeue what it held (the culprit counts an attempt)."""
-        if slot.status == "dead" or slot.status == "starting":
+    # --- dispatch ---------------------------------------------------------------------------
+    def _pump(self) -> None:
+        if self._stop:
             return
-        old = slot.process
-        culprit = slot.held[0] if slot.held else None
-        log.warning(
-            "worker %d (pid %d) %s; restarting it",
-            old.index,
-            old.stats.pid,
-            "ran past the timeout" if slot.timed_out else "died",
-        )
-        for task in reversed(slot.held):
-            if task is culprit:
-                task.attempts += 1
-                if task.attempts > self._limits.max_retries:
-                    task.future.set_exception(self._give_up(task, slot.timed_out))
-                    continue
-                old.stats.retries += 1
-            self._pending.appendleft(task)
-        slot.held.clear()
-        slot.timed_out = False
-        old.shutdown(kill=True, wait=False)
-        self._replace(slot, old)
+        self.queue.collect()
+        while len(self.queue):
+            open_slots = [
+                s
+                for s in self.slots
+                if s.state is State.READY and len(s.in_flight) < transport.REGIONS
+            ]
+            if not open_slots:
+                return
+            slot = min(open_slots, key=lambda s: (len(s.in_flight), s.index))
+            if not self._send_next(slot, takers=len(open_slots)):
+                return
 
-    def _give_up(self, task: Task, timed_out: bool) -> Exception:
-        r = task.request
-        tries = task.attempts
-        if timed_out:
-            return TimeoutError(
-                f"rows {r.start}:{r.stop} ran past the timeout of {self._limits.timeout} s "
-                f"on {tries} worker(s) (max_retries={self._limits.max_retries})"
-            )
-        return WorkerCrashedError(
-            f"rows {r.start}:{r.stop} killed their worker process {tries} time(s) "
-            f"(max_retries={self._limits.max_retries}); the pool has replaced the worker"
-        )
+    def _room(self, slot: Slot) -> int | None:
+        limit = self._limits.max_shards_per_worker
+        if limit is None:
+            return None
+        held = sum(len(b.tasks) for b in slot.in_flight)
+        return limit - slot.process.shards_done - held
 
-    def _replace(self, slot: Slot, old: WorkerProcess) -> None:
-        self.retired.append(old)
-        if self._closed:  # shutting down: the other workers finish what is queued
-            slot.status = "dead"
-            if all(s.status == "dead" for s in self.slots):
-                self._fail_all(PoolClosedError("every worker stopped while the pool shut down"))
-            return
-        new = self._restart(old)
-        new.stats.restarts = old.stats.restarts + 1
-        new.stats.retries = old.stats.retries
-        new.stats.shards, new.stats.rows = old.stats.shards, old.stats.rows
-        new.stats.busy_seconds = old.stats.busy_seconds
-        slot.process = new
-        slot.status = "starting"
-        new.ready_future.add_done_callback(lambda f: self._events.put(_Ready(slot, new)))
+    def _send_next(self, slot: Slot, takers: int) -> bool:
+        """Form and send the next batch to ``slot``; ``False`` if nothing should go now."""
+        tasks = self.queue.take(takers, max_shards=self._room(slot))
+        if tasks is None:
+            return False
+        tasks = [t for t in tasks if t.future.running() or t.future.set_running_or_notify_cancel()]
+        if not tasks:
+            return True
+        busy = bool(slot.in_flight)
+        process = slot.process
+        if not busy:
+            self._grow_arena(slot, tasks)
+        arena = process.arena
+        region = None
+        if arena is not None:
+            used = {b.region for b in slot.in_flight if b.arena is arena}
+            region = next(i for i in range(transport.REGIONS) if i not in used)
+        inputs, carried_bytes, out_region = _pack(tasks, arena, region)
+        if busy and carried_bytes > SMALL_MESSAGE_BYTES:
+            self.queue.requeue_front(tasks)  # a large message waits for an idle worker
+            return False
+        rows = sum(t.rows for t in tasks)
+        batch = InFlight(next(self._batch_ids), tasks, rows, arena, region)
+        try:
+            transport.send(process.conn, Batch(batch.batch_id, inputs, out_region))
+        except OSError:  # the worker died: its sentinel fires next; re-run what it held
+            self.queue.requeue_front(tasks)
+            return False
+        if carried_bytes:
+            self.batches_on_socket += 1
+        else:
+            self.batches_in_arena += 1
+        if not slot.in_flight:
+            batch.started = time.monotonic()
+        slot.in_flight.append(batch)
+        return True
 
-    def _on_ready(self, event: _Ready) -> None:
-        slot, process = event.slot, event.process
-        if process is not slot.process:
+    def _grow_arena(self, slot: Slot, tasks: list[Task]) -> None:
+        """Give an idle worker a larger arena when this batch would not fit its region."""
+        process = slot.process
+        if process.arena is None:
             return
-        exc = process.ready_future.exception()
-        if exc is None:
-            process.mark_ready(process.ready_future.result())
-            slot.status = "ready"
+        needed = 2 * sum(transport.align(t.nbytes) + transport.ALIGN for t in tasks)
+        if needed <= process.arena.region_size:
             return
-        log.error("a replacement worker could not load the model: %s", exc)
-        slot.status = "dead"
-        process.shutdown(kill=True, wait=False)
-        self.retired.append(process)
-        if all(s.status == "dead" for s in self.slots):
-            self._fail_all(ModelLoadError(f"no worker could reload the model: {exc}"))
+        size = transport.REGIONS * (1 << max(needed - 1, 1).bit_length())
+        if size > MAX_ARENA_BYTES:
+            return
+        arena = transport.create(size)
+        if arena is None:
+            return
+        try:
+            transport.send_arena(process.conn, arena, process.process.pid)
+        except OSError:
+            arena.close()
+            return
+        process.arena.close()
+        process.arena = arena
 
     def _check_deadlines(self) -> None:
         timeout = self._limits.timeout
@@ -343,38 +530,48 @@ class Dispatcher:
             return
         now = time.monotonic()
         for slot in self.slots:
-            if slot.status in ("ready", "retiring") and slot.held and not slot.timed_out:
-                if now - slot.held[0].started > timeout:
+            if slot.state in (State.READY, State.RETIRING) and slot.in_flight:
+                if not slot.timed_out and now - slot.in_flight[0].started > timeout:
                     slot.timed_out = True
-                    slot.process.kill()  # its futures fail with BrokenProcessPool -> _on_death
-
-    def _check_health(self) -> None:
-        """A busy worker found dead whose executor has not said so is stuck on a half-sent
-        result: release it, so the executor breaks and the shards are re-run."""
-        now = time.monotonic()
-        if now - self._last_health < HEALTH_SECONDS:
-            return
-        self._last_health = now
-        for slot in self.slots:
-            if slot.status in ("ready", "retiring") and slot.held and not slot.process.alive():
-                slot.process.release_result_pipe()
+                    slot.process.process.kill()  # its sentinel fires: handled as a death
 
     def _fail_all(self, exc: Exception) -> None:
-        tasks = list(self._pending) + [t for s in self.slots for t in s.held]
-        self._pending.clear()
+        tasks = self.queue.drain() + [t for s in self.slots for b in s.in_flight for t in b.tasks]
         for slot in self.slots:
-            slot.held.clear()
+            slot.in_flight.clear()
         for task in tasks:
             if not task.future.done():
                 if task.future.cancel():
                     continue
-                task.future.set_exception(exc)
+                _fail(task, exc)
 
 
-def _limits(limits) -> Limits:
-    return Limits(
-        max_retries=limits.max_retries,
-        timeout=limits.timeout,
-        max_worker_memory=limits.max_worker_memory,
-        max_shards_per_worker=limits.max_shards_per_worker,
-    )
+def _pack(tasks: list[Task], arena: transport.Arena | None, region: int | None):
+    """The batch's inputs: numeric ones concatenated into the arena region when they fit,
+    the rest carried in the message. Returns ``(inputs, bytes carried, output region)``."""
+    first = tasks[0].request.inputs
+    start, end = arena.region(region) if arena is not None and region is not None else (0, 0)
+    inputs = {}
+    carried = 0
+    for name in first:
+        arrays = [t.request.inputs[name] for t in tasks]
+        placed = None
+        if end and arrays[0].dtype != object:
+            placed = arena.put(arrays, start, end)  # type: ignore[union-attr]
+        if placed is None:
+            value = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+            inputs[name] = value
+            carried += value.nbytes if value.dtype != object else sum(t.nbytes for t in tasks)
+        else:
+            inputs[name], start = placed
+    return inputs, carried, ((start, end) if end else None)
+
+
+def _resolve(task: Task, outputs: dict) -> None:
+    if not task.future.done():
+        task.future.set_result(outputs)
+
+
+def _fail(task: Task, exc: BaseException) -> None:
+    if not task.future.done():
+        task.future.set_exception(exc)

@@ -1,25 +1,21 @@
 """The local backend: worker processes on this machine, scheduled by one dispatcher thread.
 
-``LocalBackend.start`` starts one worker process per position (pinned to its CPUs), waits for
-every one to load the model at once, then hands them to the :class:`pool.dispatcher.Dispatcher`.
+``LocalBackend.start`` resolves the model once (a remote TF Hub handle is downloaded here, in
+the parent, so N workers never download N times), starts one worker process per position,
+pinned to its own CPUs, and waits until every one has loaded the model.
 """
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from dataclasses import replace
 
 import psutil
 
 from .backend import Settings, local_model_path
 from .dispatcher import Dispatcher
-from .errors import ModelLoadError
 from .messages import ShardRequest, WorkerConfig, WorkerReady, WorkerStats
-from .process import WorkerProcess, cpus_for, make_context
-
-log = logging.getLogger("pool")
+from .process import cpus_for, make_context
 
 
 class LocalBackend:
@@ -37,75 +33,55 @@ class LocalBackend:
             model = model_module.resolve(model)
         me = psutil.Process()
         config = settings.worker_config(model, me.pid, me.create_time())
-        processes: list[WorkerProcess] = []
+
+        def config_for(index: int) -> WorkerConfig:
+            if settings.pin_cpus and settings.allowed_cpus:
+                cpus = cpus_for(index, settings.threads_per_worker, list(settings.allowed_cpus))
+                return replace(config, cpus=cpus)
+            return config
+
+        dispatcher = Dispatcher(settings, self._context, config_for)
         try:
-            for index in range(settings.workers):
-                processes.append(self._new_process(index, config))
-            ready = self._wait_ready(processes)
+            ready = dispatcher.wait_ready(settings.start_timeout)
         except BaseException:
-            for p in processes:
-                p.shutdown(kill=True)
+            dispatcher.stop(kill=True)
             raise
-        for p, r in zip(processes, ready, strict=True):
-            p.mark_ready(r)
-        self._dispatcher = Dispatcher(processes, settings, self._restart)
+        self._dispatcher = dispatcher
         return ready
 
-    def _new_process(self, index: int, config: WorkerConfig) -> WorkerProcess:
-        s = self._settings
-        if s.pin_cpus and s.allowed_cpus:
-            config = replace(config, cpus=cpus_for(index, s.threads_per_worker, s.allowed_cpus))
-        return WorkerProcess(index, config, self._context)
-
-    def _restart(self, old: WorkerProcess) -> WorkerProcess:
-        return WorkerProcess(old.index, old.config, self._context)
-
-    def _wait_ready(self, processes: list[WorkerProcess]) -> list[WorkerReady]:
-        futures = [p.ready_future for p in processes]
-        timeout = self._settings.start_timeout
-        done, _ = wait_futures(futures, timeout=timeout, return_when="FIRST_EXCEPTION")
-        for f in futures:
-            if f in done and f.exception() is not None:
-                exc = f.exception()
-                if isinstance(exc, ModelLoadError):
-                    raise ModelLoadError(str(exc)) from None
-                raise ModelLoadError(
-                    f"a worker process exited while loading the model ({exc}). In a script, "
-                    'create the pool under `if __name__ == "__main__":`: with the '
-                    f"{self._context.get_start_method()} start method every worker re-imports "
-                    "the main module (docs/guide.md, 'Start methods')"
-                ) from exc
-        if len(done) < len(futures):
-            raise ModelLoadError(f"workers did not load the model within start_timeout={timeout} s")
-        return [f.result() for f in futures]
+    def _running(self) -> Dispatcher:
+        if self._dispatcher is None:
+            raise RuntimeError("the local backend is not started")
+        return self._dispatcher
 
     def submit(self, requests: list[ShardRequest]) -> list[Future]:
-        assert self._dispatcher is not None
-        return self._dispatcher.submit(requests)
+        return self._running().submit(requests)
 
     def stats(self) -> list[WorkerStats]:
-        assert self._dispatcher is not None
         records = []
-        for slot in self._dispatcher.slots:
+        for slot in self._running().slots:
             record = replace(slot.process.stats)
             record.rss_bytes = slot.process.rss_bytes()
             records.append(record)
         return records
 
     def worker_pids(self) -> list[int]:
-        assert self._dispatcher is not None
-        return [pid for slot in self._dispatcher.slots for pid in slot.process.pids()]
+        return [pid for slot in self._running().slots for pid in slot.process.pids()]
 
     def queued_requests(self) -> int:
-        assert self._dispatcher is not None
-        return self._dispatcher.queued_requests()
+        return self._running().queued_requests()
+
+    def transport_info(self) -> dict[str, object]:
+        """How batches travelled: counts through the shared arena and through the socket."""
+        dispatcher = self._running()
+        return {
+            "arena_bytes": [
+                s.process.arena.size if s.process.arena else 0 for s in dispatcher.slots
+            ],
+            "batches_in_arena": dispatcher.batches_in_arena,
+            "batches_on_socket": dispatcher.batches_on_socket,
+        }
 
     def shutdown(self, kill: bool) -> None:
-        dispatcher = self._dispatcher
-        if dispatcher is None:
-            return
-        try:
-            dispatcher.stop(kill=kill)
-        finally:
-            for process in [s.process for s in dispatcher.slots] + dispatcher.retired:
-                process.shutdown(kill=kill)
+        if self._dispatcher is not None:
+            self._dispatcher.stop(kill=kill)

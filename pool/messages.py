@@ -3,10 +3,16 @@
 Every one is a small frozen dataclass of plain Python and NumPy values, so the protocol is
 visible in the types and nothing here imports TensorFlow:
 
-    parent ──WorkerConfig──▶ worker.initialize()        (once, when the worker process starts)
-    parent ◀──WorkerReady─── worker.describe()          (after the model loaded and warmed up)
-    parent ──ShardRequest──▶ worker.run_shard()         (one per shard)
-    parent ◀──ShardResult─── worker.run_shard()
+    parent ──WorkerConfig──▶ worker.main()              (the process's argument)
+    parent ◀──WorkerReady─── (or LoadFailed)            (after the model loaded and warmed up)
+    parent ──NewArena + fd─▶                            (shared memory for batches; optional)
+    parent ──Batch─────────▶ worker.run_batch()         (one model call: one or more shards)
+    parent ◀──BatchDone──── (or BatchFailed)
+    parent ──None──────────▶                            (stop)
+
+``ShardRequest``/``ShardResult`` describe one shard: what a backend is given and answers (the
+Dask backend sends them as they are). ``ArenaRef`` is an array in the worker's shared arena
+(:mod:`pool.transport`).
 """
 
 from __future__ import annotations
@@ -109,6 +115,59 @@ class ShardResult:
     outputs: dict[str, np.ndarray]
     busy_seconds: float
     pid: int
+
+
+@dataclass(frozen=True)
+class ArenaRef:
+    """An array that lives in a worker's shared arena: where, and its shape and dtype."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+#: An input or output of a batch: in the arena, or carried in the message itself.
+Carried = ArenaRef | np.ndarray
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """A worker could not load the model: its exception and traceback, as text."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class NewArena:
+    """The next message on the socket is the descriptor of a new arena of ``size`` bytes."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One model call: the rows of one or more shards, concatenated in order."""
+
+    batch_id: int
+    inputs: dict[str, Carried]
+    #: ``[start, end)`` of the arena region the worker may write the outputs to, if any.
+    out_region: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    batch_id: int
+    outputs: dict[str, Carried]
+    busy_seconds: float
+
+
+@dataclass(frozen=True)
+class BatchFailed:
+    """The model raised on a batch: its exception, as text, and the worker's traceback."""
+
+    batch_id: int
+    error: str
+    traceback: str
 
 
 @dataclass

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
 from typing import Any
 
@@ -377,6 +377,78 @@ def _without_rss(stats: WorkerStats) -> WorkerStats:
 def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
     """A future for the whole call: the shards' outputs gathered in order, or the first error.
 
+    Cancelling it cancels the shards still waiting in the queue (they are dropped, never run).
+    Each shard future's callback refers to the list of shard futures; the list is emptied when
+    the call completes, which breaks that reference cycle so the shards' outputs are freed at
+    once rather than at the next garbage collection (it matters when streaming)."""
+    combined: Future = Future()
+    pending = list(parts)
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def finish(cancelling: bool = False) -> list[Future]:
+        with lock:
+            if (combined.done() and not cancelling) or not pending:
+                return []
+            taken = pending[:]
+            pending.clear()
+            return taken
+
+    def settle(result: Any = None, exc: BaseException | None = None) -> None:
+        try:
+            if exc is not None:
+                combined.set_exception(exc)
+            else:
+                combined.set_result(result)
+        except InvalidStateError:  # the caller cancelled the call meanwhile
+            pass
+
+    def on_part_done(part: Future) -> None:
+        if part.cancelled() or part.exception() is not None:
+            others = finish()
+            if not others:
+                return
+            settle(
+                exc=PoolClosedError("a shard of this call was cancelled")
+                if part.cancelled()
+                else part.exception()
+            )
+            for other in others:
+                other.cancel()
+            return
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if not last:
+            return
+        done = finish()
+        if not done:
+            return
+        try:
+            result = sharding.unwrap(sharding.gather([p.result() for p in done]), signature)
+        except Exception as exc:
+            settle(exc=exc)
+            return
+        settle(result)
+
+    def on_combined_done(future: Future) -> None:
+        if future.cancelled():
+            for part in finish(cancelling=True):
+                part.cancel()
+
+    combined.add_done_callback(on_combined_done)
+    for part in parts:
+        part.add_done_callback(on_part_done)
+    return combined
+
+
+def _without_rss(stats: WorkerStats) -> WorkerStats:
+    return replace(stats, rss_bytes=0)
+
+
+def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
+    """A future for the whole call: the shards' outputs gathered in order, or the first error.
+
     Each shard future's callback refers to the list of shard futures; the list is emptied when
     the call completes, which breaks that reference cycle so the shards' outputs are freed at
     once rather than at the next garbage collection (it matters when streaming)."""
@@ -386,9 +458,9 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
     remaining = [len(parts)]
     lock = threading.Lock()
 
-    def finish() -> list[Future]:
+    def finish(cancelling: bool = False) -> list[Future]:
         with lock:
-            if combined.done() or not pending:
+            if (combined.done() and not cancelling) or not pending:
                 return []
             taken = pending[:]
             pending.clear()

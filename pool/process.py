@@ -1,8 +1,8 @@
-"""Parent-side handle of one worker process: a single-worker ``ProcessPoolExecutor``.
+"""Parent-side handle of one worker process: the process, its socket and its arena.
 
-One executor per worker (rather than one N-worker executor) is what lets each worker be pinned
-to its own CPUs, be counted in its own stats, and be replaced alone when it dies: a dead worker
-breaks only its own executor. See docs/design.md.
+One process per worker position, each with its own channel, is what lets each worker be pinned
+to its own CPUs, be counted in its own stats, and be replaced alone when it dies. The start
+method never forks a process that has TensorFlow loaded. See docs/design.md.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import sys
-from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing.context import BaseContext
 
 import psutil
 
-from . import worker
+from . import transport, worker
 from .messages import WorkerConfig, WorkerReady, WorkerStats
 
 log = logging.getLogger("pool")
@@ -44,76 +43,89 @@ def make_context(start_method: str | None) -> BaseContext:
 
 
 class WorkerProcess:
-    """One worker: its executor, its stats, and the shards it holds (owned by the dispatcher)."""
+    """One worker process, its end of the socket pair, its arena, and its stats.
 
-    def __init__(self, index: int, config: WorkerConfig, context: BaseContext) -> None:
+    Owned by the dispatcher's manager thread: nothing else sends on ``conn``."""
+
+    def __init__(
+        self, index: int, config: WorkerConfig, context: BaseContext, arena_bytes: int
+    ) -> None:
         self.index = index
         self.config = config
-        self.executor = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=context,
-            initializer=worker.initialize,
-            initargs=(config,),
+        self.conn, child = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=worker.main, args=(config, child), name=f"pool-worker-{index}", daemon=True
         )
-        self.ready_future: Future[WorkerReady] = self.executor.submit(worker.describe)
-        self.stats = WorkerStats(worker=index, pid=0, load_seconds=0.0, loads=0, cpus=config.cpus)
+        self.process.start()
+        self.pid: int = self.process.pid  # type: ignore[assignment]
+        child.close()
+        self.arena = transport.create(arena_bytes) if arena_bytes else None
+        if self.arena is not None:
+            try:
+                transport.send_arena(self.conn, self.arena, self.pid)
+            except OSError:  # the process died at once: noticed through its sentinel
+                pass
+        self.stats = WorkerStats(worker=index, pid=self.process.pid, load_seconds=0.0, loads=0)
+        self.stats.cpus = config.cpus
         self.shards_done = 0  # by this process (stats.shards counts across replacements)
+        self.ready: WorkerReady | None = None
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.sentinel
 
     def mark_ready(self, ready: WorkerReady) -> None:
+        self.ready = ready
         self.stats.pid = ready.pid
         self.stats.load_seconds = ready.load_seconds
         self.stats.loads = ready.loads
 
     def pids(self) -> list[int]:
-        processes = getattr(self.executor, "_processes", None) or {}
-        return list(processes)
+        return [self.pid] if self.alive() else []
 
     def rss_bytes(self) -> int:
         try:
-            return psutil.Process(self.stats.pid).memory_info().rss if self.stats.pid else 0
+            return psutil.Process(self.pid).memory_info().rss if self.alive() else 0
         except psutil.Error:
             return 0
 
     def alive(self) -> bool:
-        """Whether the worker process still runs (a zombie or a vanished pid does not)."""
-        for pid in self.pids():
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    return True
-            except psutil.Error:
-                pass
-        return False
+        try:
+            return self.process.exitcode is None and self.process.is_alive()
+        except ValueError:  # closed: it was reaped
+            return False
 
     def kill(self) -> None:
-        """Kill the worker process now (it may be mid-shard); its futures fail."""
-        processes = []
-        for pid in self.pids():
+        """Kill the worker process now (it may be mid-batch) and reap it."""
+        if self.alive():
             try:
-                process = psutil.Process(pid)
-                process.kill()
-                processes.append(process)
-            except psutil.Error:
+                self.process.kill()
+            except (OSError, ValueError):
                 pass
-        psutil.wait_procs(processes, timeout=5)
-        self.release_result_pipe()
+            self.process.join(5)
 
-    def release_result_pipe(self) -> None:
-        """Close the parent's copy of the write end of the executor's result pipe.
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the worker to exit once idle, wait for it (then kill it), free everything."""
+        if self.alive():
+            try:
+                transport.send(self.conn, None)
+            except (OSError, ValueError):
+                pass
+            self.process.join(timeout)
+        self.kill()
+        self.close()
 
-        CPython's ``ProcessPoolExecutor`` keeps that copy open, so when a worker dies halfway
-        through sending a result, the executor's thread waits forever for the rest of the
-        message and never reports the death. Call this only once the worker is dead: the
-        reader then gets end-of-file, and the executor breaks as it does for any other death.
-        """
-        result_queue = getattr(self.executor, "_result_queue", None)
-        writer = getattr(result_queue, "_writer", None)
-        if writer is not None:
-            writer.close()
-
-    def shutdown(self, kill: bool = False, wait: bool = True) -> None:
-        if kill:
-            self.kill()
-        self.executor.shutdown(wait=wait, cancel_futures=True)
+    def close(self) -> None:
+        """Release the parent's socket end and arena (the process must be gone or going)."""
+        self.conn.close()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+        if not self.alive():
+            try:
+                self.process.close()
+            except ValueError:
+                pass
 
 
 def cpus_for(index: int, threads: int, allowed: list[int]) -> tuple[int, ...]:

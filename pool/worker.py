@@ -1,12 +1,17 @@
 """The worker side: code that runs inside each worker process.
 
-``initialize`` is the executor's initializer. It runs once per process, before any task:
-it ignores SIGINT (the parent owns Ctrl-C), watches for the parent's death, pins the process to
-its CPUs, sizes TensorFlow's thread pools, then imports :mod:`pool.model` (and so TensorFlow),
-loads the model exactly once and warms it up. A failure is kept and re-raised by ``describe``,
-so the parent sees the real reason instead of a bare ``BrokenProcessPool``.
+``main`` is the process's entry point. It ignores SIGINT (the parent owns Ctrl-C), watches for
+the parent's death, then :func:`load_model` pins the process to its CPUs, sizes TensorFlow's
+thread pools, imports :mod:`pool.model` (and so TensorFlow), loads the model exactly once and
+warms it up. It reports ``WorkerReady`` (or ``LoadFailed`` with the real reason) and then
+answers one ``Batch`` after another until the parent sends ``None`` or goes away::
 
-This module imports no TensorFlow at import time: the parent imports it to name these functions.
+    recv Batch ──▶ inputs: views of the arena (no copy), or arrays carried in the message
+               ──▶ model(inputs)  (one call for every shard of the batch)
+               ──▶ outputs: copied into the batch's arena region if they fit, else carried
+    send BatchDone / BatchFailed
+
+This module imports no TensorFlow at import time: the parent imports it to name ``main``.
 """
 
 from __future__ import annotations
@@ -16,27 +21,29 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
 import psutil
 
-from .errors import ModelLoadError, WorkerError
-from .messages import ShardRequest, ShardResult, WorkerConfig, WorkerReady
+from . import transport
+from .errors import WorkerError
+from .messages import (
+    ArenaRef,
+    Batch,
+    BatchDone,
+    BatchFailed,
+    LoadFailed,
+    NewArena,
+    ShardRequest,
+    ShardResult,
+    WorkerConfig,
+    WorkerReady,
+)
 
 #: How often a worker checks that its parent is still alive, in seconds.
 PARENT_POLL_SECONDS = 0.5
-
-
-@dataclass
-class _State:
-    model: object = None
-    ready: WorkerReady | None = None
-    error: str | None = None
-    loads: int = 0
-
-
-_STATE = _State()
 
 
 def _watch_parent(pid: int, create_time: float) -> None:
@@ -99,8 +106,35 @@ def call_model(model: Any, request: ShardRequest) -> ShardResult:
     return ShardResult(outputs=outputs, busy_seconds=time.perf_counter() - started, pid=os.getpid())
 
 
-def initialize(config: WorkerConfig) -> None:
-    """Executor initializer: load the model once in this process. Never raises."""
+def run_batch(model: Any, batch: Batch, arena: transport.Arena | None) -> BatchDone | BatchFailed:
+    """Call the model once on a batch; put the outputs in the arena where they fit."""
+    inputs = {
+        name: arena.view(value) if isinstance(value, ArenaRef) and arena else value
+        for name, value in batch.inputs.items()
+    }
+    started = time.perf_counter()
+    try:
+        outputs = model(inputs)
+    except Exception as exc:
+        return BatchFailed(batch.batch_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    busy = time.perf_counter() - started
+    del inputs
+    carried: dict[str, Any] = {}
+    start, end = batch.out_region if batch.out_region and arena else (0, 0)
+    for name, value in outputs.items():
+        value = np.asarray(value)
+        placed = None
+        if end and value.dtype != object and value.ndim > 0 and value.flags.c_contiguous:
+            placed = arena.put([value], start, end) if arena else None
+        if placed is None:
+            carried[name] = value
+        else:
+            carried[name], start = placed
+    return BatchDone(batch.batch_id, carried, busy)
+
+
+def main(config: WorkerConfig, conn: Connection) -> None:
+    """The worker process: load once, then answer batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(
         target=_watch_parent,
@@ -109,23 +143,22 @@ def initialize(config: WorkerConfig) -> None:
         daemon=True,
     ).start()
     try:
-        _STATE.loads += 1
-        _STATE.model, _STATE.ready = load_model(config, _STATE.loads)
-    except BaseException as exc:  # kept and re-raised by describe()
-        _STATE.error = f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"
-
-
-def describe() -> WorkerReady:
-    """First task of every worker: report the loaded model, or the reason it did not load."""
-    if _STATE.ready is None:
-        raise ModelLoadError(
-            f"worker {os.getpid()} could not load the model: {_STATE.error or 'unknown reason'}"
-        )
-    return _STATE.ready
-
-
-def run_shard(request: ShardRequest) -> ShardResult:
-    """Call the model on one shard."""
-    if _STATE.model is None:
-        describe()
-    return call_model(_STATE.model, request)
+        model, ready = load_model(config)
+    except BaseException as exc:
+        transport.send(conn, LoadFailed(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"))
+        return
+    transport.send(conn, ready)
+    arena: transport.Arena | None = None
+    while True:
+        try:
+            message = transport.recv(conn)
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if message is None:
+            return
+        if isinstance(message, NewArena):
+            if arena is not None:
+                arena.close()
+            arena = transport.receive_arena(conn, message)
+            continue
+        transport.send(conn, run_batch(model, message, arena))

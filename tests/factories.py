@@ -51,14 +51,14 @@ HALF_SENT = -5.0  # ... die in the middle of sending a result to the parent
 
 
 def _die_mid_send() -> None:
-    """Write the start of a result message on the executor's result pipe, then die: exactly
-    what a worker killed (OOM, SIGKILL) while sending a large result leaves behind."""
+    """Write the start of a result message on the worker's socket to the parent, then die:
+    exactly what a worker killed (OOM, SIGKILL) while sending a large result leaves behind."""
     import gc
     import struct
-    from multiprocessing.queues import SimpleQueue
+    from multiprocessing.connection import Connection
 
-    (queue,) = [q for q in gc.get_objects() if isinstance(q, SimpleQueue) and q._writer]
-    os.write(queue._writer.fileno(), struct.pack("!i", 1 << 20) + b"partial")
+    (conn,) = [c for c in gc.get_objects() if isinstance(c, Connection) and not c.closed]
+    os.write(conn.fileno(), struct.pack("!i", 1 << 20) + b"partial")
     os._exit(5)
 
 

@@ -71,10 +71,12 @@ def test_sigkill_mid_predict_loses_no_row(models):
 
 
 def test_sigkill_mid_predict_on_a_real_model(models):
-    x = RNG.random((160, 32, 32, 3), dtype=np.float32)
-    with PredictionPool(models["small_cnn"], workers=2, shard_size=1) as pool:
+    x = RNG.random((1600, 32, 32, 3), dtype=np.float32)
+    # Small batches, so that the worker is killed while the call still has work queued.
+    with PredictionPool(models["small_cnn"], workers=2, shard_size=1, max_batch_rows=4) as pool:
         future = pool.submit(x)
-        wait_until(lambda: sum(s.shards for s in pool.stats()) >= 4)
+        wait_until(lambda: sum(s.shards for s in pool.stats()) >= 8)
+        assert not future.done()
         os.kill(pool.stats()[1].pid, signal.SIGKILL)
         got = future.result(timeout=120)
         assert pool.stats()[1].restarts == 1
@@ -114,7 +116,8 @@ def test_worker_dying_mid_send_is_noticed_and_its_rows_named():
             pool.submit(x).result(timeout=30)
         healthy = rows(5)
         np.testing.assert_array_equal(pool.predict(healthy)["y"], expected(healthy))
-        assert pool.stats()[0].restarts == 1
+        # The three shards ran as one combined call first; after that death each re-ran alone.
+        assert pool.stats()[0].restarts == 2
 
 
 def test_hanging_shard_times_out_with_its_rows_and_pool_recovers():
@@ -137,7 +140,9 @@ def test_memory_limit_replaces_worker_without_losing_work():
     x = rows(8)
     x[:, 0] = factories.LEAK  # every shard keeps 50 MB more alive
     limit = baseline + (120 << 20)
-    with PredictionPool(factories.faulty, workers=1, shard_size=1, max_worker_memory=limit) as pool:
+    with PredictionPool(
+        factories.faulty, workers=1, shard_size=1, max_batch_rows=1, max_worker_memory=limit
+    ) as pool:  # one model call per shard: each call leaks 50 MB
         out = pool.predict(x)
         stats = pool.stats()[0]
         assert stats.restarts >= 2  # ~3 shards per process before passing the limit
@@ -181,7 +186,7 @@ from pool import PredictionPool
 
 if __name__ == "__main__":
     model = functools.partial(factories.faulty, delay=0.2)
-    with PredictionPool(model, workers=2, shard_size=1) as pool:
+    with PredictionPool(model, workers=2, shard_size=1, max_batch_rows=1) as pool:
         print(json.dumps(pool.worker_pids()), flush=True)
         pool.predict(np.zeros((1000, 2), np.float32))  # about 100 s of work
 """
