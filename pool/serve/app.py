@@ -1,0 +1,499 @@
+"""``create_app(pool, model_name)``: a Starlette (ASGI) application around a running pool.
+
+    client ──HTTP──▶ uvicorn ──▶ app (event loop)                      parent process
+                                  │ read body (≤ max_body_bytes), JSON, codec / v2
+                                  │ future = pool.submit(inputs)  ── validates, queues
+                                  │ await future | deadline | client disconnect
+                                  ▼                                      │
+                              JSON answer ◀── outputs ◀── pool's dynamic batching ◀── workers
+
+The app never batches: it submits each request to the pool, whose dispatcher combines the
+requests waiting at the same moment into model calls (``max_batch_rows``,
+``batch_timeout_micros``). A request whose deadline passes, or whose client disconnects, has
+its future cancelled, which drops it from the pool's queue if no worker has taken it yet.
+Overload is refused at once: the pool raises ``QueueFullError`` past ``max_queued_requests``
+and the client gets 503 with ``Retry-After``.
+
+Routes (TensorFlow Serving REST, the Open Inference Protocol, Prometheus)::
+
+    POST /v1/models/NAME[/versions/N]:predict      GET /v1/models/NAME[/versions/N][/metadata]
+    GET  /v2  /v2/health/live  /v2/health/ready    GET /v2/models/NAME[/versions/N][/ready]
+    POST /v2/models/NAME[/versions/N]/infer        GET /monitoring/prometheus/metrics
+
+Mount it into an existing Starlette or FastAPI app with ``Mount("/", app=create_app(...))``;
+start the pool before the first request and shut it down after the last (the app does not
+own it). ``app.state.serving`` (:class:`ServingState`) is the served model's identity and its
+``draining`` flag: set it to report ``UNLOADING`` and refuse new predictions with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..errors import (
+    PoolClosedError,
+    PoolError,
+    QueueFullError,
+    WorkerCrashedError,
+    WorkerError,
+)
+from . import codec, v2
+from .codec import RequestError
+from .metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger("pool.serve")
+access_log = logging.getLogger("pool.serve.access")
+
+#: Bodies larger than this are parsed (and answers encoded) in a worker thread, so that one
+#: large request does not stall every other request on the event loop.
+INLINE_BYTES = 64 << 10
+#: ...and outputs with more values than this are encoded in a thread.
+INLINE_VALUES = 64 << 10
+#: Seconds a client is asked to wait before retrying a 503.
+RETRY_AFTER_SECONDS = 1
+#: TensorFlow error types that mean the input was wrong (TF Serving answers 400 for them).
+INPUT_ERRORS = ("InvalidArgumentError", "OutOfRangeError", "FailedPreconditionError")
+#: HTTP status logged and counted for a client that went away before its answer.
+CLIENT_GONE = 499
+
+_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+_V1 = re.compile(
+    r"models/(?P<name>[^/:]+)"
+    r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?::(?P<verb>[A-Za-z]+)|/(?P<metadata>metadata))?"
+)
+_V2 = re.compile(r"(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>ready|infer))?")
+_RAISED = re.compile(r"the model raised (\w+)")
+
+
+@dataclass
+class ServingState:
+    """What the app serves and whether it is draining (``app.state.serving``)."""
+
+    model_name: str
+    version: str
+    signature_name: str
+    request_timeout: float | None
+    max_body_bytes: int
+    draining: bool = False
+    in_flight: int = 0
+    cancelled: int = 0  # requests abandoned when a drain timed out (their tasks cancelled)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def create_app(
+    pool: Any,
+    model_name: str,
+    *,
+    model_version: int | str = 1,
+    request_timeout: float | None = 30.0,
+    max_body_bytes: int = 64 << 20,
+) -> Starlette:
+    """A Starlette app serving ``pool``'s model as ``model_name`` (TF Serving REST API, the Open
+    Inference Protocol and Prometheus metrics; see the module docstring and docs/serving.md).
+
+    ``pool`` is a :class:`pool.PredictionPool` (started now or later; the app does not start or
+    stop it). ``request_timeout``: seconds from a request's arrival to its answer, else 504
+    (``None``: no deadline). ``max_body_bytes``: larger bodies get 413."""
+    if not isinstance(model_name, str) or not model_name or re.search(r"[/:\s]", model_name):
+        raise ValueError(
+            f"model_name must be a non-empty name without '/', ':' or spaces, got {model_name!r}"
+        )
+    version = str(model_version)
+    if not version.isdigit():
+        raise ValueError(f"model_version must be a non-negative integer, got {model_version!r}")
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds or None, got {request_timeout!r}")
+    if (
+        isinstance(max_body_bytes, bool)
+        or not isinstance(max_body_bytes, int)
+        or max_body_bytes < 1
+    ):
+        raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+    state = ServingState(
+        model_name=model_name,
+        version=version,
+        signature_name=pool.signature_name,
+        request_timeout=request_timeout,
+        max_body_bytes=max_body_bytes,
+    )
+    handlers = _Handlers(pool, state, Metrics(pool))
+    routes = [
+        Route("/v1/{rest:path}", handlers.v1, methods=_METHODS),
+        Route("/v2", handlers.v2_server, methods=["GET"]),
+        Route("/v2/health/live", handlers.v2_live, methods=["GET"]),
+        Route("/v2/health/ready", handlers.v2_ready, methods=["GET"]),
+        Route("/v2/models/{rest:path}", handlers.v2_model, methods=["GET", "POST"]),
+        Route("/monitoring/prometheus/metrics", handlers.metrics, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_exception},  # 404 / 405 as JSON errors
+    )
+    app.state.serving = state
+    app.state.metrics = handlers.metrics_registry
+    return app
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", "")
+    return _json_error(status, f"{detail}: {request.method} {request.url.path}")
+
+
+def _json_error(status: int, message: str) -> Response:
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return Response(codec.error_body(message), status, headers, "application/json")
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    content = body if isinstance(body, bytes) else codec.dumps(body)
+    return Response(content, status, media_type="application/json")
+
+
+class _Handlers:
+    def __init__(self, pool: Any, state: ServingState, metrics: Metrics) -> None:
+        self.pool = pool
+        self.state = state
+        self._metrics = metrics
+        self.metrics_registry = metrics.registry
+
+    # --- TensorFlow Serving REST ----------------------------------------------------------
+    async def v1(self, request: Request) -> Response:
+        started = time.perf_counter()
+        rest = request.path_params["rest"]
+        match = _V1.fullmatch(rest)
+        api, rows = "v1_other", None
+        self._enter()
+        try:
+            if match is None:
+                raise RequestError(f"Malformed request: {request.method} /v1/{rest}")
+            verb, metadata = match["verb"], match["metadata"]
+            if request.method == "POST" and verb is not None:
+                api = f"v1_{verb}"
+                if verb in ("classify", "regress"):
+                    self._check_model(match["name"], match["version"], match["label"])
+                    raise RequestError(
+                        f":{verb} is not implemented by this server; use :predict", 501
+                    )
+                if verb != "predict":
+                    raise RequestError(f"Malformed request: {request.method} /v1/{rest}")
+                self._check_model(match["name"], match["version"], match["label"])
+                response, rows = await self._predict(request, started)
+            elif request.method == "GET" and verb is None:
+                api = "v1_metadata" if metadata else "v1_status"
+                self._check_model(match["name"], match["version"], match["label"])
+                response = self._metadata() if metadata else self._status()
+            else:
+                raise RequestError(f"Malformed request: {request.method} /v1/{rest}")
+        except asyncio.CancelledError:
+            self.state.cancelled += 1
+            raise
+        except Exception as exc:
+            response = self._failure(exc, request)
+        finally:
+            self._leave()
+        self._done(request, api, response.status_code, started, rows)
+        return response
+
+    def _check_model(self, name: str, version: str | None, label: str | None) -> None:
+        state = self.state
+        if name != state.model_name:
+            raise RequestError(
+                f"Servable not found for request: model {name!r}; this server serves "
+                f"{state.model_name!r}",
+                404,
+            )
+        if label is not None:
+            raise RequestError(
+                f"model {name!r} has no version label {label!r}; it serves version "
+                f"{state.version} and no labels",
+                404,
+            )
+        if version is not None and version != state.version:
+            if not version.isdigit():
+                raise RequestError(f"expected a numeric version, got {version!r}")
+            raise RequestError(
+                f"Servable not found for request: model {name!r} version {version}; this server "
+                f"serves version {state.version}",
+                404,
+            )
+
+    def _model_state(self) -> str:
+        if self.state.draining:
+            return "UNLOADING"
+        try:
+            self.pool.signature  # noqa: B018  (raises when the pool is not running)
+        except PoolClosedError:
+            return "START" if getattr(self.pool, "startup_seconds", None) is None else "END"
+        return "AVAILABLE"
+
+    def _status(self) -> Response:
+        return _json(codec.status_body(self.state.version, self._model_state()))
+
+    def _signature(self) -> Any:
+        try:
+            return self.pool.signature
+        except PoolClosedError:
+            raise RequestError(
+                f"model {self.state.model_name!r} is not available (state "
+                f"{self._model_state()}); expected a running pool",
+                503,
+            ) from None
+
+    def _metadata(self) -> Response:
+        state = self.state
+        return _json(
+            codec.metadata_body(
+                state.model_name, state.version, state.signature_name, self._signature()
+            )
+        )
+
+    async def _predict(self, request: Request, started: float) -> tuple[Response, int]:
+        body = await self._body(request)
+        signature = self._signature()
+        parse = _parse_v1
+        if len(body) > INLINE_BYTES:
+            parsed = await run_in_threadpool(parse, body, self.state.signature_name, signature)
+        else:
+            parsed = parse(body, self.state.signature_name, signature)
+        result = await self._call(request, parsed.inputs, started)
+        outputs = codec.named_outputs(result, signature)
+        if sum(a.size for a in outputs.values()) > INLINE_VALUES:
+            content = await run_in_threadpool(codec.encode_predict, outputs, parsed.columnar)
+        else:
+            content = codec.encode_predict(outputs, parsed.columnar)
+        return _json(content), parsed.rows
+
+    # --- the pool call, its deadline and its client ----------------------------------------
+    async def _body(self, request: Request) -> bytes:
+        limit = self.state.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > limit
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    too_large = True
+                    if size > 4 * limit:  # stop reading a runaway body; the connection closes
+                        break
+                    continue
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise _ClientGone from None
+        if too_large:
+            raise RequestError(
+                f"request body too large: expected at most {limit} bytes (max_body_bytes), "
+                f"got {declared if declared is not None else f'more than {limit}'}",
+                413,
+            )
+        return b"".join(chunks)
+
+    async def _call(self, request: Request, inputs: dict, started: float) -> Any:
+        if self.state.draining:
+            raise RequestError("the server is shutting down; retry on another replica", 503)
+        try:
+            future = self.pool.submit(inputs)  # validates; may raise QueueFullError at once
+        except (ValueError, TypeError) as exc:  # the input does not fit the signature
+            raise RequestError(str(exc)) from None
+        waiter = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        timeout = self.state.request_timeout
+        remaining = None if timeout is None else max(0.0, timeout - (time.perf_counter() - started))
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            if waiter in done:
+                return waiter.result()
+            if gone in done:
+                raise _ClientGone
+            raise RequestError(
+                f"deadline exceeded: no answer within the request timeout of {timeout} s",
+                504,
+            )
+        finally:
+            gone.cancel()
+            if not future.done():
+                future.cancel()  # drops it from the pool's queue if no worker took it yet
+                waiter.cancel()
+
+    # --- errors, logs, counters ------------------------------------------------------------
+    def _failure(self, exc: Exception, request: Request) -> Response:
+        status, message = _status_of(exc)
+        path = request.scope["path"]
+        if status == 500 and not isinstance(exc, PoolError):
+            log.error("internal error on %s %s", request.method, path, exc_info=exc)
+        elif status >= 500 and status != 503:
+            log.error("%s %s -> %d: %s", request.method, path, status, message)
+        return _json_error(status, message)
+
+    def _done(
+        self, request: Request, api: str, status: int, started: float, rows: int | None
+    ) -> None:
+        seconds = time.perf_counter() - started
+        self._metrics.observe(api, status, seconds)
+        if rows is not None:
+            self._metrics.rows.labels(api).observe(rows)
+        if access_log.isEnabledFor(logging.INFO):
+            path = request.scope["path"]
+            access_log.info(
+                "%s %s %d %.1f ms%s",
+                request.method,
+                path,
+                status,
+                seconds * 1e3,
+                "" if rows is None else f" rows={rows}",
+                extra={
+                    "method": request.method,
+                    "path": path,
+                    "status": status,
+                    "seconds": round(seconds, 6),
+                    "rows": rows,
+                    "api": api,
+                    "model": self.state.model_name,
+                    "client": request.client.host if request.client else None,
+                },
+            )
+
+    def _enter(self) -> None:
+        self.state.in_flight += 1
+        self._metrics.in_flight.inc()
+
+    def _leave(self) -> None:
+        self.state.in_flight -= 1
+        self._metrics.in_flight.dec()
+
+    # --- the Open Inference Protocol --------------------------------------------------------
+    async def v2_server(self, request: Request) -> Response:
+        return _json({"name": "pool", "version": __version__, "extensions": []})
+
+    async def v2_live(self, request: Request) -> Response:
+        return _json({"live": True})
+
+    async def v2_ready(self, request: Request) -> Response:
+        ready = self._model_state() == "AVAILABLE"
+        return _json({"ready": ready}, 200 if ready else 400)
+
+    async def v2_model(self, request: Request) -> Response:
+        started = time.perf_counter()
+        rest = request.path_params["rest"]
+        match = _V2.fullmatch(rest)
+        api, rows = "v2_other", None
+        self._enter()
+        try:
+            if match is None:
+                raise RequestError(f"Malformed request: {request.method} /v2/models/{rest}", 404)
+            action = match["action"]
+            api = f"v2_{action or 'metadata'}"
+            self._check_model(match["name"], match["version"], None)
+            if request.method == "POST" and action == "infer":
+                response, rows = await self._infer(request, started)
+            elif request.method == "GET" and action == "ready":
+                ready = self._model_state() == "AVAILABLE"
+                body = {"name": self.state.model_name, "ready": ready}
+                response = _json(body, 200 if ready else 400)
+            elif request.method == "GET" and action is None:
+                state = self.state
+                response = _json(
+                    v2.model_metadata(state.model_name, state.version, self._signature())
+                )
+            else:
+                raise RequestError(f"{request.method} is not allowed on /v2/models/{rest}", 405)
+        except asyncio.CancelledError:
+            self.state.cancelled += 1
+            raise
+        except Exception as exc:
+            response = self._failure(exc, request)
+        finally:
+            self._leave()
+        self._done(request, api, response.status_code, started, rows)
+        return response
+
+    async def _infer(self, request: Request, started: float) -> tuple[Response, int]:
+        body = await self._body(request)
+        signature = self._signature()
+        if len(body) > INLINE_BYTES:
+            inputs, names, request_id = await run_in_threadpool(_parse_v2, body, signature)
+        else:
+            inputs, names, request_id = _parse_v2(body, signature)
+        result = await self._call(request, inputs, started)
+        outputs = codec.named_outputs(result, signature)
+        state = self.state
+        content = v2.encode_infer(
+            state.model_name, state.version, request_id, outputs, signature, names
+        )
+        rows = next((len(a) for a in inputs.values() if a.ndim), 0)
+        return _json(content), rows
+
+    # --- Prometheus -----------------------------------------------------------------------
+    async def metrics(self, request: Request) -> Response:
+        content = await run_in_threadpool(self._metrics.render)
+        return Response(content, 200, media_type=CONTENT_TYPE)
+
+
+def _parse_v1(body: bytes, served: str, signature: Any) -> codec.PredictRequest:
+    payload = codec.loads(body)
+    name = codec.signature_name(payload, served)
+    if name != served:
+        raise RequestError(
+            f"signature {name!r} not found: this server serves signature {served!r} (start "
+            f"another server with --signature {name} to serve it)",
+            404,
+        )
+    return codec.parse_predict(payload, signature)
+
+
+def _parse_v2(body: bytes, signature: Any) -> tuple[dict, list[str] | None, str | None]:
+    return v2.parse_infer(codec.loads(body), signature)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _status_of(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and message for a failed request (see docs/serving.md, "Errors")."""
+    if isinstance(exc, RequestError):
+        return exc.status, exc.message
+    if isinstance(exc, _ClientGone):
+        return CLIENT_GONE, "the client disconnected before its answer"
+    if isinstance(exc, QueueFullError):
+        return 503, f"server overloaded: {exc}"
+    if isinstance(exc, PoolClosedError):
+        return 503, f"the model is not available: {exc}"
+    if isinstance(exc, WorkerError):
+        message = str(exc.args[0]) if exc.args else str(exc)
+        raised = _RAISED.search(message)
+        if raised and raised.group(1) in INPUT_ERRORS:
+            return 400, message
+        return 500, message
+    if isinstance(exc, WorkerCrashedError):
+        return 500, str(exc)
+    if isinstance(exc, TimeoutError):
+        return 504, f"deadline exceeded: {exc}"
+    if isinstance(exc, PoolError):
+        return 500, str(exc)
+    return 500, f"internal error: {type(exc).__name__}"

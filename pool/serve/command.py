@@ -1,0 +1,197 @@
+"""``python -m pool serve MODEL``: the command line of :func:`pool.serve.server.serve`.
+
+Importing this module imports no web framework (``pool.cli`` builds its parser from here even
+when the ``serve`` extra is not installed). Exit status: 0 after a SIGTERM/SIGINT drain; 1 the
+model failed to load or the server failed; 2 bad arguments, a port that cannot be bound, or
+the extra missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_TERMINATED = 143
+
+#: The loggers whose records the command shows on stderr.
+LOGGERS = ("pool", "uvicorn")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand to ``commands`` (an ``add_subparsers()`` result)."""
+    p = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP with TensorFlow Serving's REST API",
+        description=(
+            "Serve MODEL over HTTP: TensorFlow Serving's REST API (/v1/models/NAME:predict), "
+            "the Open Inference Protocol (/v2) and Prometheus metrics "
+            "(/monitoring/prometheus/metrics). The workers load the model before the port "
+            "listens; SIGTERM or Ctrl-C drains the requests in flight and stops. No "
+            "authentication: keep the default 127.0.0.1 or put a proxy in front "
+            "(docs/serving.md). Needs pip install 'prediction-pool[serve]'."
+        ),
+        epilog="Exit status: 0 stopped by a signal after draining, 1 the model or server "
+        "failed, 2 bad arguments or the port cannot be bound.",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="SavedModel directory (NAME/VERSION layouts as in TF Serving) or TF Hub handle",
+    )
+    p.add_argument("--model-name", help="name in the URLs (default: the model directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument(
+        "--port", type=_non_negative_int, default=8501, help="port (default: 8501; 0: any free)"
+    )
+    p.add_argument("--workers", "-w", type=_positive_int, help="worker processes (default: cores)")
+    p.add_argument("--signature", default="serving_default", help="signature to serve")
+    p.add_argument(
+        "--max-batch-rows",
+        type=_positive_int,
+        default=256,
+        help="rows per model call when concurrent requests are combined (default: 256)",
+    )
+    p.add_argument(
+        "--batch-timeout-micros",
+        type=_non_negative_int,
+        default=0,
+        help="wait this long for more requests before a batch smaller than the maximum "
+        "(default: 0, dispatch at once when a worker is free)",
+    )
+    p.add_argument(
+        "--max-queued-requests",
+        type=_positive_int,
+        help="requests waiting for a worker before new ones get 503 (default: unbounded)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=30.0,
+        help="seconds from a request's arrival to its answer, else 504 (default: 30)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=64 << 20,
+        help="larger request bodies get 413 (default: 64 MiB)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds to finish the requests in flight (default: 30)",
+    )
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="count",
+        default=0,
+        help="log start-up and shutdown (-v), and every request (-vv)",
+    )
+    p.add_argument("--log-json", action="store_true", help="write logs as one JSON object per line")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``serve`` from parsed arguments; return the exit status."""
+    try:
+        from . import server
+    except ImportError as exc:
+        sys.stderr.write(
+            f"error: serving needs the 'serve' extra ({exc.name or exc} is missing): "
+            "pip install 'prediction-pool[serve]'\n"
+        )
+        return EXIT_USAGE
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_json:
+        handler.setFormatter(server.JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logging.WARNING if args.verbose == 0 else logging.INFO
+    access = logging.INFO if args.verbose >= 2 else logging.WARNING
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(level)
+    access_logger = logging.getLogger("pool.serve.access")
+    saved.append((access_logger, access_logger.level))
+    access_logger.setLevel(access)
+
+    def ready(url: str, name: str, version: str) -> None:
+        # The one line a script waits for (always shown, whatever the log level).
+        sys.stderr.write(f"serving {name!r} version {version} on {url}\n")
+        sys.stderr.flush()
+
+    try:
+        return server.serve(
+            args.model,
+            model_name=args.model_name,
+            host=args.host,
+            port=args.port,
+            request_timeout=args.request_timeout,
+            max_body_bytes=args.max_body_bytes,
+            drain_timeout=args.drain_timeout,
+            on_ready=ready,
+            workers=args.workers,
+            signature=args.signature,
+            max_batch_rows=args.max_batch_rows,
+            batch_timeout_micros=args.batch_timeout_micros,
+            max_queued_requests=args.max_queued_requests,
+        )
+    except server.BindError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except ValueError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except server.Terminated:
+        return _fail(EXIT_TERMINATED, "terminated while the workers were loading the model")
+    except KeyboardInterrupt:
+        return _fail(130, "interrupted while the workers were loading the model")
+    except Exception as exc:  # ModelLoadError, a failed server
+        logging.getLogger("pool").debug("serve failed", exc_info=True)
+        return _fail(EXIT_RUNTIME, f"{type(exc).__name__}: {exc}")
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+        for lg, lvl in saved:
+            lg.setLevel(lvl)
+
+
+def _fail(code: int, message: str) -> int:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    sys.stderr.write(f"error: {first}\n")
+    return code
