@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--workers", "-w", type=_positive, help="worker processes (default: cores)"
     )
+    predict.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run on the workers of a Dask cluster, e.g. tcp://10.0.0.5:8786 (needs "
+        "pip install 'prediction-pool[dask]'; see docs/scale-out.md)",
+    )
     predict.add_argument("--shard-size", type=_positive, help="rows per shard (default: automatic)")
     predict.add_argument(
         "--chunk-rows",
@@ -191,6 +197,7 @@ def _predict(args: argparse.Namespace) -> int:
         output_format=args.output_format,
         signature=args.signature,
         model_output=args.model_output,
+        **({"cluster": args.cluster} if args.cluster else {}),
     )
     if not args.quiet:
         resumed = f", {report.resumed_chunks} chunk(s) resumed" if report.resumed_chunks else ""
