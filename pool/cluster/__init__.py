@@ -1,0 +1,38 @@
+"""The same :class:`pool.PredictionPool` on a Dask cluster: ``PredictionPool(model, cluster=X)``.
+
+``X`` is a ``distributed.Client``, a scheduler address (``"tcp://10.0.0.5:8786"``) or a cluster
+object (``LocalCluster``, ``KubeCluster``, ``SLURMCluster``, ...). ``dask`` and ``distributed``
+are the optional ``dask`` extra (``pip install 'prediction-pool[dask]'``); ``import pool`` never
+imports this package, ``PredictionPool`` imports it only when ``cluster=`` is given::
+
+    caller: pool.predict / submit / imap / pool.etl.map_batches        (client process)
+      ▼  sharding.prepare, split           validated in the client, before anything is sent
+      ▼  backend.DaskBackend.submit        one Dask task per shard, the shard as its argument
+      ▼  Dask scheduler ──▶ Dask workers   plugin.ModelPlugin: the model loaded once per worker
+      │                                    (in a thread; again after a Nanny restart)
+      │                                    plugin.run_shard: pool.worker.call_model
+      ▲  backend gatherer thread           results, re-runs (KilledWorker, timeouts), errors
+      ▲  sharding.gather                   in input order
+    caller: np.ndarray, or dict[str, np.ndarray]
+
+    dask DataFrame ──frames.map_partitions──▶ dask DataFrame with prediction columns
+                   (each partition runs as a Dask task on the worker's loaded model)
+
+Modules: ``plugin`` (runs on the workers), ``backend`` (the client side), ``frames``
+(Dask DataFrames). See docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+try:
+    import distributed  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "PredictionPool(cluster=...) needs Dask distributed: pip install 'prediction-pool[dask]'"
+    ) from exc
+
+from .backend import DaskBackend, connect
+from .frames import map_partitions
+from .plugin import ModelPlugin, ShardTimedOut
+
+__all__ = ["DaskBackend", "ModelPlugin", "ShardTimedOut", "connect", "map_partitions"]

@@ -1,0 +1,457 @@
+"""The client side of the Dask backend: ``PredictionPool(model, cluster=...)``.
+
+::
+
+    PredictionPool._dispatch ──[ShardRequest, ...]──▶ DaskBackend.submit
+        │  one Dask task per shard (Client.map, unique keys; the shard is the task's argument)
+        │  one concurrent.futures.Future per shard, handed back at once
+        ▼
+    Dask scheduler ──▶ workers: plugin.run_shard ──▶ {output name: array}
+        │  Dask future done ──(Dask's callback thread)──▶ queue
+        ▼
+    gatherer thread: Client.gather of every finished shard at once ──▶ Future.set_result
+        ├─ ShardTimedOut  ─▶ restart that worker; re-submit, or TimeoutError after max_retries
+        ├─ KilledWorker   ─▶ re-submit as a *suspect* run (plugin.run_shard counts its deaths)
+        └─ anything else  ─▶ Future.set_exception (WorkerError, ModelLoadError, ...)
+
+The gatherer thread owns the shards' Dask futures once submitted; callers only put events on
+its queue (a cancelled Future asks it to cancel the Dask task). Results keep no Dask future
+alive once gathered, so the cluster releases them at once. This module never imports
+TensorFlow; :mod:`pool.cluster.plugin` runs on the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import uuid
+import weakref
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+from distributed import Client
+from distributed.scheduler import KilledWorker
+
+from ..backend import Settings
+from ..errors import ModelLoadError, PoolClosedError, QueueFullError, WorkerCrashedError
+from ..messages import ShardRequest, WorkerReady, WorkerStats
+from . import plugin as worker_side
+
+log = logging.getLogger("pool")
+
+#: How many times a shard may come back as ``KilledWorker`` from its suspect runs before the
+#: pool gives up on it whatever ``max_retries`` says (each suspect run counts its own deaths).
+MAX_SUSPECT_ROUNDS = 5
+
+
+def connect(cluster: Any) -> tuple[Client, bool]:
+    """``(client, owned)`` for ``cluster=``: a Client as given (not owned), or a new Client to a
+    scheduler address or a cluster object (owned: closed by the pool's shutdown)."""
+    if isinstance(cluster, Client):
+        return cluster, False
+    if isinstance(cluster, str) or hasattr(cluster, "scheduler_address"):
+        return Client(cluster, set_as_default=False), True
+    if hasattr(cluster, "get_client"):
+        return cluster.get_client(), False
+    raise TypeError(
+        "cluster must be a distributed.Client, a scheduler address such as "
+        "'tcp://10.0.0.5:8786', or a cluster object (LocalCluster, KubeCluster, ...), "
+        f"got {type(cluster).__name__}"
+    )
+
+
+def cluster_model_path(model: Any) -> Any:
+    """The model reference sent to the workers: an existing local directory made absolute; any
+    other string (a path that only the workers can see, a TF Hub handle) or factory as given."""
+    if isinstance(model, str) and "://" not in model and os.path.isdir(model):
+        return os.path.abspath(model)
+    return model
+
+
+@dataclass(eq=False)
+class _Call:
+    remaining: int
+
+
+@dataclass(eq=False)
+class _Shard:
+    request: ShardRequest
+    future: Future
+    call: _Call
+    shard_id: str
+    dask_future: Any = None
+    timeouts: int = 0
+    suspect_rounds: int = 0
+    workers: list[str] = field(default_factory=list)
+
+
+_STOP = object()
+
+#: Started, not yet shut down backends of this process (for running_backend).
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+def running_backend(ready: list[WorkerReady]) -> DaskBackend | None:
+    """The running backend whose workers reported ``ready`` (a pool's ``ready_info``)."""
+    for backend in list(_RUNNING):
+        if ready and backend.ready == ready:
+            return backend
+    return None
+
+
+class DaskBackend:
+    """The workers of a Dask cluster behind a :class:`pool.PredictionPool` (see the module doc)."""
+
+    def __init__(self, settings: Settings, cluster: Any) -> None:
+        self._settings = settings
+        self._cluster = cluster
+        self.name = f"pool-{uuid.uuid4().hex[:12]}"
+        self._client: Client | None = None
+        self._owns_client = False
+        self._lock = threading.Lock()
+        self._open_calls = 0
+        self._live: set[_Shard] = set()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._gatherer: threading.Thread | None = None
+        self._restarts: list[threading.Thread] = []
+        self._closed = False
+        self._index: dict[str, int] = {}
+        self._final_stats: list[WorkerStats] | None = None
+        self.ready: list[WorkerReady] = []
+
+    @property
+    def client(self) -> Client:
+        assert self._client is not None, "the backend has not started"
+        return self._client
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> list[WorkerReady]:
+        s = self._settings
+        self._client, self._owns_client = connect(self._cluster)
+        registered = False
+        try:
+            self.client.wait_for_workers(max(1, s.workers), timeout=s.start_timeout)
+            me = psutil.Process()
+            config = s.worker_config(cluster_model_path(s.model), me.pid, me.create_time())
+            model_plugin = worker_side.ModelPlugin(config, self.name, s.start_timeout)
+            self.client.register_plugin(model_plugin, name=self.name)
+            registered = True
+            answers = self.client.run(
+                worker_side.wait_ready, self.name, s.start_timeout, on_error="return"
+            )
+            failures = {a: r for a, r in answers.items() if isinstance(r, BaseException)}
+            if failures:
+                address, error = sorted(failures.items())[0]
+                raise ModelLoadError(
+                    f"{len(failures)} of {len(answers)} Dask worker(s) could not load the "
+                    f"model; {address}: {error}"
+                ) from None
+            self._remember_workers()
+        except BaseException:
+            self._release(unregister=registered)
+            raise
+        self.ready = [answers[a] for a in sorted(answers)]
+        log.info("model registered as %s on %d Dask worker(s)", self.name, len(self.ready))
+        self._gatherer = threading.Thread(target=self._gather_loop, name=f"{self.name}-gather")
+        self._gatherer.daemon = True
+        self._gatherer.start()
+        _RUNNING.add(self)
+        return self.ready
+
+    def shutdown(self, kill: bool) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            live = list(self._live)
+        _RUNNING.discard(self)
+        if kill:
+            for shard in live:
+                self._settle(shard, error=PoolClosedError("the pool was shut down"))
+                self._events.put(("cancel", shard))
+        else:
+            for shard in live:  # answered, failed or cancelled: the gatherer goes on meanwhile
+                try:
+                    shard.future.exception()
+                except BaseException:
+                    pass
+        self._events.put(_STOP)
+        if self._gatherer is not None:
+            self._gatherer.join()
+        for thread in self._restarts:
+            thread.join(timeout=60)
+        try:
+            self._final_stats = self._collect_stats()
+        except Exception as exc:  # the cluster is gone: no final counts
+            log.warning("could not read the Dask workers' final stats: %s", exc)
+            self._final_stats = []
+        self._release(unregister=True)
+
+    def _release(self, unregister: bool) -> None:
+        client = self._client
+        if client is None:
+            return
+        if unregister:
+            try:
+                client.unregister_worker_plugin(self.name)
+            except Exception as exc:
+                log.warning("could not unregister %s from the Dask workers: %s", self.name, exc)
+        if self._owns_client:
+            client.close()
+
+    # --- calls -----------------------------------------------------------------------------
+    def submit(self, requests: list[ShardRequest]) -> list[Future]:
+        limit = self._settings.batching.max_queued_requests
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("the pool was shut down")
+            if limit is not None and self._open_calls >= limit:
+                raise QueueFullError(
+                    f"{self._open_calls} calls are already running on the cluster "
+                    f"(max_queued_requests={limit}); retry later"
+                )
+            self._open_calls += 1
+            call = _Call(remaining=len(requests))
+            shards = [_Shard(r, Future(), call, f"pool-shard-{uuid.uuid4().hex}") for r in requests]
+            self._live.update(shards)
+        for shard in shards:
+            shard.future.add_done_callback(lambda _, shard=shard: self._on_answered(shard))
+        try:
+            dask_futures = self.client.map(
+                worker_side.run_shard,
+                [s.request for s in shards],
+                key=[s.shard_id for s in shards],
+                plugin_name=self.name,
+                shard_timeout=self._settings.limits.timeout,
+                suspect=None,
+                max_retries=self._settings.limits.max_retries,
+            )
+        except BaseException as exc:
+            for shard in shards:
+                self._settle(shard, error=exc)
+            raise
+        for shard, dask_future in zip(shards, dask_futures, strict=True):
+            self._watch(shard, dask_future)
+        return [s.future for s in shards]
+
+    def _resubmit(self, shard: _Shard, suspect: bool) -> None:
+        key = f"pool-shard-{uuid.uuid4().hex}"
+        dask_future = self.client.submit(
+            worker_side.run_shard,
+            shard.request,
+            key=key,
+            priority=1,  # ahead of later shards, as the local pool re-runs at the front
+            plugin_name=self.name,
+            shard_timeout=self._settings.limits.timeout,
+            suspect=worker_side.suspect_topic(self.name, shard.shard_id) if suspect else None,
+            max_retries=self._settings.limits.max_retries,
+        )
+        self._watch(shard, dask_future)
+
+    def _watch(self, shard: _Shard, dask_future: Any) -> None:
+        shard.dask_future = dask_future
+        dask_future.add_done_callback(lambda f, shard=shard: self._events.put(("done", shard, f)))
+        if shard.future.cancelled():  # cancelled before its Dask future was known
+            self._events.put(("cancel", shard))
+
+    def _on_answered(self, shard: _Shard) -> None:
+        """A shard's Future is done (answered, failed or cancelled by the pool)."""
+        if shard.future.cancelled():
+            self._events.put(("cancel", shard))
+        with self._lock:
+            self._live.discard(shard)
+            shard.call.remaining -= 1
+            if shard.call.remaining == 0:
+                self._open_calls -= 1
+
+    def _settle(self, shard: _Shard, result: Any = None, error: BaseException | None = None):
+        try:
+            if error is not None:
+                shard.future.set_exception(error)
+            else:
+                shard.future.set_result(result)
+        except InvalidStateError:  # cancelled by the pool, or settled by a kill
+            pass
+
+    # --- the gatherer thread ---------------------------------------------------------------
+    def _gather_loop(self) -> None:
+        stopping = False
+        while True:
+            items = [self._events.get()]
+            while True:
+                try:
+                    items.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = stopping or any(item is _STOP for item in items)
+            try:
+                self._handle([item for item in items if item is not _STOP])
+            except Exception:  # never let the thread die: callers would wait forever
+                log.exception("the Dask gatherer failed on a batch of shards")
+            if stopping and self._events.empty():
+                return
+
+    def _handle(self, items: list[tuple]) -> None:
+        cancels, finished = [], []
+        for kind, shard, *rest in items:
+            if kind == "cancel":
+                if shard.dask_future is not None:
+                    cancels.append(shard.dask_future)
+                    shard.dask_future = None
+                continue
+            dask_future = rest[0]
+            if dask_future is not shard.dask_future:
+                continue  # stale: cancelled or re-submitted since
+            if shard.future.done():
+                cancels.append(dask_future)
+                shard.dask_future = None
+            elif dask_future.status == "finished":
+                finished.append(shard)
+            else:
+                self._failed(shard, dask_future)
+        if cancels:
+            try:
+                self.client.cancel(cancels)
+            except Exception as exc:
+                log.debug("could not cancel %d Dask task(s): %s", len(cancels), exc)
+        if finished:
+            futures = [s.dask_future for s in finished]
+            try:
+                results = self.client.gather(futures)
+            except Exception:  # one of them failed or was lost meanwhile: one by one
+                results = None
+            for i, shard in enumerate(finished):
+                if results is not None:
+                    shard.dask_future = None
+                    self._settle(shard, result=results[i])
+                    continue
+                try:
+                    result = futures[i].result()
+                except Exception:
+                    self._failed(shard, futures[i])
+                else:
+                    shard.dask_future = None
+                    self._settle(shard, result=result)
+
+    def _failed(self, shard: _Shard, dask_future: Any) -> None:
+        r = shard.request
+        shard.dask_future = None
+        if dask_future.status == "cancelled":
+            self._settle(
+                shard,
+                error=PoolClosedError(f"rows {r.start}:{r.stop}: the cluster cancelled the shard"),
+            )
+            return
+        exc = dask_future.exception()
+        limits = self._settings.limits
+        if isinstance(exc, worker_side.ShardTimedOut):
+            shard.timeouts += 1
+            shard.workers.append(exc.worker)
+            self._restart_worker(exc.worker)
+            if shard.timeouts > limits.max_retries:
+                self._settle(
+                    shard,
+                    error=TimeoutError(
+                        f"rows {r.start}:{r.stop} ran past the timeout of {limits.timeout} s on "
+                        f"{shard.timeouts} Dask worker(s) (max_retries={limits.max_retries}); "
+                        "those workers were restarted"
+                    ),
+                )
+            else:
+                self._resubmit(shard, suspect=shard.suspect_rounds > 0)
+            return
+        if isinstance(exc, KilledWorker):
+            shard.suspect_rounds += 1
+            if shard.suspect_rounds > MAX_SUSPECT_ROUNDS:
+                self._settle(
+                    shard,
+                    error=WorkerCrashedError(
+                        f"rows {r.start}:{r.stop}: Dask gave up on them {shard.suspect_rounds} "
+                        f"times (KilledWorker: {exc})"
+                    ),
+                )
+            else:
+                log.warning(
+                    "rows %d:%d were on Dask workers that died %d times (KilledWorker); "
+                    "re-running them as a suspect",
+                    r.start,
+                    r.stop,
+                    exc.allowed_failures + 1,
+                )
+                self._resubmit(shard, suspect=True)
+            return
+        self._settle(shard, error=exc)
+
+    def _restart_worker(self, address: str) -> None:
+        """Restart a worker whose shard ran past the timeout (its call cannot be stopped)."""
+        log.warning("restarting Dask worker %s: a shard ran past the timeout", address)
+
+        def restart() -> None:
+            try:
+                self.client.restart_workers([address], raise_for_error=False)
+            except Exception as exc:
+                log.warning("could not restart Dask worker %s: %s", address, exc)
+
+        thread = threading.Thread(target=restart, name=f"{self.name}-restart", daemon=True)
+        thread.start()
+        self._restarts.append(thread)
+
+    # --- insight ---------------------------------------------------------------------------
+    def _remember_workers(self) -> None:
+        names = self.client.run(_worker_name)
+        for name in sorted(names.values(), key=_natural):
+            self._index.setdefault(name, len(self._index))
+
+    def _collect_stats(self) -> list[WorkerStats]:
+        answers = self.client.run(worker_side.worker_stats, self.name, on_error="return")
+        loads: dict[str, list[int]] = {}
+        for _, event in self.client.get_events(worker_side.load_topic(self.name)):
+            loads.setdefault(str(event["worker"]), []).append(int(event["pid"]))
+        records = []
+        for answer in answers.values():
+            if not isinstance(answer, dict):
+                continue  # the plugin is absent there, or the worker failed to answer
+            name = answer["name"]
+            pids = loads.get(name, [])
+            count = len(pids) + (1 if answer["loaded"] and answer["pid"] not in pids else 0)
+            records.append(
+                WorkerStats(
+                    worker=self._index.setdefault(name, len(self._index)),
+                    pid=answer["pid"],
+                    load_seconds=answer["load_seconds"],
+                    loads=count,
+                    shards=answer["shards"],
+                    batches=answer["shards"],
+                    rows=answer["rows"],
+                    busy_seconds=answer["busy_seconds"],
+                    rss_bytes=answer["rss_bytes"],
+                    restarts=max(0, len(set(pids) | {answer["pid"]}) - 1),
+                    retries=0,
+                    cpus=None,
+                )
+            )
+        return sorted(records, key=lambda s: s.worker)
+
+    def stats(self) -> list[WorkerStats]:
+        if self._final_stats is not None:
+            return self._final_stats
+        return self._collect_stats()
+
+    def worker_pids(self) -> list[int]:
+        return sorted(self.client.run(os.getpid).values())
+
+    def queued_requests(self) -> int:
+        with self._lock:
+            return self._open_calls
+
+
+def _worker_name(dask_worker: Any) -> str:
+    return str(dask_worker.name)
+
+
+def _natural(name: str) -> tuple:
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
