@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SOURCES := pool tests benchmarks scripts noxfile.py
 
-.PHONY: bench bench-quick test lint format models clean
+.PHONY: bench bench-quick test lint typecheck pythons format models clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,15 +23,25 @@ bench-quick: $(STAMP) models
 	$(PY) benchmarks/core_scaling.py --quick
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pool tests benchmarks
-	$(VENV)/bin/ruff format --check pool tests benchmarks
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format pool tests benchmarks
-	$(VENV)/bin/ruff check --fix pool tests benchmarks
+	$(VENV)/bin/ruff format $(SOURCES)
+	$(VENV)/bin/ruff check --fix $(SOURCES)
 
-test: lint
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+# The oldest and newest supported Pythons (noxfile.py): build the wheel, install it alone in a
+# fresh venv, smoke-test it there (scripts/smoke_wheel.py), then run the quick test subset.
+pythons: $(STAMP)
+	$(VENV)/bin/nox --sessions wheel
+
+# Lint, types, the whole suite on this Python, then the wheel on the other supported Pythons.
+test: lint typecheck
 	$(PY) -m pytest
+	$(MAKE) pythons
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .nox

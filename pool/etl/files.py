@@ -124,7 +124,7 @@ def _bytes_per_row(spec_outputs: tuple[TensorInfo, ...] | None) -> int:
             total += 1024
         else:
             itemsize = 64 if t.dtype == STRING else np.dtype(t.dtype).itemsize
-            total += itemsize * math.prod(t.shape[1:])
+            total += itemsize * math.prod(d or 1 for d in t.shape[1:])
     return total
 
 

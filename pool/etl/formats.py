@@ -40,9 +40,8 @@ def format_of(path: Path, given: str | None, role: str) -> str:
     return found
 
 
-def _arrow_error() -> tuple[type[BaseException], ...]:
-    pa = import_optional("pyarrow")
-    return (pa.ArrowException,)
+def _arrow_error() -> type[BaseException]:
+    return import_optional("pyarrow").ArrowException
 
 
 class ParquetSource:
@@ -56,7 +55,7 @@ class ParquetSource:
         try:
             # pre_buffer off and a read buffer: column chunks stream instead of loading whole.
             self._file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        except (*_arrow_error(), OSError) as exc:
+        except (_arrow_error(), OSError) as exc:
             raise EtlError(f"{path}: not a readable Parquet file ({exc})") from None
         self.schema = self._file.schema_arrow
         self.num_rows: int | None = self._file.metadata.num_rows
@@ -107,7 +106,7 @@ class CsvSource:
         try:
             options = pacsv.ConvertOptions(column_types=column_types)
             return pacsv.open_csv(self.path, convert_options=options)
-        except (*_arrow_error(), OSError) as exc:
+        except (_arrow_error(), OSError) as exc:
             raise EtlError(f"{self.path}: cannot read CSV ({exc})") from None
 
     def batches(self, start: int, batch_rows: int, strings: Sequence[str] = ()) -> Iterator[Any]:
@@ -195,6 +194,7 @@ def open_source(path: Path, fmt: str, columns: Columns) -> Any:
         return ParquetSource(path)
     if fmt == "csv":
         return CsvSource(path)
+    name: str | Sequence[str] | None
     if isinstance(columns, Mapping):
         if len(columns) != 1:
             raise EtlError(f"a .npy input holds one array, but columns= maps {len(columns)} inputs")

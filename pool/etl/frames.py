@@ -85,7 +85,7 @@ def input_names(signature: SignatureInfo) -> list[str] | None:
 
 def resolve_columns(
     available: Sequence[Any], signature: SignatureInfo, columns: Columns = None
-) -> dict[str, Any]:
+) -> dict[str, str | Sequence[str]]:
     """Decide which column (or list of columns) feeds each model input; raise ``EtlError``.
 
     Without ``columns``, an input is fed by the column of the same name, and a single-input
@@ -101,7 +101,7 @@ def resolve_columns(
                 f"the model declares no input names and the data has {len(available)} columns "
                 f"{list(available)}: name the column with columns= / --column"
             )
-        mapping = {name: name for name in inputs if name in available}
+        mapping: dict[str, str | Sequence[str]] = {n: n for n in inputs if n in available}
         if len(mapping) == len(inputs):
             return mapping
         if len(inputs) == 1 and len(available) == 1:
@@ -148,9 +148,12 @@ def _label(source: Any) -> str:
 
 
 def _empty_like(spec: TensorInfo | None) -> np.ndarray | None:
-    if spec is None or spec.shape is None or any(d is None for d in spec.shape[1:]):
+    if spec is None or spec.shape is None:
         return None
-    return np.empty((0, *spec.shape[1:]), dtype=spec.numpy_dtype)
+    trailing = [d for d in spec.shape[1:] if d is not None]
+    if len(trailing) != len(spec.shape) - 1:
+        return None
+    return np.empty((0, *trailing), dtype=spec.numpy_dtype)
 
 
 def _arrow_to_numpy(

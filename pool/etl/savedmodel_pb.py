@@ -49,6 +49,7 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, Any]]:
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         wire = key & 7
+        value: int | memoryview
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire == 2:
@@ -63,7 +64,8 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, Any]]:
 
 
 def _tensor_info(name: str, buf: memoryview) -> TensorInfo | None:
-    dtype, shape = None, ()
+    dtype: str | None = None
+    shape: tuple[int | None, ...] | None = ()
     for number, value in _fields(buf):
         if number == 2:
             dtype = _TF_DTYPES.get(value)
