@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pool tests benchmarks scripts noxfile.py
 
-.PHONY: bench bench-quick test lint typecheck pythons format models clean
+.PHONY: bench bench-requests bench-quick test lint typecheck pythons format models clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml
 models: $(STAMP)
 	$(PY) -m pool.reference_models
 
+# The full run takes about 25 minutes on 2 cores: core scaling (~12), then requests (~13).
 bench: $(STAMP) models
 	$(PY) benchmarks/core_scaling.py
+	$(PY) benchmarks/concurrent_requests.py
+
+bench-requests: $(STAMP) models
+	$(PY) benchmarks/concurrent_requests.py
 
 bench-quick: $(STAMP) models
 	$(PY) benchmarks/core_scaling.py --quick
+	$(PY) benchmarks/concurrent_requests.py --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(SOURCES)
