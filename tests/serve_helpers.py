@@ -1,0 +1,127 @@
+"""A real ``python -m pool serve`` in a subprocess, for the server tests and the benchmark smoke
+test: started on a free loopback port (``--port 0``; the port is read from the line the command
+prints once the workers are ready), its stderr kept, its workers found with psutil."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+READY = re.compile(r"^serving '(?P<name>[^']+)' version (?P<version>\d+) on (?P<url>http://\S+)$")
+
+
+class Server:
+    """``python -m pool serve MODEL --port 0 ARGS...``; :meth:`stop` sends a signal and waits."""
+
+    def __init__(self, model: str, *args: str, start_timeout: float = 300.0) -> None:
+        self.command = [sys.executable, "-m", "pool", "serve", model, "--port", "0", *args]
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.url = self.name = self.version = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + start_timeout
+        while not self._ready.wait(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)
+                raise RuntimeError(
+                    f"server did not start ({self.process.returncode}): {self.command}\n"
+                    + self.stderr[-4000:]
+                )
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            match = READY.match(line)
+            if match and not self._ready.is_set():
+                self.url, self.name, self.version = match["url"], match["name"], match["version"]
+                self._ready.set()
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def model_url(self, suffix: str = "") -> str:
+        return f"{self.url}/v1/models/{self.name}{suffix}"
+
+    def predict(self, body: dict, **kwargs) -> requests.Response:
+        return requests.post(self.model_url(":predict"), json=body, timeout=120, **kwargs)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def worker_pids(self) -> list[int]:
+        """The model's worker processes: every descendant except multiprocessing's fork server
+        and resource tracker (the workers are the fork server's children)."""
+        pids = []
+        for p in self.descendants():
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if "forkserver" not in cmd and "resource_tracker" not in cmd:
+                pids.append(p.pid)
+        return pids
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of the Prometheus endpoint: ``{(name, sorted labels): value}``."""
+        text = requests.get(f"{self.url}/monitoring/prometheus/metrics", timeout=60).text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
+        """Send ``sig``; return the exit status. Every descendant must be gone afterwards."""
+        family = self.descendants()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for p in [*family, self.process]:
+                try:
+                    p.kill()
+                except (psutil.Error, ProcessLookupError):
+                    pass
+            self.process.wait(30)
+            raise
+        finally:
+            self._reader.join(10)
+        _, alive = psutil.wait_procs(family, timeout=15)
+        assert not alive, f"processes outlived the server: {[p.pid for p in alive]}"
+        return code
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    """The sum of ``name`` over the samples whose labels include ``labels`` (0 if none)."""
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )

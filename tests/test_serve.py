@@ -1,0 +1,641 @@
+"""``python -m pool serve``: a real server in a subprocess on a free loopback port, real HTTP
+clients (``requests``), answers compared row by row with the model called in this process.
+
+One server per configuration, started once per module (TensorFlow start-up is heavy); the
+SIGTERM tests start their own. Every server must exit 0 on its signal and leave no process.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import psutil
+import pytest
+import requests
+from conftest import assert_rows_equal, in_process
+from serve_helpers import REPO, Server, metric
+
+pytestmark = pytest.mark.timeout(600)
+
+RNG = np.random.default_rng(11)
+
+
+def images(rows: int, side: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((rows, side, side, 3), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def mobilenet(models):
+    server = Server(models["mobilenet_v2"], "--workers", "1")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def cnn(models):
+    server = Server(
+        models["small_cnn"],
+        *("--workers", "2", "--model-name", "cnn", "--max-body-bytes", "2000000"),
+        *("-vv", "--log-json"),
+    )
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def text(models):
+    server = Server(models["text_embedding"], "--workers", "1", "--model-name", "text")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def multi(models, tmp_path_factory):
+    """multi_io laid out as TF Serving's model base path: ``mymodel/7`` -> name and version."""
+    base = tmp_path_factory.mktemp("layout") / "mymodel"
+    base.mkdir()
+    os.symlink(models["multi_io"], base / "7")
+    server = Server(str(base), "--workers", "1")
+    yield server
+    assert server.stop(signal.SIGINT) == 0  # Ctrl-C drains and exits 0 as SIGTERM does
+
+
+@pytest.fixture(scope="module")
+def checked(models):
+    server = Server(
+        models["multi_io"], "--workers", "1", "--signature", "checked", "--model-name", "checked"
+    )
+    yield server
+    assert server.stop() == 0
+
+
+# --- TF Serving's own client code ----------------------------------------------------------
+def test_tf_serving_client_code_verbatim_on_an_image_model(mobilenet, models):
+    test_images = images(3, 224)
+    # The client code TF Serving's REST tutorial and the seed's Example 3 use, unchanged:
+    data = json.dumps({"signature_name": "serving_default", "instances": test_images.tolist()})
+    headers = {"content-type": "application/json"}
+    json_response = requests.post(
+        f"{mobilenet.url}/v1/models/{mobilenet.name}:predict", data=data, headers=headers
+    )
+    predictions = json.loads(json_response.text)["predictions"]
+
+    want = in_process(models["mobilenet_v2"], test_images)["probabilities"]
+    assert json_response.status_code == 200
+    assert json_response.headers["content-type"] == "application/json"
+    assert_rows_equal(np.asarray(predictions, dtype=np.float32), want, rtol=1e-4, atol=1e-6)
+
+    data = test_images[:1].tolist()  # the issue's one-liner
+    predictions = requests.post(
+        f"{mobilenet.url}/v1/models/{mobilenet.name}:predict", json={"instances": data}
+    ).json()["predictions"]
+    assert_rows_equal(np.asarray(predictions, dtype=np.float32), want[:1], rtol=1e-4, atol=1e-6)
+
+
+def test_status_and_metadata_as_tf_serving_writes_them(mobilenet, models):
+    assert mobilenet.name == Path(models["mobilenet_v2"]).name and mobilenet.version == "1"
+    assert urlsplit(mobilenet.url).hostname == "127.0.0.1"  # loopback unless told otherwise
+    status = requests.get(mobilenet.model_url()).json()
+    assert status == {
+        "model_version_status": [
+            {
+                "version": "1",
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
+    assert requests.get(mobilenet.model_url("/versions/1")).json() == status
+    meta = requests.get(mobilenet.model_url("/metadata")).json()
+    assert meta["model_spec"] == {"name": mobilenet.name, "signature_name": "", "version": "1"}
+    sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    dims = [d["size"] for d in sig["inputs"]["images"]["tensor_shape"]["dim"]]
+    assert dims == ["-1", "224", "224", "3"] and sig["inputs"]["images"]["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in sig["outputs"]["probabilities"]["tensor_shape"]["dim"]] == [
+        "-1",
+        "1000",
+    ]
+    assert sig["method_name"] == "tensorflow/serving/predict"
+
+
+# --- formats ------------------------------------------------------------------------------
+def test_columnar_and_row_formats_answer_the_same_rows(cnn, models):
+    x = images(5, 32, seed=1)
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    rows = cnn.predict({"instances": x.tolist()})
+    columns = cnn.predict({"inputs": x.tolist(), "signature_name": "serving_default"})
+    named = cnn.predict({"inputs": {"images": x.tolist()}})
+    assert rows.status_code == columns.status_code == named.status_code == 200
+    assert_rows_equal(np.asarray(rows.json()["predictions"], np.float32), want)
+    assert_rows_equal(np.asarray(columns.json()["outputs"], np.float32), want)
+    assert_rows_equal(np.asarray(named.json()["outputs"], np.float32), want)
+
+
+def test_multi_input_multi_output_in_both_formats(multi, models):
+    a = RNG.normal(size=(4, 4)).astype(np.float32)
+    b = RNG.integers(-5, 5, size=(4, 3)).astype(np.int32)
+    want = in_process(models["multi_io"], {"a": a, "b": b})
+    rows = multi.predict(
+        {"instances": [{"a": a[i].tolist(), "b": b[i].tolist()} for i in range(4)]}
+    )
+    assert rows.status_code == 200, rows.text
+    predictions = rows.json()["predictions"]
+    assert all(set(p) == {"logits", "sum"} for p in predictions)
+    got = {k: np.asarray([p[k] for p in predictions], np.float32) for k in want}
+    assert_rows_equal(got, want)
+    columns = multi.predict({"inputs": {"a": a.tolist(), "b": b.tolist()}})
+    outputs = columns.json()["outputs"]
+    assert_rows_equal({k: np.asarray(v, np.float32) for k, v in outputs.items()}, want)
+
+
+def test_tf_serving_layout_gives_name_and_version(multi):
+    assert (multi.name, multi.version) == ("mymodel", "7")
+    body = {"instances": [{"a": [0, 1, 2, 3], "b": [1, 1, 1]}]}
+    assert requests.post(multi.model_url("/versions/7:predict"), json=body).status_code == 200
+    wrong = requests.post(multi.model_url("/versions/1:predict"), json=body)
+    assert wrong.status_code == 404 and "serves version 7" in wrong.json()["error"]
+
+
+def test_strings_unicode_empty_and_b64(text, models):
+    texts = ["héllo wörld ✓", "", "日本語 テキスト", "  ", "the quick brown fox", "ÅÄÖ åäö"]
+    want = in_process(models["text_embedding"], np.array(texts, dtype=object))["embedding"]
+    for body in ({"instances": texts}, {"inputs": texts}, {"inputs": {"text": texts}}):
+        response = text.predict(body)
+        assert response.status_code == 200, response.text
+        key = "predictions" if "instances" in body else "outputs"
+        assert_rows_equal(np.asarray(response.json()[key], np.float32), want)
+    b64 = [{"b64": base64.b64encode(t.encode()).decode()} for t in texts]
+    response = text.predict({"instances": b64})
+    assert_rows_equal(np.asarray(response.json()["predictions"], np.float32), want)
+
+
+def test_open_inference_protocol(cnn, text, multi, models):
+    x = images(2, 32, seed=2)
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    base = f"{cnn.url}/v2/models/{cnn.name}"
+    for data in (x.reshape(-1).tolist(), x.tolist()):  # flat and nested data
+        body = {
+            "id": "q1",
+            "inputs": [
+                {"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": data}
+            ],
+        }
+        answer = requests.post(f"{base}/infer", json=body).json()
+        assert answer["model_name"] == "cnn" and answer["id"] == "q1"
+        (out,) = answer["outputs"]
+        assert out["name"] == "probabilities" and out["datatype"] == "FP32"
+        assert out["shape"] == [2, 10]
+        assert_rows_equal(np.asarray(out["data"], np.float32).reshape(2, 10), want)
+    assert requests.get(f"{cnn.url}/v2/health/live").json() == {"live": True}
+    assert requests.get(f"{cnn.url}/v2/health/ready").json() == {"ready": True}
+    assert requests.get(f"{base}/ready").json() == {"name": "cnn", "ready": True}
+    meta = requests.get(base).json()
+    assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 32, 32, 3]}]
+    assert requests.get(f"{cnn.url}/v2").json()["name"] == "pool"
+
+    texts = ["ünïcode", ""]
+    body = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}]}
+    answer = requests.post(f"{text.url}/v2/models/text/infer", json=body).json()
+    want = in_process(models["text_embedding"], np.array(texts, dtype=object))["embedding"]
+    assert_rows_equal(np.asarray(answer["outputs"][0]["data"], np.float32).reshape(2, 64), want)
+
+    a, b = np.ones((1, 4), np.float32), np.arange(3, dtype=np.int32).reshape(1, 3)
+    body = {
+        "inputs": [
+            {"name": "a", "shape": [1, 4], "datatype": "FP32", "data": a.ravel().tolist()},
+            {"name": "b", "shape": [1, 3], "datatype": "INT32", "data": b.ravel().tolist()},
+        ],
+        "outputs": [{"name": "sum"}],
+    }
+    answer = requests.post(f"{multi.url}/v2/models/mymodel/versions/7/infer", json=body).json()
+    want = in_process(models["multi_io"], {"a": a, "b": b})["sum"]
+    assert [o["name"] for o in answer["outputs"]] == ["sum"]
+    assert_rows_equal(np.asarray(answer["outputs"][0]["data"], np.float32).reshape(1, 1), want)
+
+
+# --- errors ---------------------------------------------------------------------------------
+def _errors(server: Server):
+    good = images(1, 32).tolist()
+    name, url = server.name, server.url
+    predict = f"{url}/v1/models/{name}:predict"
+    return [
+        ("POST", predict, b"{not json", 400, "JSON Parse error"),
+        ("POST", predict, b"[1, 2]", 400, "expected a JSON object"),
+        ("POST", predict, {"instances": good, "inputs": good}, 400, "got both"),
+        ("POST", predict, {"signature_name": "serving_default"}, 400, "'instances'"),
+        ("POST", predict, {"instances": []}, 400, "no values in the 'instances' list"),
+        ("POST", predict, {"instances": [[[0.0] * 3] * 31] * 32}, 400, "rows must all have"),
+        (
+            "POST",
+            predict,
+            {"instances": images(1, 16).tolist()},
+            400,
+            "Expected signature: {images: float32[None, 32, 32, 3]}",
+        ),
+        ("POST", predict, {"instances": [[["a"] * 3] * 32] * 32}, 400, "expected float32 values"),
+        (
+            "POST",
+            f"{url}/v1/models/other:predict",
+            {"instances": good},
+            404,
+            f"this server serves '{name}'",
+        ),
+        (
+            "POST",
+            f"{url}/v1/models/{name}/versions/9:predict",
+            {"instances": good},
+            404,
+            "serves version 1",
+        ),
+        (
+            "POST",
+            f"{url}/v1/models/{name}/labels/stable:predict",
+            {"instances": good},
+            404,
+            "no version label 'stable'",
+        ),
+        (
+            "POST",
+            predict,
+            {"signature_name": "other", "instances": good},
+            404,
+            "signature 'other' not found: this server serves signature 'serving_default'",
+        ),
+        ("GET", f"{url}/v1/models/other", None, 404, "this server serves"),
+        ("POST", f"{url}/v1/models/{name}:classify", {"examples": []}, 501, "not implemented"),
+        ("POST", f"{url}/v1/models/{name}:regress", {"examples": []}, 501, "not implemented"),
+        ("GET", predict, None, 400, "Malformed request: GET"),
+        ("POST", f"{url}/v1/models/{name}:explode", {}, 400, "Malformed request"),
+        ("GET", f"{url}/v1/elsewhere", None, 400, "Malformed request"),
+        ("POST", predict, b"x" * 3_000_000, 413, "expected at most 2000000 bytes"),
+        (
+            "POST",
+            f"{url}/v2/models/{name}/infer",
+            {"inputs": [{"name": "images", "shape": [1], "datatype": "FP64", "data": [1]}]},
+            400,
+            "expected datatype FP32",
+        ),
+        ("POST", f"{url}/v2/models/other/infer", {"inputs": []}, 404, "this server serves"),
+        ("GET", f"{url}/nowhere", None, 404, "Not Found"),
+    ]
+
+
+def test_every_error_has_its_status_and_an_error_body_and_the_server_still_answers(cnn, models):
+    for method, url, body, status, message in _errors(cnn):
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        response = requests.request(method, url, data=data, timeout=60)
+        where = f"{method} {url} -> {response.status_code} {response.text[:300]}"
+        assert response.status_code == status, where
+        assert response.headers["content-type"] == "application/json", where
+        assert set(response.json()) == {"error"} and message in response.json()["error"], where
+    x = images(2, 32, seed=3)
+    response = cnn.predict({"instances": x.tolist()})
+    assert response.status_code == 200
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    assert_rows_equal(np.asarray(response.json()["predictions"], np.float32), want)
+
+
+def test_a_model_that_raises_on_the_input_is_400_and_the_server_goes_on(checked, models):
+    good = RNG.random((3, 4), dtype=np.float32)
+    response = checked.predict({"instances": good.tolist()})
+    assert response.status_code == 200, response.text
+    want = in_process(models["multi_io"], {"a": good}, signature="checked")["checked"]
+    assert_rows_equal(np.asarray(response.json()["predictions"], np.float32), want)
+    bad = checked.predict({"instances": (-good).tolist()})
+    assert bad.status_code == 400, bad.text
+    assert "InvalidArgumentError" in bad.json()["error"] and "a < 0" in bad.json()["error"]
+    assert "Traceback" not in bad.json()["error"]  # the worker's traceback stays in the log
+    meta = requests.get(checked.model_url("/metadata")).json()
+    assert list(meta["metadata"]["signature_def"]["signature_def"]) == ["checked"]
+    again = checked.predict({"instances": good.tolist()})
+    assert_rows_equal(np.asarray(again.json()["predictions"], np.float32), want)
+
+
+# --- load -----------------------------------------------------------------------------------
+def test_64_concurrent_clients_each_get_their_own_rows(cnn, models):
+    clients, requests_each = 64, 3
+    inputs = {
+        (c, r): images(1 + (c + r) % 3, 32, seed=1000 + 10 * c + r)
+        for c in range(clients)
+        for r in range(requests_each)
+    }
+    start = threading.Barrier(clients)
+
+    def client(c: int) -> list[tuple[int, int, int, list]]:
+        session = requests.Session()
+        start.wait()
+        out = []
+        for r in range(requests_each):
+            body = {"instances": inputs[c, r].tolist()}
+            response = session.post(cnn.model_url(":predict"), json=body, timeout=300)
+            out.append((c, r, response.status_code, response.json().get("predictions")))
+        return out
+
+    with ThreadPoolExecutor(clients) as executor:
+        answers = [a for result in executor.map(client, range(clients)) for a in result]
+    stacked = np.concatenate([inputs[c, r] for c, r, _, _ in answers])
+    want = in_process(models["small_cnn"], stacked)["probabilities"]
+    offset = 0
+    for c, r, status, predictions in answers:
+        assert status == 200, (c, r)
+        rows = len(inputs[c, r])
+        assert_rows_equal(np.asarray(predictions, np.float32), want[offset : offset + rows])
+        offset += rows
+
+
+def test_metrics_count_what_was_sent(cnn):
+    before = cnn.metrics()
+    sent_rows = 0
+    for rows in (1, 2, 3, 1):
+        assert cnn.predict({"instances": images(rows, 32).tolist()}).status_code == 200
+        sent_rows += rows
+    assert cnn.predict({"instances": []}).status_code == 400
+    assert cnn.predict({"instances": images(1, 8).tolist()}).status_code == 400
+    assert requests.get(f"{cnn.url}/v1/models/nope").status_code == 404
+    after = cnn.metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("pool_serve_requests_total", api="v1_predict", code="200") == 4
+    assert delta("pool_serve_requests_total", api="v1_predict", code="400") == 2
+    assert delta("pool_serve_requests_total", api="v1_status", code="404") == 1
+    assert delta("pool_serve_request_seconds_count", api="v1_predict") == 6
+    assert delta("pool_serve_request_rows_sum", api="v1_predict") == sent_rows
+    assert delta("pool_serve_request_rows_count", api="v1_predict") == 4
+    assert delta("pool_model_rows_total") == sent_rows  # the refused requests never ran
+    assert 1 <= delta("pool_model_calls_total") <= 4
+    assert metric(after, "pool_workers") == 2
+    assert metric(after, "pool_queued_requests") == 0
+    assert metric(after, "pool_serve_requests_in_flight") == 0
+    assert ("pool_worker_restarts_total", (("worker", "0"),)) in after
+
+
+def test_access_log_is_structured(cnn):
+    assert cnn.predict({"instances": images(2, 32).tolist()}).status_code == 200
+    deadline = time.monotonic() + 10
+    records: list[dict] = []
+    while time.monotonic() < deadline:
+        records = [json.loads(line) for line in cnn.lines if line.startswith("{")]
+        if any(r.get("status") == 200 and r.get("rows") == 2 for r in records):
+            break
+        time.sleep(0.1)
+    access = [r for r in records if r["logger"] == "pool.serve.access"]
+    assert any(
+        r["status"] == 200 and r["rows"] == 2 and r["path"] == f"/v1/models/{cnn.name}:predict"
+        for r in access
+    ), access[-5:]
+    assert all({"time", "level", "message", "method", "seconds", "model"} <= set(r) for r in access)
+    assert any(r["logger"] == "pool.serve" and r.get("url") == cnn.url for r in records)
+
+
+def test_a_worker_sigkilled_under_load_fails_no_request(cnn, models):
+    before = metric(cnn.metrics(), "pool_worker_restarts_total")
+    victims = cnn.worker_pids()
+    assert len(victims) == 2, victims
+    stop = threading.Event()
+    failures: list[str] = []
+    answered: list[tuple[np.ndarray, list]] = []
+
+    def client(seed: int) -> None:
+        session = requests.Session()
+        n = 0
+        while not stop.is_set():
+            x = images(1 + n % 4, 32, seed=seed * 1000 + n)
+            response = session.post(cnn.model_url(":predict"), json={"instances": x.tolist()})
+            if response.status_code != 200:
+                failures.append(f"{response.status_code} {response.text[:200]}")
+            else:
+                answered.append((x, response.json()["predictions"]))
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        while len(answered) < 20 and not failures:
+            time.sleep(0.05)
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = len(answered)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not failures:  # until the replacement answers
+            if metric(cnn.metrics(), "pool_worker_restarts_total") > before and (
+                len(answered) > killed_at + 40
+            ):
+                break
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not failures, failures[:3]
+    assert metric(cnn.metrics(), "pool_worker_restarts_total") >= before + 1
+    assert victims[0] not in cnn.worker_pids() and len(cnn.worker_pids()) == 2
+    stacked = np.concatenate([x for x, _ in answered])
+    want = in_process(models["small_cnn"], stacked)["probabilities"]
+    got = np.concatenate([np.asarray(p, np.float32) for _, p in answered])
+    assert_rows_equal(got, want)
+
+
+# --- limits: deadline, overload, disconnect ----------------------------------------------------
+@pytest.fixture(scope="module")
+def limited(models):
+    """A lone request waits up to 3 s for company before its batch is sent (batch timeout), so
+    requests stay queued long enough to pass their 1 s deadline or fill the queue."""
+    server = Server(
+        models["text_embedding"],
+        *("--workers", "1", "--model-name", "limited", "--max-batch-rows", "4"),
+        *("--batch-timeout-micros", "3000000", "--max-queued-requests", "2"),
+        *("--request-timeout", "1"),
+    )
+    yield server
+    assert server.stop() == 0
+
+
+def _wait_idle(server: Server, seconds: float = 10.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        samples = server.metrics()
+        idle = metric(samples, "pool_queued_requests") == 0
+        if idle and metric(samples, "pool_serve_requests_in_flight") == 0:
+            return samples
+        assert time.monotonic() < deadline, "the server did not become idle"
+        time.sleep(0.1)
+
+
+def test_a_request_past_its_deadline_is_504_and_dropped_from_the_queue(limited, models):
+    before = _wait_idle(limited)
+    started = time.monotonic()
+    late = limited.predict({"instances": ["never computed"]})
+    assert late.status_code == 504, late.text
+    assert "deadline exceeded" in late.json()["error"] and "1.0 s" in late.json()["error"]
+    assert 0.9 < time.monotonic() - started < 2.9  # answered at its deadline, not the batch's
+    time.sleep(3.5)  # past the batch timeout: had it stayed queued, it would have run by now
+    after = _wait_idle(limited)
+    assert metric(after, "pool_model_rows_total") == metric(before, "pool_model_rows_total")
+    full = ["a", "b", "c", "d"]  # a full batch (--max-batch-rows 4) goes at once
+    response = limited.predict({"instances": full})
+    assert response.status_code == 200, response.text
+    want = in_process(models["text_embedding"], np.array(full, dtype=object))["embedding"]
+    assert_rows_equal(np.asarray(response.json()["predictions"], np.float32), want)
+
+
+def test_overload_is_refused_at_once_with_503_and_retry_after(limited):
+    _wait_idle(limited)
+    with ThreadPoolExecutor(2) as executor:
+        waiting = [executor.submit(limited.predict, {"instances": [f"w{i}"]}) for i in range(2)]
+        deadline = time.monotonic() + 5
+        while metric(limited.metrics(), "pool_queued_requests") < 2:
+            assert time.monotonic() < deadline, "the two requests never queued"
+            time.sleep(0.02)
+        started = time.monotonic()
+        refused = limited.predict({"instances": ["one too many"]})
+        refused_after = time.monotonic() - started
+        statuses = sorted(f.result().status_code for f in waiting)
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["Retry-After"] == "1"
+    assert "overloaded" in refused.json()["error"] and "max_queued_requests" in refused.text
+    assert refused_after < 0.9  # refused at once, not at the deadline
+    assert statuses == [504, 504]
+    _wait_idle(limited)
+
+
+def test_a_client_that_disconnects_is_dropped_from_the_queue(limited):
+    before = _wait_idle(limited)
+    with pytest.raises(requests.exceptions.Timeout):
+        limited.predict({"instances": ["gone"]}, timeout=0.3)  # the client gives up, closes
+    time.sleep(3.5)
+    after = _wait_idle(limited)
+    assert metric(after, "pool_model_rows_total") == metric(before, "pool_model_rows_total")
+    gone = metric(after, "pool_serve_requests_total", code="499") - metric(
+        before, "pool_serve_requests_total", code="499"
+    )
+    assert gone == 1
+
+
+# --- shutdown -----------------------------------------------------------------------------
+def _open_slow_request(server: Server, body: bytes) -> http.client.HTTPConnection:
+    """A request whose headers and first half of body are sent; the rest is sent later."""
+    parts = urlsplit(server.url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    connection.putrequest("POST", f"/v1/models/{server.name}:predict")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders()
+    connection.send(body[: len(body) // 2])
+    return connection
+
+
+def _refused(server: Server) -> bool:
+    parts = urlsplit(server.url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_sigterm_drains_requests_in_flight_then_stops_everything(models):
+    server = Server(
+        models["text_embedding"], "--workers", "1", "--model-name", "t", "--drain-timeout", "4"
+    )
+    family = server.descendants()
+    assert server.worker_pids()
+    texts = ["in flight at SIGTERM", "ünïcode"]
+    body = json.dumps({"instances": texts}).encode()
+    finishing = _open_slow_request(server, body)
+    stalled = _open_slow_request(server, body)  # never completes: cancelled at the drain timeout
+    deadline = time.monotonic() + 10
+    while metric(server.metrics(), "pool_serve_requests_in_flight") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not _refused(server):  # stops accepting new connections...
+        assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+        time.sleep(0.05)
+    assert server.process.poll() is None  # ...while it drains
+    finishing.send(body[len(body) // 2 :])
+    response = finishing.getresponse()
+    assert response.status == 200
+    want = in_process(models["text_embedding"], np.array(texts, dtype=object))["embedding"]
+    assert_rows_equal(np.asarray(json.loads(response.read())["predictions"], np.float32), want)
+    started = time.monotonic()
+    assert server.process.wait(60) == 0
+    assert time.monotonic() - started < 30
+    stalled.close()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    assert not alive, [p.pid for p in alive]
+    assert "draining" in server.stderr
+    assert server.stop() == 0
+
+
+# --- the command line -----------------------------------------------------------------------
+def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pool", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_a_port_in_use_fails_fast_with_exit_2(models):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = _serve(models["small_cnn"], "--port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert f"cannot bind 127.0.0.1:{port}" in done.stderr
+    assert time.monotonic() - started < 60  # before any worker loads the model
+
+
+def test_a_missing_model_exits_1_and_bad_options_exit_2(tmp_path):
+    done = _serve(str(tmp_path / "nope"), "--port", "0")
+    assert done.returncode == 1 and "ModelLoadError" in done.stderr, done.stderr
+    for bad in (["--port", "-1"], ["--request-timeout", "0"], ["--max-batch-rows", "0"]):
+        done = _serve(str(tmp_path), *bad)
+        assert done.returncode == 2 and "error:" in done.stderr, (bad, done.stderr)
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+def test_serving_benchmark_quick_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/serving.py", "--quick", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "serving.json").read_text())
+    assert set(results["workloads"]) == {"text", "image"}
+    for workload in results["workloads"].values():
+        assert workload["outputs_match"] is True
+        for server in ("pool", "baseline"):
+            runs = workload["servers"][server]
+            assert [r["clients"] for r in runs["closed_loop"]] == results["settings"]["clients"]
+            for run in [*runs["closed_loop"], runs["open_loop"]]:
+                assert run["requests"] > 0 and run["errors"] == 0, run
+                assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
+                assert run["requests_per_second"] > 0
+        assert workload["servers"]["pool"]["rows_per_model_call"] >= 1
+    assert (tmp_path / "serving.png").read_bytes().startswith(b"\x89PNG")
+    table = (tmp_path / "serving.md").read_text()
+    assert "| clients |" in table and table.strip() == done.stdout.strip()
