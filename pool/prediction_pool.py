@@ -364,6 +364,14 @@ class PredictionPool:
         backend, _ = self._running()
         return backend.queued_requests()
 
+    def transport_info(self) -> dict[str, Any]:
+        """How batches reached the workers: ``arena_bytes`` (each worker's shared-memory arena;
+        0 where the socket carries everything), ``batches_in_arena``, ``batches_on_socket``.
+        Empty for a backend that does not say (a cluster)."""
+        backend, _ = self._running()
+        info = getattr(backend, "transport_info", None)
+        return info() if info is not None else {}
+
     @property
     def ready_info(self) -> list[WorkerReady]:
         """What each worker reported when the pool started (threads, CPUs, load time)."""
@@ -374,6 +382,25 @@ def _without_rss(stats: WorkerStats) -> WorkerStats:
     return replace(stats, rss_bytes=0)
 
 
+class CallFuture(Future):
+    """The future of one call. ``cancel()`` drops the call's shards that wait in the queue
+    (they never run) and succeeds if there was one; when every shard has already reached a
+    worker, the call is running and ``cancel()`` returns ``False``, as for any ``Future``."""
+
+    def __init__(self, parts: list[Future]) -> None:
+        super().__init__()
+        self.parts = parts
+        self.cancelling = False
+
+    def cancel(self) -> bool:
+        if self.done():
+            return super().cancel()
+        self.cancelling = True
+        dropped = [p for p in reversed(self.parts) if p.cancel() or p.cancelled()]
+        self.cancelling = False
+        return super().cancel() if dropped else False
+
+
 def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
     """A future for the whole call: the shards' outputs gathered in order, or the first error.
 
@@ -381,7 +408,7 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
     Each shard future's callback refers to the list of shard futures; the list is emptied when
     the call completes, which breaks that reference cycle so the shards' outputs are freed at
     once rather than at the next garbage collection (it matters when streaming)."""
-    combined: Future = Future()
+    combined = CallFuture(parts)
     pending = list(parts)
     remaining = [len(parts)]
     lock = threading.Lock()
@@ -392,6 +419,7 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
                 return []
             taken = pending[:]
             pending.clear()
+            combined.parts = []
             return taken
 
     def settle(result: Any = None, exc: BaseException | None = None) -> None:
@@ -404,6 +432,8 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
             pass
 
     def on_part_done(part: Future) -> None:
+        if part.cancelled() and combined.cancelling:
+            return  # the caller is cancelling the whole call
         if part.cancelled() or part.exception() is not None:
             others = finish()
             if not others:
@@ -433,67 +463,9 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
 
     def on_combined_done(future: Future) -> None:
         if future.cancelled():
-            for part in finish(cancelling=True):
-                part.cancel()
+            finish(cancelling=True)
 
     combined.add_done_callback(on_combined_done)
-    for part in parts:
-        part.add_done_callback(on_part_done)
-    return combined
-
-
-def _without_rss(stats: WorkerStats) -> WorkerStats:
-    return replace(stats, rss_bytes=0)
-
-
-def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
-    """A future for the whole call: the shards' outputs gathered in order, or the first error.
-
-    Each shard future's callback refers to the list of shard futures; the list is emptied when
-    the call completes, which breaks that reference cycle so the shards' outputs are freed at
-    once rather than at the next garbage collection (it matters when streaming)."""
-    combined: Future = Future()
-    combined.set_running_or_notify_cancel()
-    pending = list(parts)
-    remaining = [len(parts)]
-    lock = threading.Lock()
-
-    def finish(cancelling: bool = False) -> list[Future]:
-        with lock:
-            if (combined.done() and not cancelling) or not pending:
-                return []
-            taken = pending[:]
-            pending.clear()
-            return taken
-
-    def on_part_done(part: Future) -> None:
-        if part.cancelled() or part.exception() is not None:
-            others = finish()
-            if not others:
-                return
-            combined.set_exception(
-                PoolClosedError("a shard of this call was cancelled")
-                if part.cancelled()
-                else part.exception()
-            )
-            for other in others:
-                other.cancel()
-            return
-        with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if not last:
-            return
-        done = finish()
-        if not done:
-            return
-        try:
-            result = sharding.unwrap(sharding.gather([p.result() for p in done]), signature)
-        except Exception as exc:
-            combined.set_exception(exc)
-            return
-        combined.set_result(result)
-
     for part in parts:
         part.add_done_callback(on_part_done)
     return combined

@@ -48,6 +48,7 @@ HANG = -2.0  # ... hang for a long time
 KILL_ONCE = -3.0  # ... die the first time, in the first worker that sees it (marker file)
 LEAK = -4.0  # ... keep 50 MB more memory alive in the worker
 HALF_SENT = -5.0  # ... die in the middle of sending a result to the parent
+RAISE = -6.0  # ... make the model raise ValueError (a bad request)
 
 
 def _die_mid_send() -> None:
@@ -83,6 +84,8 @@ def faulty(marker: str | None = None, delay: float = 0.0):
             if marker and not os.path.exists(marker):
                 open(marker, "w").close()
                 os._exit(4)
+        if (first == RAISE).any():
+            raise ValueError(f"bad rows: {np.flatnonzero(first == RAISE).tolist()}")
         if (first == HALF_SENT).any():
             _die_mid_send()
         if (first == LEAK).any():
