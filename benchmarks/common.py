@@ -261,13 +261,13 @@ def json_default(value: Any) -> Any:
 
 def update_docs(doc: Path, markdown_text: str, output_dir: Path, begin: str, end: str) -> None:
     """Replace what ``doc`` holds between the markers ``begin`` and ``end`` with
-    ``markdown_text`` (its title dropped, its sections one level down, its images linked
-    relative to ``doc``)."""
+    ``markdown_text`` (its title dropped, its ``##`` sections made ``####``: the markers sit
+    under a ``###`` heading; its images linked relative to ``doc``)."""
     text = doc.read_text()
     if begin not in text or end not in text:
         raise SystemExit(f"{doc} has no {begin!r} ... {end!r} markers")
     body = markdown_text.split("\n", 2)[2]  # drop the page title
-    body = body.replace("\n## ", "\n### ")
+    body = body.replace("\n## ", "\n#### ")
     link = Path(os.path.relpath(output_dir.resolve(), doc.resolve().parent))
     body = re.sub(r"!\[([^\]]*)\]\(([^)/]+)\)", lambda m: f"![{m[1]}]({link / m[2]})", body)
     head, rest = text.split(begin, 1)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import common  # noqa: I001  (benchmarks/ is on sys.path as the script's directory)
+import common  # benchmarks/ is on sys.path as the script's directory
 import requests_report
 
 log = logging.getLogger("concurrent_requests")

@@ -1,10 +1,12 @@
 """Core-scaling benchmark: PredictionPool against the baselines a user would pick instead.
 
-    python benchmarks/core_scaling.py [--model PATH_OR_HANDLE] [--workers 1,2,4] [--rows 256]
-                                      [--shard-size 8] [--workload image|text|both] [--quick]
+    python benchmarks/core_scaling.py [--workload image,cnn,text] [--workers 1,2,4]
+                                      [--rounds 5] [--model PATH_OR_HANDLE] [--quick]
 
 In one run, on identical inputs (one seeded RNG, one ``.npy`` file read by every
-configuration), each workload measures:
+configuration), each workload (``image``: MobileNetV2 or ``--model``, shards of 8; ``cnn``: the
+small reference CNN, shards of 16; ``text``: the reference text embedding, shards of 64)
+measures:
 
 1. ``load_per_call``: ``hub.load`` then predict, for each request (a few requests only);
 2. ``single`` / ``single_batch``: ``hub.load`` once in one process, TensorFlow using every core
@@ -14,63 +16,69 @@ configuration), each workload measures:
 4. ``pool``: ``PredictionPool`` at every worker count, same shard size.
 
 Each configuration runs in a fresh process of its own (``scaling_runner.py``): its start-up,
-thread settings and memory are its own, and this driver never imports TensorFlow. Every
-configuration's outputs are checked against the first one's (``np.allclose``): a run whose
-answers differ exits non-zero. Writes ``core_scaling.json`` (every raw figure and the machine),
-``core_scaling.png`` and ``latest.md`` to ``--output-dir``; prints the markdown table and the
-targets (PASS / MISS) to stdout and progress to stderr. See docs/benchmarks.md.
+thread settings and memory are its own, and this driver never imports TensorFlow. The
+executor and the pool are measured in ``--rounds`` rounds (fresh processes each round), worker
+counts and the two kinds interleaved (executor 1, pool 1, executor 2, pool 2; the next round
+starts with the pool), so that drift in background load hits both alike; their figures are
+medians over every round's passes. Every configuration's outputs are checked against the first
+one's (``np.allclose``): a run whose answers differ exits with status 2. Writes
+``core_scaling.json`` (every raw figure and the machine), ``core_scaling.png`` and
+``latest.md`` to ``--output-dir``; prints the markdown tables and the targets (PASS / MISS) to
+stdout and progress to stderr. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import logging
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import common  # benchmarks/ is on sys.path as the script's directory
 import numpy as np
-import psutil
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(REPO) not in sys.path:  # `pool` from this checkout even when it is not installed
-    sys.path.insert(1, str(REPO))
-
-import scaling_report  # noqa: E402  (benchmarks/ is on sys.path as the script's directory)
-
-from pool import reference_models  # noqa: E402
-from pool.process import default_workers  # noqa: E402
+import scaling_report
 
 log = logging.getLogger("core_scaling")
 
-RUNNER = HERE / "scaling_runner.py"
-DEFAULT_OUTPUT_DIR = HERE / "results"
+RUNNER = common.HERE / "scaling_runner.py"
+DEFAULT_OUTPUT_DIR = common.HERE / "results"
 
-#: Signatures of the reference models, so that no process has to load them to find out.
-REFERENCE_INPUTS: dict[str, dict[str, list]] = {
-    "mobilenet_v2": {"images": ["float32", [None, 224, 224, 3]]},
-    "small_cnn": {"images": ["float32", [None, 32, 32, 3]]},
-    "text_embedding": {"text": ["string", [None]]},
+#: Workloads: reference model (``image`` takes ``--model``), then (quick, full) rows per pass
+#: and rows per shard.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "image": {"model": None, "rows": (16, 128), "shard_size": 8},
+    "cnn": {"model": "small_cnn", "rows": (64, 4096), "shard_size": 16},
+    "text": {"model": "text_embedding", "rows": (256, 16384), "shard_size": 64},
 }
 
-#: Outputs of different configurations agree to float32 round-off: thread counts and batch
-#: sizes change the order of the sums inside the convolutions.
-RTOL, ATOL = 1e-4, 1e-6
+
+def _workloads(text: str) -> list[str]:
+    if text == "all":
+        return list(WORKLOADS)
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or a comma-separated subset of {','.join(WORKLOADS)}, got {text!r}"
+        )
+    return list(dict.fromkeys(names))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--workload",
+        type=_workloads,
+        default=None,
+        help="image (--model, default MobileNetV2), cnn (the small reference CNN), text (the "
+        "reference text embedding): 'all' (default) or a comma-separated list (cnn with --quick)",
     )
     p.add_argument(
         "--model",
@@ -83,29 +91,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="worker counts for the pools, comma-separated (default: 1 .. physical cores)",
     )
-    p.add_argument("--rows", type=int, default=None, help="image rows per pass (default 256)")
-    p.add_argument("--shard-size", type=int, default=8, help="image rows per shard (default 8)")
-    p.add_argument("--text-rows", type=int, default=None, help="text rows (default 4096)")
-    p.add_argument("--text-shard-size", type=int, default=64, help="text shard (default 64)")
+    for name, w in WORKLOADS.items():
+        p.add_argument(
+            f"--{name}-rows",
+            type=int,
+            default=None,
+            help=f"{name} rows per pass (default {w['rows'][1]}; {w['rows'][0]} with --quick)",
+        )
+        p.add_argument(
+            f"--{name}-shard-size",
+            type=int,
+            default=w["shard_size"],
+            help=f"{name} rows per shard (default {w['shard_size']})",
+        )
     p.add_argument(
-        "--workload",
-        choices=("image", "text", "both"),
+        "--rounds",
+        type=int,
         default=None,
-        help="image: --model (MobileNetV2); text: the reference text embedding; "
-        "both (default; image with --quick)",
+        help="rounds of the executor and the pool, each in fresh processes, interleaved "
+        "(default 5; 1 with --quick)",
     )
-    p.add_argument("--repeats", type=int, default=None, help="timed passes (default 3)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed passes per process, after the warm-up pass (default 1)",
+    )
     p.add_argument(
         "--latency-requests",
         type=int,
         default=None,
-        help="shards sent one at a time for latency (default 16)",
+        help="shards sent one at a time for latency, per process (default 4; 2 with --quick)",
     )
     p.add_argument(
         "--load-per-call-requests",
         type=int,
         default=None,
-        help="requests timed for load-per-call (default 3)",
+        help="requests timed for load-per-call (default 3; 1 with --quick)",
     )
     p.add_argument(
         "--threads-per-worker",
@@ -114,51 +136,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="intra-op threads of each pool / executor worker (default 1)",
     )
     p.add_argument("--start-method", default=None, help="PredictionPool start method")
+    p.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=None,
+        help="PredictionPool max_batch_rows (default: the pool's default)",
+    )
     p.add_argument("--seed", type=int, default=0, help="RNG seed of the inputs (default 0)")
     p.add_argument(
         "--output-dir",
         type=Path,
         default=None,
-        help=f"default: {DEFAULT_OUTPUT_DIR.relative_to(REPO)} "
-        f"({DEFAULT_OUTPUT_DIR.relative_to(REPO)}/quick with --quick)",
+        help=f"default: {DEFAULT_OUTPUT_DIR.relative_to(common.REPO)} "
+        f"({DEFAULT_OUTPUT_DIR.relative_to(common.REPO)}/quick with --quick)",
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run in under a minute: the image workload on the small reference CNN, "
-        "16 rows, one repeat (its figures are not meaningful)",
+        help="smoke run of about a minute: the cnn workload, 64 rows, one round "
+        "(its figures are not meaningful)",
     )
     p.add_argument(
         "--update-docs",
         action="store_true",
-        help="also paste latest.md into docs/benchmarks.md between its result markers",
+        help="also paste latest.md into docs/benchmarks.md between its core_scaling markers",
     )
     p.add_argument(
         "--render-only",
         action="store_true",
-        help="measure nothing: redraw the table and plot from --output-dir/core_scaling.json",
+        help="measure nothing: redraw the tables and plot from --output-dir/core_scaling.json",
     )
     args = p.parse_args(argv)
     quick = args.quick
-    if quick and args.model == "mobilenet_v2":
-        args.model = "small_cnn"  # MobileNetV2 alone takes ~5 s to load in every process
-    defaults = {
-        "rows": (16, 256),
-        "text_rows": (256, 4096),
-        "repeats": (1, 3),
-        "latency_requests": (2, 16),
+    defaults: dict[str, tuple[Any, Any]] = {
+        "workload": (["cnn"], list(WORKLOADS)),
+        "rounds": (1, 5),
+        "latency_requests": (2, 4),
         "load_per_call_requests": (1, 3),
     }
+    defaults.update({f"{n}_rows": w["rows"] for n, w in WORKLOADS.items()})
     for name, (quick_value, full_value) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick_value if quick else full_value)
-    if args.workload is None:
-        args.workload = "image" if quick else "both"
     if args.workers is None:
-        args.workers = list(range(1, default_workers() + 1))
+        args.workers = list(range(1, common.default_workers() + 1))
     else:
         args.workers = sorted({int(w) for w in str(args.workers).split(",") if w.strip()})
-    for name in ("rows", "shard_size", "text_rows", "text_shard_size", "repeats"):
+    positive = ["rounds", "repeats", "threads_per_worker"]
+    positive += [f"{n}_{k}" for n in WORKLOADS for k in ("rows", "shard_size")]
+    for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.workers or min(args.workers) < 1:
@@ -168,85 +194,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def describe_machine() -> dict[str, Any]:
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu_model = names[0] if names else cpu_model
-    except OSError:
-        pass
-    try:
-        affinity = sorted(psutil.Process().cpu_affinity())
-    except (AttributeError, psutil.Error, OSError):
-        affinity = None
-
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu_model": cpu_model,
-        "physical_cores": psutil.cpu_count(logical=False),
-        "logical_cores": psutil.cpu_count(logical=True),
-        "cpu_affinity": affinity,
-        "default_workers": default_workers(),
-        "memory_bytes": psutil.virtual_memory().total,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tensorflow": version("tensorflow"),
-        "tensorflow_hub": version("tensorflow-hub"),
-        "numpy": version("numpy"),
-        "pool": version("pool"),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: what TensorFlow sizes its default thread pools to."""
-    try:
-        return len(psutil.Process().cpu_affinity())
-    except (AttributeError, psutil.Error, OSError):
-        return psutil.cpu_count(logical=True) or 1
-
-
-def git_revision() -> str | None:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "pool"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty-pool" if dirty else "")
-
-
-# --- models and inputs -----------------------------------------------------------------------
-def reference_model(name: str) -> str:
-    """Path of a reference model, built in a subprocess if needed (no TensorFlow here)."""
-    target = reference_models.cache_dir() / f"{name}-v{reference_models.VERSION}"
-    if not (target / "saved_model.pb").exists():
-        log.info("building reference model %s (once)", name)
-        subprocess.run([sys.executable, "-m", "pool.reference_models", name], check=True)
-    return reference_models.ensure(name)
+# --- running configurations ------------------------------------------------------------------
+def run_config(workdir: Path, name: str, spec: dict) -> tuple[list[dict], list[dict]]:
+    """Run one configuration in a fresh process; return its entries and their outputs."""
+    entries, outputs = common.run_process(RUNNER, workdir, name, spec)
+    return entries, [outputs.get(str(i), {}) for i in range(len(entries))]
 
 
 def resolve_model(model: str, workdir: Path) -> tuple[str, dict[str, list]]:
     """``(local SavedModel path, {input name: [dtype, shape]})`` for ``model``."""
+    from pool import reference_models
+
     if model in reference_models.BUILDERS:
-        path = reference_model(model)
-        if model in REFERENCE_INPUTS:
-            return path, REFERENCE_INPUTS[model]
+        path = common.reference_model(model)
+        if model in common.REFERENCE_INPUTS:
+            return path, common.REFERENCE_INPUTS[model]
     elif "://" in model:
         path = model
     elif os.path.isdir(model):
@@ -254,157 +216,66 @@ def resolve_model(model: str, workdir: Path) -> tuple[str, dict[str, list]]:
     else:
         raise SystemExit(f"--model {model!r}: no such directory, TF Hub handle or reference model")
     log.info("reading the signature of %s", model)
-    spec = {"kind": "describe", "model": path}
-    (described,), _ = run_config(workdir, "describe", spec)
+    (described,), _ = run_config(workdir, "describe", {"kind": "describe", "model": path})
     return described["model"], described["inputs"]
 
 
-def make_inputs(specs: dict[str, list], rows: int, seed: int) -> dict[str, np.ndarray]:
-    """Deterministic inputs for a signature: uniform floats, small integers, word sentences."""
-    rng = np.random.default_rng(seed)
-    inputs = {}
-    for name, (dtype, shape) in sorted(specs.items()):
-        if shape is None or any(d is None for d in shape[1:]):
-            raise SystemExit(
-                f"input {name!r} has shape {shape}: the benchmark needs fixed dimensions "
-                "after the batch axis"
-            )
-        full = (rows, *shape[1:])
-        if dtype == "string":
-            inputs[name] = sentences(rng, int(np.prod(full))).reshape(full)
-        elif np.dtype(dtype).kind == "f":
-            inputs[name] = rng.random(full, dtype=np.float32).astype(dtype, copy=False)
-        elif np.dtype(dtype).kind == "b":
-            inputs[name] = rng.random(full) < 0.5
-        else:
-            inputs[name] = rng.integers(0, 10, full).astype(dtype)
-    return inputs
-
-
-def sentences(rng: np.random.Generator, count: int) -> np.ndarray:
-    """``count`` sentences of 4-32 pseudo-words from a 5,000-word vocabulary."""
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    vocabulary = ["".join(rng.choice(letters, size=rng.integers(2, 10))) for _ in range(5000)]
-    lengths = rng.integers(4, 33, size=count)
-    words = rng.integers(0, len(vocabulary), size=int(lengths.sum()))
-    out, at = np.empty(count, dtype=object), 0
-    for i, n in enumerate(lengths):
-        out[i] = " ".join(vocabulary[w] for w in words[at : at + n])
-        at += n
-    return out
-
-
-# --- running configurations ------------------------------------------------------------------
-def run_config(workdir: Path, name: str, spec: dict) -> tuple[list[dict], list[dict]]:
-    """Run one configuration in a fresh process; return its entries and their outputs."""
-    spec_path = workdir / f"{name}.json"
-    spec = {
-        **spec,
-        "result_path": str(workdir / f"{name}.result.json"),
-        "outputs_path": str(workdir / f"{name}.outputs.npz"),
-    }
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "w") as log_file:
-        code = subprocess.run(
-            [sys.executable, str(RUNNER), str(spec_path)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(REPO),
-            timeout=1800,
-        ).returncode
-    if code != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"configuration {name} failed (exit {code}):\n{tail}")
-    entries = json.loads(Path(spec["result_path"]).read_text())["entries"]
-    with np.load(spec["outputs_path"], allow_pickle=False) as archive:
-        outputs: list[dict] = [{} for _ in entries]
-        for key in archive.files:
-            index, output = key.split("/", 1)
-            outputs[int(index)][output] = archive[key]
-    return entries, outputs
-
-
-def verify(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Compare outputs with the reference configuration's, row for row (a prefix for
-    load-per-call, which answers only a few requests)."""
-    if set(got) != set(reference):
-        return {"outputs_match": False, "reason": f"outputs {sorted(got)} != {sorted(reference)}"}
-    worst, rows = 0.0, None
-    for name, want in reference.items():
-        have = got[name]
-        rows = len(have)
-        want = want[:rows]
-        if have.shape != want.shape:
-            return {"outputs_match": False, "reason": f"{name}: {have.shape} != {want.shape}"}
-        if have.dtype.kind not in "biuf":  # strings and the like: exactly equal
-            if not np.array_equal(have, want):
-                return {"outputs_match": False, "reason": f"{name}: values differ"}
-            continue
-        if not np.allclose(have, want, rtol=RTOL, atol=ATOL):
-            diff = float(np.max(np.abs(have.astype(np.float64) - want)))
-            return {"outputs_match": False, "reason": f"{name}: max |diff| {diff:.3g}"}
-        if have.size:
-            worst = max(worst, float(np.max(np.abs(have.astype(np.float64) - want))))
-    return {"outputs_match": True, "max_abs_diff": worst, "rows_compared": rows}
-
-
-def run_workload(args: argparse.Namespace, workload: str, workdir: Path) -> dict[str, Any]:
-    if workload == "image":
-        model, rows, shard_size = args.model, args.rows, args.shard_size
-    else:
-        model, rows, shard_size = "text_embedding", args.text_rows, args.text_shard_size
-    path, input_specs = resolve_model(model, workdir)
-    inputs = make_inputs(input_specs, rows, args.seed)
-    input_paths = {}
-    for name, array in inputs.items():
-        input_paths[name] = str(workdir / f"{workload}-input-{name}.npy")
-        np.save(input_paths[name], array, allow_pickle=array.dtype == object)
-    cpus = usable_cpus()
-    common = {
-        "model": path,
-        "inputs": input_paths,
-        "shard_size": shard_size,
-        "repeats": args.repeats,
-        "latency_requests": args.latency_requests,
-    }
+def plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """The configurations in the order they run: the in-process baselines once, then
+    ``rounds`` rounds of executor and pool at every worker count, interleaved; the kind that
+    goes first alternates between rounds."""
     configs: list[tuple[str, dict]] = [
-        ("single", {"kind": "single", "intra_op_threads": cpus, "inter_op_threads": None}),
+        ("single", {"kind": "single", "intra_op_threads": common.usable_cpus()}),
         (
             "load_per_call",
             {
                 "kind": "load_per_call",
-                "intra_op_threads": cpus,
-                "inter_op_threads": None,
+                "intra_op_threads": common.usable_cpus(),
                 "requests": args.load_per_call_requests,
             },
         ),
     ]
-    for n in args.workers:  # interleaved, so slow drift in background load hits both alike
-        for kind in ("executor", "pool"):
-            configs.append(
-                (
-                    f"{kind}-{n}",
-                    {
-                        "kind": kind,
-                        "workers": n,
-                        "threads_per_worker": args.threads_per_worker,
-                        "start_method": args.start_method,
-                    },
-                )
-            )
+    for r in range(args.rounds):
+        kinds = ("executor", "pool") if r % 2 == 0 else ("pool", "executor")
+        for n in args.workers:
+            for kind in kinds:
+                spec = {
+                    "kind": kind,
+                    "round": r,
+                    "workers": n,
+                    "threads_per_worker": args.threads_per_worker,
+                    "start_method": args.start_method,
+                    "max_batch_rows": args.max_batch_rows,
+                }
+                configs.append((f"{kind}-{n}-round{r}", spec))
+    for _, spec in configs:
+        spec.setdefault("inter_op_threads", None)
+    return configs
+
+
+def run_workload(args: argparse.Namespace, workload: str, workdir: Path) -> dict[str, Any]:
+    model = args.model if workload == "image" else WORKLOADS[workload]["model"]
+    rows = getattr(args, f"{workload}_rows")
+    shard_size = getattr(args, f"{workload}_shard_size")
+    path, input_specs = resolve_model(model, workdir)
+    inputs = common.make_inputs(input_specs, rows, args.seed)
+    common_spec = {
+        "model": path,
+        "inputs": common.save_inputs(inputs, workdir, workload),
+        "shard_size": shard_size,
+        "repeats": args.repeats,
+        "latency_requests": args.latency_requests,
+    }
     entries: list[dict] = []
     reference = None
-    for name, spec in configs:
+    for name, spec in plan(args):
         log.info("%s: %s ...", workload, name)
         started = time.perf_counter()
-        got, outputs = run_config(workdir, f"{workload}-{name}", {**common, **spec})
+        got, outputs = run_config(workdir, f"{workload}-{name}", {**common_spec, **spec})
         for e, out in zip(got, outputs, strict=True):
             e.update(workers=spec.get("workers", 1), shard_size=shard_size)
+            if "round" in spec:
+                e["round"] = spec["round"]
             if e["label"] == "single_batch":
                 e["shard_size"] = rows
             e["rows_per_pass"] = e.get("rows_per_pass") or [rows] * len(e["pass_seconds"])
@@ -412,7 +283,7 @@ def run_workload(args: argparse.Namespace, workload: str, workdir: Path) -> dict
                 reference = out
                 e["verification"] = {"outputs_match": True, "reference": True}
             else:
-                e["verification"] = verify(out, reference)
+                e["verification"] = common.verify(out, reference)
             if not e["verification"]["outputs_match"]:
                 log.error("%s: outputs differ: %s", e["label"], e["verification"]["reason"])
             entries.append(e)
@@ -429,40 +300,112 @@ def run_workload(args: argparse.Namespace, workload: str, workdir: Path) -> dict
         "inputs": {n: {"dtype": d, "shape": s} for n, (d, s) in input_specs.items()},
         "rows": rows,
         "shard_size": shard_size,
-        "entries": entries,
+        "entries": merge_rounds(entries),
     }
+
+
+def merge_rounds(entries: list[dict]) -> list[dict]:
+    """One entry per (label, workers): the rounds' passes and latencies pooled, start-up the
+    median of the rounds', parent CPU summed, memory from the round with the highest peak;
+    every round's own figures kept under ``rounds``."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for e in entries:
+        groups.setdefault((e["label"], e["workers"]), []).append(e)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1 and "round" not in group[0]:
+            merged.append(group[0])
+            continue
+        last = group[-1]  # the last round's worker stats and ready info
+        e = dict(last)
+        e["pass_seconds"] = [s for g in group for s in g["pass_seconds"]]
+        e["rows_per_pass"] = [r for g in group for r in g["rows_per_pass"]]
+        e["latency_seconds"] = [s for g in group for s in g["latency_seconds"] or []]
+        for key in ("startup_seconds", "ready_seconds", "first_pass_seconds"):
+            values = [g[key] for g in group if g.get(key) is not None]
+            e[key] = float(np.median(values)) if values else None
+        e["memory"] = max(
+            (g["memory"] for g in group), key=lambda m: m.get("peak_rss_bytes_max") or 0
+        )
+        if all("parent_cpu" in g for g in group):
+            e["parent_cpu"] = {
+                k: sum(g["parent_cpu"][k] for g in group) for k in group[0]["parent_cpu"]
+            }
+            e["timed_shards"] = sum(g["timed_shards"] for g in group)
+        if all(g.get("model_calls") for g in group):
+            rows = sum(g["model_calls"]["rows"] for g in group)
+            calls = sum(g["model_calls"]["model_calls"] for g in group)
+            e["model_calls"] = {
+                **last["model_calls"],
+                "rows": rows,
+                "shards": sum(g["model_calls"]["shards"] for g in group),
+                "model_calls": calls,
+                "rows_per_model_call": rows / calls if calls else None,
+            }
+        copies = [g["copies_per_shard"] for g in group if g.get("copies_per_shard") is not None]
+        e["copies_per_shard"] = float(np.median(copies)) if copies else None
+        checks = [g["verification"] for g in group]
+        failed = [c for c in checks if not c["outputs_match"]]
+        e["verification"] = (
+            failed[0]
+            if failed
+            else {
+                "outputs_match": True,
+                "max_abs_diff": max(c.get("max_abs_diff", 0.0) for c in checks),
+                "rows_compared": min(c.get("rows_compared") or 0 for c in checks),
+            }
+        )
+        e.pop("round", None)
+        e["rounds"] = [
+            {
+                k: g.get(k)
+                for k in (
+                    "round",
+                    "pass_seconds",
+                    "startup_seconds",
+                    "parent_cpu",
+                    "timed_shards",
+                    "model_calls",
+                    "copies_per_shard",
+                    "verification",
+                )
+            }
+            for g in group
+        ]
+        merged.append(e)
+    return merged
 
 
 def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Run every configuration of every workload; return the raw figures."""
-    machine = describe_machine()
+    machine = common.describe_machine()
     log.info(
-        "%s, %s physical / %s logical cores, TensorFlow %s; workers %s",
+        "%s, %s physical / %s logical cores, TensorFlow %s; workers %s, %d rounds",
         machine["cpu_model"],
         machine["physical_cores"],
         machine["logical_cores"],
         machine["tensorflow"],
         args.workers,
+        args.rounds,
     )
-    workloads = ["image", "text"] if args.workload == "both" else [args.workload]
     started = time.perf_counter()
     results: dict[str, Any] = {
         "benchmark": "core_scaling",
-        "format_version": 1,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "format_version": 2,
+        "created": common.now(),
         "command": command,
-        "git_revision": git_revision(),
+        "git_revision": common.git_revision(),
         "machine": machine,
         "settings": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
             if k not in ("update_docs", "render_only")
         },
-        "tolerance": {"rtol": RTOL, "atol": ATOL},
+        "tolerance": {"rtol": common.RTOL, "atol": common.ATOL},
         "workloads": {},
     }
     with tempfile.TemporaryDirectory(prefix="core-scaling-") as tmp:
-        for workload in workloads:
+        for workload in args.workload:
             results["workloads"][workload] = run_workload(args, workload, Path(tmp))
     results["total_seconds"] = time.perf_counter() - started
     log.info("measured everything in %.0f s", results["total_seconds"])
@@ -471,28 +414,29 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
-    script = Path(sys.argv[0]).resolve()
-    shown = script.relative_to(REPO) if script.is_relative_to(REPO) else Path(sys.argv[0])
-    command = "python " + shlex.join([str(shown), *(sys.argv[1:] if argv is None else argv)])
+    common.setup_logging()
     json_path = args.output_dir / "core_scaling.json"
     if args.render_only:
         results = json.loads(json_path.read_text())
     else:
-        results = measure(args, command)
+        results = measure(args, common.command_line(argv))
     scaling_report.summarize(results)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     png_path = args.output_dir / "core_scaling.png"
     md_path = args.output_dir / "latest.md"
-    json_path.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
+    json_path.write_text(json.dumps(results, indent=1, default=common.json_default) + "\n")
     scaling_report.plot(results, png_path)
     markdown = scaling_report.markdown(results, png_name=png_path.name)
     md_path.write_text(markdown)
     print(markdown)
     if args.update_docs:
-        scaling_report.update_docs(REPO / "docs" / "benchmarks.md", markdown, args.output_dir)
+        common.update_docs(
+            common.REPO / "docs" / "benchmarks.md",
+            markdown,
+            args.output_dir,
+            scaling_report.DOCS_BEGIN,
+            scaling_report.DOCS_END,
+        )
     log.info("wrote %s, %s and %s", json_path, png_path, md_path)
     mismatched = [
         f"{w}/{e['label']}"
@@ -506,13 +450,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -5,8 +5,9 @@ Used by both runners (``scaling_runner.py``, ``requests_runner.py``):
 - :func:`parent_cpu`: this process's CPU seconds (user, system) from ``getrusage``; the
   difference of two readings divided by the shards or requests answered in between is the
   parent's CPU per shard or per request;
-- :func:`call_counts` / :func:`model_calls`: the pool's rows and model calls between two
-  ``stats()`` snapshots (``batches`` counts model calls, combined shards counting once);
+- :func:`call_counts` / :func:`model_calls` / :func:`settled_model_calls`: the pool's rows and
+  model calls between two ``stats()`` snapshots (``batches`` counts model calls, combined
+  shards counting once);
 - :func:`copies_per_shard` and :func:`transport_info`: what the pool's transport reports it did,
   read from ``pool.transport_info()`` when the pool has that method, else None.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import resource
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,6 +60,19 @@ def model_calls(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]
         "model_calls_counted_from": source,
         "rows_per_model_call": rows / batches if batches else None,
     }
+
+
+def settled_model_calls(
+    pool: Any, before: dict[str, int], rows: int, timeout: float = 2.0
+) -> dict[str, Any]:
+    """:func:`model_calls` since ``before``, once ``stats()`` counts at least ``rows`` rows
+    (a shard's count may land just after its result) or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = call_counts(pool.stats())
+        if after["rows"] - before["rows"] >= rows or time.monotonic() > deadline:
+            return model_calls(before, after)
+        time.sleep(0.01)
 
 
 def transport_info(pool: Any) -> Any:

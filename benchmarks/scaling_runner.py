@@ -15,7 +15,11 @@ Every kind follows the same protocol, so the figures compare:
 - ``repeats`` timed passes over all rows -> rows/s;
 - ``latency_requests`` shards sent one at a time to the idle configuration -> latency;
 - the RSS and USS of every process of the configuration are measured meanwhile (see
-  :class:`PeakMemory`).
+  :class:`PeakMemory`);
+- for ``executor`` and ``pool``, this process's CPU seconds over the timed passes
+  (``getrusage``: the parent's share of the work, its memory sampler included) and the shards
+  they sent; for ``pool`` also its rows and model calls over the timed passes (``stats()``)
+  and what its transport reports (``pool_figures.copies_per_shard``).
 
 Kinds: ``describe`` (signature of a model), ``single`` (hub.load once, all cores via intra-op
 threads; shards, then one batch of all rows), ``load_per_call`` (hub.load for every request),
@@ -38,6 +42,7 @@ from typing import Any
 
 import baselines
 import numpy as np
+import pool_figures
 import psutil
 
 Inputs = dict[str, np.ndarray]
@@ -288,9 +293,11 @@ def run_executor(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list
             for _ in executor.map(baselines.run_shard, shards):
                 pass
         memory.checkpoint()
+        cpu_before = pool_figures.parent_cpu()
         passes, parts = _timed_passes(
             lambda: [out for _, out in executor.map(baselines.run_shard, shards)], spec
         )
+        cpu = pool_figures.cpu_delta(cpu_before, pool_figures.parent_cpu())
         outputs = concat(parts)
         memory.checkpoint()
         latency = _latency(
@@ -308,6 +315,8 @@ def run_executor(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list
             memory=memory.figures(),
             workers_answered=len(answered),
             threads={"intra_op_threads": spec["threads_per_worker"], "inter_op_threads": 1},
+            parent_cpu=cpu,
+            timed_shards=len(shards) * len(passes),
         )
     ], [outputs]
 
@@ -316,6 +325,9 @@ def run_pool(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, li
     """``PredictionPool`` with ``workers`` processes and the same shard size."""
     from pool import PredictionPool
 
+    options = {}
+    if spec.get("max_batch_rows") is not None:
+        options["max_batch_rows"] = spec["max_batch_rows"]
     started = time.perf_counter()
     pool = PredictionPool(
         spec["model"],
@@ -323,6 +335,7 @@ def run_pool(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, li
         shard_size=spec["shard_size"],
         threads_per_worker=spec["threads_per_worker"],
         start_method=spec.get("start_method"),
+        **options,
     )
     try:
         with PeakMemory(pool.worker_pids) as memory:
@@ -338,7 +351,15 @@ def run_pool(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, li
                 f"first result after {first:.2f} s"
             )
             memory.checkpoint()
+            counts_before = pool_figures.call_counts(pool.stats())
+            cpu_before = pool_figures.parent_cpu()
             passes, result = _timed_passes(lambda: pool.predict(inputs), spec)
+            cpu = pool_figures.cpu_delta(cpu_before, pool_figures.parent_cpu())
+            calls = pool_figures.settled_model_calls(
+                pool, counts_before, rows=len(next(iter(inputs.values()))) * len(passes)
+            )
+            copies = pool_figures.copies_per_shard(pool)
+            transport = pool_figures.transport_info(pool)
             outputs = _as_dict(result, pool.signature.single_output)
             memory.checkpoint()
             latency = _latency(pool.predict, shards, spec["latency_requests"])
@@ -361,6 +382,11 @@ def run_pool(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, li
             worker_stats=stats,
             ready_info=ready,
             threads={"intra_op_threads": spec["threads_per_worker"], "inter_op_threads": 1},
+            parent_cpu=cpu,
+            timed_shards=len(shards) * len(passes),
+            model_calls=calls,
+            copies_per_shard=copies,
+            transport_info=transport,
         )
     ], [outputs]
 

@@ -1,38 +1,79 @@
-"""The core-scaling benchmark runs end to end (``--quick``) and writes sane figures.
+"""The benchmarks run end to end (``--quick``) and write sane figures.
 
-No timing assertions: this machine's speed is not under test, only that the script works,
-that every configuration it measures answers like the others, and that its outputs exist.
+No timing assertions: this machine's speed is not under test, only that the scripts work,
+that every configuration they measure answers like the reference, that the figures they
+derive follow from the raw ones, and that they leave no process behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "core_scaling.py"
+BENCHMARKS = REPO / "benchmarks"
 LABELS = {"load_per_call", "single", "single_batch", "executor", "pool"}
 
 
-@pytest.mark.timeout(240)
-def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
+def run_benchmark(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/SCRIPT`` with a marker in its environment; after it exits, check that
+    no process carrying the marker (its runners, their fork servers and workers) is left."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "POOL_BENCHMARK_TEST_RUN": marker}
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--workers", "1,2", "--output-dir", str(tmp_path)],
+        [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         cwd=REPO,
-        timeout=230,
+        env=env,
+        timeout=timeout,
+    )
+    _, alive = psutil.wait_procs(_marked(marker), timeout=15)
+    assert not alive, f"{script} left processes behind: {[p.pid for p in alive]}"
+    return run
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("POOL_BENCHMARK_TEST_RUN") == marker:
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def target_statuses(stdout: str) -> list[str]:
+    return [line.split()[0] for line in stdout.splitlines() if "(target " in line]
+
+
+# --- core scaling ----------------------------------------------------------------------------
+@pytest.mark.timeout(400)
+def test_core_scaling_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
+    run = run_benchmark(
+        "core_scaling.py",
+        "--quick",
+        "--workers",
+        "1,2",
+        "--output-dir",
+        str(tmp_path),
+        timeout=390,
     )
     assert run.returncode == 0, run.stderr[-4000:]
 
-    # stdout: the markdown table and the targets, the same text as latest.md
+    # stdout: the markdown tables and the targets, the same text as latest.md
     assert "| Configuration |" in run.stdout and "`PredictionPool`" in run.stdout
-    targets = [line.split()[0] for line in run.stdout.splitlines() if "(target " in line]
-    assert targets and set(targets) <= {"PASS", "MISS", "N/A"}, targets
+    assert "Parent CPU µs per shard" in run.stdout
+    statuses = target_statuses(run.stdout)
+    assert statuses and set(statuses) <= {"PASS", "MISS", "N/A", "INFO"}, statuses
     assert (tmp_path / "latest.md").read_text().strip() == run.stdout.strip()
 
     png = (tmp_path / "core_scaling.png").read_bytes()
@@ -42,9 +83,10 @@ def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     machine = results["machine"]
     assert machine["physical_cores"] >= 1 and machine["logical_cores"] >= 1
     assert machine["tensorflow"] and machine["cpu_model"]
-    assert list(results["workloads"]) == ["image"]
-    image = results["workloads"]["image"]
-    entries = image["entries"]
+    assert list(results["workloads"]) == ["cnn"]
+    cnn = results["workloads"]["cnn"]
+    assert cnn["model"] == "small_cnn" and cnn["shard_size"] == 16
+    entries = cnn["entries"]
     assert {e["label"] for e in entries} == LABELS
     for kind in ("executor", "pool"):
         assert sorted(e["workers"] for e in entries if e["label"] == kind) == [1, 2]
@@ -54,9 +96,6 @@ def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
         assert e["verification"]["outputs_match"], (name, e["verification"])
         rate = e["summary"]["rows_per_second"]
         assert 0 < rate["min"] <= rate["median"] <= rate["max"], (name, rate)
-        assert len(e["pass_seconds"]) == results["settings"]["repeats"] or (
-            e["label"] == "load_per_call"
-        )
         if e["label"] != "single_batch":
             assert e["startup_seconds"] > 0, name
             latency = e["summary"]["latency_seconds"]
@@ -66,11 +105,161 @@ def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
         assert 50 << 20 < memory["peak_rss_bytes_max"] < 16 << 30, (name, memory)
         assert 0 < memory["peak_uss_bytes_max"] <= memory["peak_rss_bytes_max"], (name, memory)
         if e["label"] in ("executor", "pool"):
+            assert [r["round"] for r in e["rounds"]] == [0]
+            assert len(e["pass_seconds"]) == results["settings"]["repeats"]
             efficiency = e["summary"]["scaling_efficiency"]
             assert efficiency > 0 and (e["workers"] != 1 or efficiency == pytest.approx(1.0))
+            # the parent's CPU over the timed passes, per shard sent
+            assert e["timed_shards"] == cnn["rows"] // cnn["shard_size"]
+            assert e["parent_cpu"]["seconds"] > 0
+            assert e["summary"]["parent_cpu_seconds_per_shard"] == pytest.approx(
+                e["parent_cpu"]["seconds"] / e["timed_shards"]
+            )
+            assert "copies_per_shard" in e  # None until the pool reports its transport
 
     pools = [e for e in entries if e["label"] == "pool"]
     assert all(w["loads"] == 1 for e in pools for w in e["worker_stats"])  # loaded once each
-    assert sum(w["rows"] for w in pools[-1]["worker_stats"]) >= image["rows"]
-    versus_executor = [t for t in image["targets"] if "ProcessPoolExecutor" in t["target"]]
-    assert len(versus_executor) == 2 and all(t["passed"] in (True, False) for t in versus_executor)
+    assert sum(w["rows"] for w in pools[-1]["worker_stats"]) >= cnn["rows"]
+    for e in pools:
+        calls = e["model_calls"]
+        assert calls["rows"] == cnn["rows"] * results["settings"]["repeats"], calls
+        assert 1 <= calls["model_calls"] <= calls["rows"]
+        assert e["summary"]["rows_per_model_call"] == pytest.approx(
+            calls["rows"] / calls["model_calls"]
+        )
+    versus_executor = [t for t in cnn["targets"] if "ProcessPoolExecutor" in t["target"]]
+    assert len(versus_executor) == 2
+    for t in versus_executor:  # enforced on every workload, computed from the medians
+        assert t["enforced"] and t["bound"] == 1.05 and t["passed"] == (t["measured"] >= 1.05)
+
+
+def test_core_scaling_merges_rounds_into_one_entry_per_configuration() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import core_scaling
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def entry(round_: int, passes: list[float], cpu: float, calls: int) -> dict:
+        return {
+            "label": "pool",
+            "workers": 2,
+            "round": round_,
+            "pass_seconds": passes,
+            "rows_per_pass": [64] * len(passes),
+            "latency_seconds": [0.01 * (round_ + 1)],
+            "startup_seconds": 5.0 + round_,
+            "memory": {"peak_rss_bytes_max": 100 * (round_ + 1)},
+            "parent_cpu": {"seconds": cpu, "user_seconds": cpu, "system_seconds": 0.0},
+            "timed_shards": 4 * len(passes),
+            "model_calls": {"rows": 64 * len(passes), "model_calls": calls, "shards": 8},
+            "copies_per_shard": None,
+            "verification": {
+                "outputs_match": True,
+                "max_abs_diff": 1e-7 * round_,
+                "rows_compared": 64,
+            },
+        }
+
+    single = {"label": "single", "workers": 1, "pass_seconds": [1.0], "rows_per_pass": [64]}
+    rounds = [entry(0, [1.0, 2.0], 0.5, 2), entry(1, [3.0], 0.25, 6), entry(2, [4.0], 0.75, 8)]
+    merged = core_scaling.merge_rounds([single, *rounds])
+    assert merged[0] is single  # configurations measured once are left as they are
+    (pool,) = merged[1:]
+    assert pool["pass_seconds"] == [1.0, 2.0, 3.0, 4.0]
+    assert pool["rows_per_pass"] == [64] * 4
+    assert pool["latency_seconds"] == pytest.approx([0.01, 0.02, 0.03])
+    assert pool["startup_seconds"] == 6.0  # the median round's
+    assert pool["memory"] == {"peak_rss_bytes_max": 300}  # the round with the highest peak
+    assert pool["parent_cpu"]["seconds"] == pytest.approx(1.5)
+    assert pool["timed_shards"] == 16
+    assert pool["model_calls"]["rows_per_model_call"] == pytest.approx(256 / 16)
+    assert pool["verification"]["rows_compared"] == 64
+    assert [r["round"] for r in pool["rounds"]] == [0, 1, 2]
+    rounds[1]["verification"] = {"outputs_match": False, "reason": "values differ"}
+    (_, pool) = core_scaling.merge_rounds([single, *rounds])
+    assert pool["verification"] == {"outputs_match": False, "reason": "values differ"}
+
+
+# --- concurrent requests ---------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_concurrent_requests_quick_run_writes_tables_json_and_plot(tmp_path: Path) -> None:
+    run = run_benchmark(
+        "concurrent_requests.py", "--quick", "--output-dir", str(tmp_path), timeout=290
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "| Clients | Configuration |" in run.stdout
+    assert (tmp_path / "requests.md").read_text().strip() == run.stdout.strip()
+    statuses = target_statuses(run.stdout)
+    # 16 and 64 clients are not measured by --quick; 1 client is
+    assert statuses[:2] == ["N/A", "N/A"] and statuses[2] in ("PASS", "MISS"), statuses
+
+    png = (tmp_path / "requests.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    results = json.loads((tmp_path / "requests.json").read_text())
+    assert results["settings"]["clients"] == [1, 4]
+    assert list(results["workloads"]) == ["small_cnn"]
+    workload = results["workloads"]["small_cnn"]
+    runs = workload["runs"]
+    assert sorted(r["kind"] for r in runs) == ["executor", "global", "pool"]
+    workers = results["settings"]["workers"]
+    for run_ in runs:
+        kind = run_["kind"]
+        assert run_["startup_seconds"] > 0
+        assert run_["processes"] == (1 if kind == "global" else workers)
+        assert [lv["clients"] for lv in run_["levels"]] == [1, 4]
+        for level in run_["levels"]:
+            name = f"{kind} x{level['clients']}"
+            check = level["verification"]
+            assert check["outputs_match"], (name, check)
+            assert check["rows_compared"] == workload["rows"], (name, check)
+            assert level["requests"] > 0 and level["window_seconds"] > 0
+            assert level["requests_per_second"] == pytest.approx(
+                level["requests"] / level["window_seconds"]
+            )
+            latency = level["latency_seconds"]
+            assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+            assert level["parent_cpu"]["seconds"] > 0
+            assert level["parent_cpu_seconds_per_request"] == pytest.approx(
+                level["parent_cpu"]["seconds"] / level["requests"]
+            )
+            if kind == "pool":  # rows and model calls counted by the pool over the window
+                calls = level["model_calls"]
+                assert calls["rows"] >= level["requests"] - level["clients"], (name, calls)
+                assert 1 <= calls["model_calls"] <= calls["rows"], (name, calls)
+                assert level["rows_per_model_call"] == pytest.approx(
+                    calls["rows"] / calls["model_calls"]
+                )
+            else:
+                assert level["rows_per_model_call"] == 1.0
+        if kind == "global":  # TensorFlow's default thread pools, as recorded
+            assert run_["threads"] == {"intra_op_threads": 0, "inter_op_threads": 0}
+
+    summary = workload["summary"]
+    for clients in ("1", "4"):
+        glob, pool = summary["global"][clients], summary["pool"][clients]
+        assert glob["vs_global"] == pytest.approx(1.0)
+        assert pool["vs_global"] == pytest.approx(
+            pool["requests_per_second"]["median"] / glob["requests_per_second"]["median"]
+        )
+    latency_target = workload["targets"][-1]
+    base = summary["global"]["1"]["p50_seconds"]["median"]
+    have = summary["pool"]["1"]["p50_seconds"]["median"]
+    assert latency_target["passed"] == (have <= base * 1.2 + 1e-3)
+
+    rendered = subprocess.run(  # --render-only redraws the same tables from the JSON alone
+        [
+            sys.executable,
+            str(BENCHMARKS / "concurrent_requests.py"),
+            "--render-only",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert rendered.returncode == 0, rendered.stderr[-4000:]
+    assert rendered.stdout == run.stdout
