@@ -134,6 +134,48 @@ def test_predict_accepts_arrow(text_pool, models):
     assert_rows_equal(etl.predict(text_pool, pa.array(rows).slice(50, 100)), want[50:150])
 
 
+class Delegate:
+    """Not a PredictionPool: only what ``pool.etl.Predictor`` asks for, passed on to one, and a
+    record of what reached it."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.seen: list[tuple[str, object]] = []
+
+    @property
+    def signature(self):
+        return self.pool.signature
+
+    def submit(self, inputs, **options):
+        self.seen.append(("submit", inputs))
+        return self.pool.submit(inputs, **options)
+
+    def imap(self, batches, **options):
+        def recorded():
+            for batch in batches:
+                self.seen.append(("imap", batch))
+                yield batch
+
+        return self.pool.imap(recorded(), **options)
+
+
+def test_tables_are_adapted_at_the_edge_for_any_predictor(text_pool, models):
+    """pool.etl works with any object that has signature, submit and imap, and hands it NumPy
+    arrays only: the core never sees a data frame."""
+    rows = texts(120)
+    want = embeddings(models, rows)
+    proxy = Delegate(text_pool)
+    assert_rows_equal(etl.predict(proxy, pd.DataFrame({"id": range(120), "text": rows})), want)
+    batches = [pd.DataFrame({"text": rows[:50]}), pa.record_batch({"text": rows[50:]})]
+    out = list(etl.map_batches(proxy, batches))
+    assert_rows_equal(
+        np.concatenate([stacked(out[0]["embedding"]), stacked(out[1]["embedding"])]), want
+    )
+    assert [kind for kind, _ in proxy.seen] == ["submit", "imap", "imap"]
+    for _, inputs in proxy.seen:
+        assert list(inputs) == ["text"] and isinstance(inputs["text"], np.ndarray)
+
+
 def test_multi_input_frames(multi_pool, models):
     rng = np.random.default_rng(0)
     a = rng.normal(size=(64, 4)).astype(np.float32)
