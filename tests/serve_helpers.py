@@ -65,8 +65,8 @@ class Server:
     def model_url(self, suffix: str = "") -> str:
         return f"{self.url}/v1/models/{self.name}{suffix}"
 
-    def predict(self, body: dict, **kwargs) -> requests.Response:
-        return requests.post(self.model_url(":predict"), json=body, timeout=120, **kwargs)
+    def predict(self, body: dict, timeout: float = 120) -> requests.Response:
+        return requests.post(self.model_url(":predict"), json=body, timeout=timeout)
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -76,16 +76,21 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         """The model's worker processes: every descendant except multiprocessing's fork server
-        and resource tracker (the workers are the fork server's children)."""
-        pids = []
-        for p in self.descendants():
+        and resource tracker, the server's helper children (workers are the fork server's
+        children, and carry its command line)."""
+        try:
+            children = psutil.Process(self.process.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        helpers = set()
+        for child in children:
             try:
-                cmd = " ".join(p.cmdline())
+                cmd = " ".join(child.cmdline())
             except psutil.Error:
                 continue
-            if "forkserver" not in cmd and "resource_tracker" not in cmd:
-                pids.append(p.pid)
-        return pids
+            if "forkserver" in cmd or "resource_tracker" in cmd:
+                helpers.add(child.pid)
+        return [p.pid for p in self.descendants() if p.pid not in helpers]
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of the Prometheus endpoint: ``{(name, sorted labels): value}``."""

@@ -237,7 +237,13 @@ def _errors(server: Server):
         ("POST", predict, {"instances": good, "inputs": good}, 400, "got both"),
         ("POST", predict, {"signature_name": "serving_default"}, 400, "'instances'"),
         ("POST", predict, {"instances": []}, 400, "no values in the 'instances' list"),
-        ("POST", predict, {"instances": [[[0.0] * 3] * 31] * 32}, 400, "rows must all have"),
+        (
+            "POST",
+            predict,
+            {"instances": [good[0], images(1, 31).tolist()[0]]},
+            400,
+            "rows must all have",
+        ),
         (
             "POST",
             predict,
@@ -377,7 +383,7 @@ def test_metrics_count_what_was_sent(cnn):
     assert delta("pool_serve_request_rows_sum", api="v1_predict") == sent_rows
     assert delta("pool_serve_request_rows_count", api="v1_predict") == 4
     assert delta("pool_model_rows_total") == sent_rows  # the refused requests never ran
-    assert 1 <= delta("pool_model_calls_total") <= 4
+    assert 1 <= delta("pool_model_calls_total") <= sent_rows  # requests are split and combined
     assert metric(after, "pool_workers") == 2
     assert metric(after, "pool_queued_requests") == 0
     assert metric(after, "pool_serve_requests_in_flight") == 0
@@ -550,37 +556,41 @@ def _refused(server: Server) -> bool:
 
 def test_sigterm_drains_requests_in_flight_then_stops_everything(models):
     server = Server(
-        models["text_embedding"], "--workers", "1", "--model-name", "t", "--drain-timeout", "4"
+        models["text_embedding"],
+        *("--workers", "1", "--model-name", "t", "--drain-timeout", "4", "-v"),
     )
-    family = server.descendants()
-    assert server.worker_pids()
-    texts = ["in flight at SIGTERM", "ünïcode"]
-    body = json.dumps({"instances": texts}).encode()
-    finishing = _open_slow_request(server, body)
-    stalled = _open_slow_request(server, body)  # never completes: cancelled at the drain timeout
-    deadline = time.monotonic() + 10
-    while metric(server.metrics(), "pool_serve_requests_in_flight") < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    server.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while not _refused(server):  # stops accepting new connections...
-        assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
-        time.sleep(0.05)
-    assert server.process.poll() is None  # ...while it drains
-    finishing.send(body[len(body) // 2 :])
-    response = finishing.getresponse()
-    assert response.status == 200
-    want = in_process(models["text_embedding"], np.array(texts, dtype=object))["embedding"]
-    assert_rows_equal(np.asarray(json.loads(response.read())["predictions"], np.float32), want)
-    started = time.monotonic()
-    assert server.process.wait(60) == 0
-    assert time.monotonic() - started < 30
-    stalled.close()
-    _, alive = psutil.wait_procs(family, timeout=15)
-    assert not alive, [p.pid for p in alive]
-    assert "draining" in server.stderr
-    assert server.stop() == 0
+    try:
+        family = server.descendants()
+        assert server.worker_pids()
+        texts = ["in flight at SIGTERM", "ünïcode"]
+        body = json.dumps({"instances": texts}).encode()
+        finishing = _open_slow_request(server, body)
+        # never completes: cancelled at the drain timeout
+        stalled = _open_slow_request(server, body)
+        deadline = time.monotonic() + 10
+        while metric(server.metrics(), "pool_serve_requests_in_flight") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not _refused(server):  # stops accepting new connections...
+            assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+            time.sleep(0.05)
+        assert server.process.poll() is None  # ...while it drains
+        finishing.send(body[len(body) // 2 :])
+        response = finishing.getresponse()
+        assert response.status == 200
+        want = in_process(models["text_embedding"], np.array(texts, dtype=object))["embedding"]
+        assert_rows_equal(np.asarray(json.loads(response.read())["predictions"], np.float32), want)
+        started = time.monotonic()
+        assert server.process.wait(60) == 0
+        assert time.monotonic() - started < 30
+        stalled.close()
+        _, alive = psutil.wait_procs(family, timeout=15)
+        assert not alive, [p.pid for p in alive]
+        assert "draining" in server.stderr
+    finally:
+        assert server.stop() == 0
 
 
 # --- the command line -----------------------------------------------------------------------

@@ -266,6 +266,7 @@ class _Handlers:
         )
 
     async def _predict(self, request: Request, started: float) -> tuple[Response, int]:
+        self._admit()
         body = await self._body(request)
         signature = self._signature()
         parse = _parse_v1
@@ -307,9 +308,12 @@ class _Handlers:
             )
         return b"".join(chunks)
 
-    async def _call(self, request: Request, inputs: dict, started: float) -> Any:
+    def _admit(self) -> None:
+        """Refuse a prediction that arrives once draining began (those already in flight run)."""
         if self.state.draining:
             raise RequestError("the server is shutting down; retry on another replica", 503)
+
+    async def _call(self, request: Request, inputs: dict, started: float) -> Any:
         try:
             future = self.pool.submit(inputs)  # validates; may raise QueueFullError at once
         except (ValueError, TypeError) as exc:  # the input does not fit the signature
@@ -429,6 +433,7 @@ class _Handlers:
         return response
 
     async def _infer(self, request: Request, started: float) -> tuple[Response, int]:
+        self._admit()
         body = await self._body(request)
         signature = self._signature()
         if len(body) > INLINE_BYTES:

@@ -462,7 +462,9 @@ def _string_token(value: Any, as_bytes: bool) -> str:
     return '{"b64":"' + base64.b64encode(bytes(value)).decode("ascii") + '"}'
 
 
-def _nest(tokens: np.ndarray) -> str:
+def _nest(tokens: Any) -> str:
+    if not isinstance(tokens, np.ndarray):  # one value of a 1-D array
+        return str(tokens)
     if tokens.ndim == 0:
         return str(tokens[()])
     if tokens.ndim == 1:

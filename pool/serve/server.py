@@ -144,7 +144,7 @@ def serve(
 
     ``pool_options`` go to :class:`pool.PredictionPool` (``workers``, ``signature``,
     ``max_batch_rows``, ``batch_timeout_micros``, ``max_queued_requests``...). ``on_ready(url,
-    name, version)`` is called once the workers are ready and the port is about to listen.
+    name, version)`` is called once the workers are ready and the port listens.
     Raises ``OSError`` if the address cannot be bound, :class:`pool.ModelLoadError` if the
     model does not load."""
     if drain_timeout is None or not drain_timeout > 0:
@@ -207,6 +207,7 @@ def serve(
             timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]  (a float works)
         )
         server = _Server(config, on_signal)
+        sock.listen(config.backlog)  # from here connections wait in the backlog for uvicorn
         if on_ready is not None:
             on_ready(url, name, version)
         server.run(sockets=[sock])
