@@ -64,6 +64,27 @@ def connect(cluster: Any) -> tuple[Client, bool]:
     )
 
 
+def check_options(settings: Settings) -> None:
+    """Refuse the local-pool options that a Dask cluster does another way (docs/scale-out.md)."""
+    refused = {
+        "max_worker_memory": (
+            settings.limits.max_worker_memory,
+            "give the Dask workers a memory_limit (the Nanny restarts a worker past 95%)",
+        ),
+        "max_shards_per_worker": (
+            settings.limits.max_shards_per_worker,
+            "recycle Dask workers with distributed.worker.lifetime",
+        ),
+        "start_method": (
+            settings.start_method,
+            "Dask starts its workers itself (distributed.worker.multiprocessing-method)",
+        ),
+    }
+    for name, (value, instead) in refused.items():
+        if value is not None:
+            raise ValueError(f"{name}={value!r} does not apply with cluster=: {instead}")
+
+
 def cluster_model_path(model: Any) -> Any:
     """The model reference sent to the workers: an existing local directory made absolute; any
     other string (a path that only the workers can see, a TF Hub handle) or factory as given."""
@@ -91,6 +112,9 @@ class _Shard:
 
 _STOP = object()
 
+#: Input bytes sent to the scheduler in one graph; below Dask's large-graph warning (10 MB).
+GRAPH_BYTES = 8 << 20
+
 #: Started, not yet shut down backends of this process (for running_backend).
 _RUNNING: weakref.WeakSet = weakref.WeakSet()
 
@@ -107,6 +131,7 @@ class DaskBackend:
     """The workers of a Dask cluster behind a :class:`pool.PredictionPool` (see the module doc)."""
 
     def __init__(self, settings: Settings, cluster: Any) -> None:
+        check_options(settings)
         self._settings = settings
         self._cluster = cluster
         self.name = f"pool-{uuid.uuid4().hex[:12]}"
@@ -220,22 +245,26 @@ class DaskBackend:
             self._live.update(shards)
         for shard in shards:
             shard.future.add_done_callback(lambda _, shard=shard: self._on_answered(shard))
+        pending = list(shards)
         try:
-            dask_futures = self.client.map(
-                worker_side.run_shard,
-                [s.request for s in shards],
-                key=[s.shard_id for s in shards],
-                plugin_name=self.name,
-                shard_timeout=self._settings.limits.timeout,
-                suspect=None,
-                max_retries=self._settings.limits.max_retries,
-            )
+            for group in _graphs(shards):
+                dask_futures = self.client.map(
+                    worker_side.run_shard,
+                    [s.request for s in group],
+                    key=[s.shard_id for s in group],
+                    plugin_name=self.name,
+                    shard_timeout=self._settings.limits.timeout,
+                    suspect=None,
+                    max_retries=self._settings.limits.max_retries,
+                )
+                for shard, dask_future in zip(group, dask_futures, strict=True):
+                    self._watch(shard, dask_future)
+                del pending[: len(group)]
         except BaseException as exc:
-            for shard in shards:
+            for shard in pending:
                 self._settle(shard, error=exc)
-            raise
-        for shard, dask_future in zip(shards, dask_futures, strict=True):
-            self._watch(shard, dask_future)
+            if len(pending) == len(shards):
+                raise
         return [s.future for s in shards]
 
     def _resubmit(self, shard: _Shard, suspect: bool) -> None:
@@ -410,7 +439,7 @@ class DaskBackend:
         answers = self.client.run(worker_side.worker_stats, self.name, on_error="return")
         loads: dict[str, list[int]] = {}
         for _, event in self.client.get_events(worker_side.load_topic(self.name)):
-            loads.setdefault(str(event["worker"]), []).append(int(event["pid"]))
+            loads.setdefault(str(event["name"]), []).append(int(event["pid"]))
         records = []
         for answer in answers.values():
             if not isinstance(answer, dict):
@@ -447,6 +476,21 @@ class DaskBackend:
     def queued_requests(self) -> int:
         with self._lock:
             return self._open_calls
+
+
+def _graphs(shards: list[_Shard]) -> list[list[_Shard]]:
+    """Consecutive groups of shards of at most ``GRAPH_BYTES`` of inputs (at least one each):
+    one ``Client.map`` each, so no task graph sent to the scheduler is large."""
+    groups: list[list[_Shard]] = []
+    size = GRAPH_BYTES
+    for shard in shards:
+        nbytes = sum(a.nbytes for a in shard.request.inputs.values())
+        if size + nbytes > GRAPH_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(shard)
+        size += nbytes
+    return groups
 
 
 def _worker_name(dask_worker: Any) -> str:

@@ -129,7 +129,7 @@ class ModelPlugin(WorkerPlugin):
                     self._model, self.ready = model, ready
             worker.log_event(
                 load_topic(self.name),
-                {"worker": str(worker.name), "pid": ready.pid, "load_seconds": ready.load_seconds},
+                {"name": str(worker.name), "pid": ready.pid, "load_seconds": ready.load_seconds},
             )
         finally:
             self._loaded.set()

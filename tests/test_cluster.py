@@ -1,0 +1,429 @@
+"""PredictionPool on a real Dask LocalCluster (issue 9): the same answers, in order, as the
+model called in-process; one load per Dask worker; nothing lost when a worker dies.
+
+One module-scoped LocalCluster (2 worker processes, 1 thread each, Nanny-managed). Its
+scheduler runs with ``allowed-failures: 1`` so that Dask gives up on a worker-killing shard
+after 2 deaths instead of 4 (each death restarts a worker and reloads every registered model;
+the pool's behaviour does not depend on the value, docs/scale-out.md). The first model loaded
+in a worker process sizes TensorFlow's thread pools, so the thread-settings test comes first.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import cluster_factories
+import dask
+import dask.dataframe as dd
+import distributed
+import factories
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_rows_equal, in_process
+
+from pool import ModelLoadError, PredictionPool, QueueFullError, WorkerCrashedError, etl
+from pool import cluster as pool_cluster
+
+pytestmark = pytest.mark.timeout(240)
+
+TESTS = Path(__file__).parent
+RNG = np.random.default_rng(9)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        local = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+    client = distributed.Client(local, set_as_default=False)
+    yield local, client
+    client.close()
+    local.close()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return cluster[1]
+
+
+@pytest.fixture(scope="module")
+def faulty_pool(client):
+    """Identity on float rows with fault markers (tests/factories.py); 50 ms per shard."""
+    model = functools.partial(factories.faulty, delay=0.05)
+    with PredictionPool(model, cluster=client, shard_size=4, max_retries=0, timeout=4) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def cnn_pool(client, models):
+    with PredictionPool(
+        models["small_cnn"], cluster=client, shard_size=4, threads_per_worker=2
+    ) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def text_pool(client, models):
+    with PredictionPool(models["text_embedding"], cluster=client, shard_size=64) as pool:
+        yield pool
+
+
+def rows(n: int, width: int = 3) -> np.ndarray:
+    return RNG.random((n, width)).astype(np.float32)
+
+
+def texts(n: int) -> list[str]:
+    return [f"row {i} the quick brown fox {i % 97} jumps over {i % 13} dogs" for i in range(n)]
+
+
+def images(n: int) -> np.ndarray:
+    return RNG.random((n, 32, 32, 3), dtype=np.float32)
+
+
+def wait_until(condition, timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
+        time.sleep(0.2)
+
+
+def loads(pool: PredictionPool) -> int:
+    return sum(s.loads for s in pool.stats())
+
+
+def all_loaded(pool: PredictionPool) -> bool:
+    stats = pool.stats()
+    return len(stats) == 2 and all(s.load_seconds > 0 for s in stats)
+
+
+def kill_one_worker(client) -> int:
+    pid = sorted(client.run(os.getpid).values())[0]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def healed(client, pool: PredictionPool, loads_before: int) -> None:
+    """Both Dask workers are back and the replaced one loaded the model again, once."""
+    client.wait_for_workers(2, timeout=120)
+    wait_until(
+        lambda: all_loaded(pool) and loads(pool) >= loads_before + 1, 120, "the replacement's load"
+    )
+    assert loads(pool) == loads_before + 1, pool.stats()
+    assert len(pool.stats()) == 2
+
+
+# --- a real model, loaded first in fresh workers (TensorFlow's threads are per process) -----------
+
+
+def test_predict_imap_submit_equal_the_model_in_process_in_order(cnn_pool, models):
+    x = images(37)
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    assert_rows_equal(cnn_pool.predict(x), want)
+    batches = [x[:5], x[5:6], x[6:30], x[30:]]
+    got = list(cnn_pool.imap(iter(batches), max_in_flight=3))
+    assert [len(g) for g in got] == [5, 1, 24, 7]
+    assert_rows_equal(np.concatenate(got), want)
+    futures = [cnn_pool.submit(x[i : i + 9]) for i in range(0, 37, 9)]
+    assert_rows_equal(np.concatenate([f.result(timeout=60) for f in futures]), want)
+    assert cnn_pool.predict(x[:0]).shape == (0, 10)
+
+
+def test_one_load_per_dask_worker_with_its_thread_settings(cnn_pool, client):
+    for _ in range(3):
+        cnn_pool.predict(images(16))
+    stats = cnn_pool.stats()
+    pids = sorted(client.run(os.getpid).values())
+    assert sorted(s.pid for s in stats) == pids
+    assert [s.loads for s in stats] == [1, 1] and [s.restarts for s in stats] == [0, 0]
+    assert sum(s.rows for s in stats) >= 48 and all(s.load_seconds > 0 for s in stats)
+    # The Nanny sets OMP_NUM_THREADS=1; the pool's thread settings reached TensorFlow anyway.
+    assert set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()) == {"1"}
+    assert [r.intra_op_threads for r in cnn_pool.ready_info] == [2, 2]
+    assert sorted(cnn_pool.worker_pids()) == pids
+
+
+def test_bad_input_is_refused_in_the_client(cnn_pool):
+    with pytest.raises(ValueError, match="images"):
+        cnn_pool.predict(np.zeros((2, 31, 32, 3), np.float32))
+
+
+# --- faults ---------------------------------------------------------------------------------------
+
+
+def test_a_poison_shard_fails_alone_with_its_rows(faulty_pool, client):
+    """Rows 4:8 kill every worker that runs them: Dask gives up (KilledWorker) after its
+    allowed failures, the pool re-runs them as a suspect, which fails after max_retries=0
+    deaths while running; every other call, submitted at the same time, is answered."""
+    poison = rows(12)
+    poison[7, 0] = factories.KILL
+    healthy = [rows(8) for _ in range(6)]
+    futures = [faulty_pool.submit(x) for x in healthy[:3]]
+    poisoned = faulty_pool.submit(poison)
+    futures += [faulty_pool.submit(x) for x in healthy[3:]]
+    with pytest.raises(WorkerCrashedError, match=r"rows 4:8 killed their Dask worker 1 time"):
+        poisoned.result(timeout=180)
+    for x, future in zip(healthy, futures, strict=True):
+        np.testing.assert_array_equal(future.result(timeout=120)["y"], x)
+    client.wait_for_workers(2, timeout=120)
+    after = rows(9)
+    np.testing.assert_array_equal(faulty_pool.predict(after)["y"], after)
+    assert max(s.restarts for s in faulty_pool.stats()) >= 1
+
+
+def test_a_hanging_shard_times_out_with_its_rows_and_the_worker_is_restarted(faulty_pool, client):
+    before = set(client.run(os.getpid).values())
+    hang = rows(8)
+    hang[5, 0] = factories.HANG
+    others = [rows(8) for _ in range(4)]
+    hanging = faulty_pool.submit(hang)
+    futures = [faulty_pool.submit(x) for x in others]
+    with pytest.raises(TimeoutError, match=r"rows 4:8 ran past the timeout of 4 s on 1 Dask"):
+        hanging.result(timeout=120)
+    for x, future in zip(others, futures, strict=True):
+        np.testing.assert_array_equal(future.result(timeout=120)["y"], x)
+    client.wait_for_workers(2, timeout=120)
+    wait_until(
+        lambda: len(set(client.run(os.getpid).values()) - before) == 1,
+        120,
+        "the restart of the timed-out worker",
+    )
+
+
+def test_sigkill_mid_predict_loses_no_row_and_the_cluster_heals(faulty_pool, client):
+    client.wait_for_workers(2, timeout=120)
+    wait_until(lambda: all_loaded(faulty_pool), 120, "both workers loaded")
+    loads_before = loads(faulty_pool)
+    shards_before = sum(s.shards for s in faulty_pool.stats())
+    x = rows(240)  # 60 shards of 50 ms
+    future = faulty_pool.submit(x)
+    wait_until(lambda: sum(s.shards for s in faulty_pool.stats()) >= shards_before + 4)
+    kill_one_worker(client)
+    np.testing.assert_array_equal(future.result(timeout=120)["y"], x)
+    healed(client, faulty_pool, loads_before)
+
+
+def test_sigkill_mid_imap_loses_no_row_and_the_cluster_heals(faulty_pool, client):
+    wait_until(lambda: all_loaded(faulty_pool), 120, "both workers loaded")
+    loads_before = loads(faulty_pool)
+    batches = [rows(8) for _ in range(40)]
+    out = []
+    for i, result in enumerate(faulty_pool.imap(iter(batches), max_in_flight=6)):
+        out.append(result["y"])
+        if i == 3:
+            kill_one_worker(client)
+    np.testing.assert_array_equal(np.concatenate(out), np.concatenate(batches))
+    healed(client, faulty_pool, loads_before)
+
+
+def test_max_queued_requests_refuses_calls_at_once(client):
+    model = functools.partial(factories.faulty, delay=0.3)
+    with PredictionPool(model, cluster=client, shard_size=2, max_queued_requests=2) as pool:
+        first, second = pool.submit(rows(4)), pool.submit(rows(4))
+        assert pool.queued_requests() == 2
+        with pytest.raises(QueueFullError, match=r"max_queued_requests=2"):
+            pool.submit(rows(4))
+        for future in (first, second):
+            future.result(timeout=60)
+        wait_until(lambda: pool.queued_requests() == 0, 10)
+        x = rows(4)
+        np.testing.assert_array_equal(pool.predict(x)["y"], x)
+
+
+# --- data frames, files, the address form, the client's imports -------------------------
+
+
+def test_map_batches_on_the_cluster(text_pool, models):
+    strings = texts(700)
+    frames = [
+        pd.DataFrame({"id": range(a, b), "text": strings[a:b]}) for a, b in ((0, 300), (300, 700))
+    ]
+    out = pd.concat(etl.map_batches(text_pool, iter(frames)))
+    assert out["id"].tolist() == list(range(700))
+    want = in_process(models["text_embedding"], np.asarray(strings, dtype=object))["embedding"]
+    assert_rows_equal(np.stack(list(out["embedding"])), want)
+
+
+def test_dask_dataframe_helper(text_pool, client, models):
+    strings = texts(500)
+    frame = pd.DataFrame({"id": np.arange(500), "text": strings})
+    ddf = dd.from_pandas(frame, npartitions=4)
+    lazy = pool_cluster.map_partitions(ddf, text_pool, columns="text", output_column="vector")
+    assert list(lazy.columns) == ["id", "text", "vector"]
+    assert lazy.dtypes["vector"] == np.dtype(object)
+    out = client.compute(lazy).result(timeout=120)
+    assert out["id"].tolist() == list(range(500))
+    want = in_process(models["text_embedding"], np.asarray(strings, dtype=object))["embedding"]
+    assert_rows_equal(np.stack(list(out["vector"])), want)
+    local = PredictionPool(factories.plain_double, workers=1)
+    with pytest.raises(TypeError, match="running PredictionPool on a Dask cluster"):
+        pool_cluster.map_partitions(ddf, local, columns="text")
+
+
+def test_dask_dataframe_helper_several_inputs_and_outputs(client, models):
+    a = RNG.normal(size=(90, 4)).astype(np.float32)
+    b = RNG.integers(0, 9, size=(90, 3)).astype(np.int32)
+    frame = pd.DataFrame({"a": list(a), "b": list(b)})
+    with dask.config.set({"dataframe.convert-string": False}):  # keep the arrays, not their str
+        ddf = dd.from_pandas(frame, npartitions=3)
+    with PredictionPool(models["multi_io"], cluster=client) as pool:
+        lazy = pool_cluster.map_partitions(ddf, pool, output_column={"sum": "total"})
+        assert list(lazy.columns) == ["a", "b", "logits", "total"]
+        out = client.compute(lazy).result(timeout=120)
+    want = in_process(models["multi_io"], {"a": a, "b": b})
+    assert_rows_equal(np.stack(list(out["total"])), want["sum"])
+    assert_rows_equal(np.stack(list(out["logits"])), want["logits"])
+
+
+def test_a_slow_load_does_not_stall_the_cluster(client):
+    """The load runs in a thread: while it sleeps, the worker answers the scheduler, runs other
+    tasks, and keeps sending heartbeats."""
+    pool = PredictionPool(functools.partial(cluster_factories.slow_double, 8.0), cluster=client)
+    starter = threading.Thread(target=pool.start)
+    starter.start()
+    time.sleep(2.0)
+    assert starter.is_alive(), "the 8 s load should still be running"
+    started = time.monotonic()
+    assert client.submit(sum, [1, 2], pure=False).result(timeout=10) == 3
+    assert sorted(client.run(lambda: 1).values()) == [1, 1]
+    assert time.monotonic() - started < 5
+    seen = {a: w["last_seen"] for a, w in client.scheduler_info()["workers"].items()}
+    time.sleep(2.5)
+    now = {a: w["last_seen"] for a, w in client.scheduler_info()["workers"].items()}
+    assert all(now[a] > seen[a] for a in seen), "heartbeats stopped during the load"
+    assert starter.is_alive()
+    starter.join(timeout=120)
+    with pool:
+        x = rows(6)
+        np.testing.assert_array_equal(pool.predict(x), x * 2)
+
+
+def test_a_failed_load_names_the_workers_reason_and_unregisters(client):
+    before = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+    pool = PredictionPool("/nowhere/on/the/workers", cluster=client)
+    with pytest.raises(ModelLoadError, match=r"could not load the model.*not found"):
+        pool.start()
+    assert client.run(lambda dask_worker: sorted(dask_worker.plugins)) == before
+
+
+@pytest.mark.parametrize(
+    "option, instead",
+    [
+        ({"max_worker_memory": 1 << 30}, "memory_limit"),
+        ({"max_shards_per_worker": 100}, "lifetime"),
+        ({"start_method": "spawn"}, "multiprocessing-method"),
+    ],
+)
+def test_local_only_options_are_refused_with_what_to_use_instead(client, option, instead):
+    pool = PredictionPool(factories.plain_double, cluster=client, **option)
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"{name}=.* does not apply with cluster=: .*{instead}"):
+        pool.start()
+
+
+def test_scheduler_address_form_and_shutdown_unregisters(cluster, client, models):
+    local, _ = cluster
+    before = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+    x = images(10)
+    with PredictionPool(models["small_cnn"], cluster=local.scheduler_address) as pool:
+        assert_rows_equal(pool.predict(x), in_process(models["small_cnn"], x)["probabilities"])
+        during = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+        own = pool_cluster.backend.running_backend(pool.ready_info)
+        assert own is not None and own.client is not client
+        added = {n for names in during.values() for n in names} - {
+            n for names in before.values() for n in names
+        }
+        assert added == {own.name}
+    assert own.client.status == "closed"  # the pool's own client, to an address
+    assert client.status == "running"  # a Client passed in is never closed
+    after = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+    assert after == before
+    assert [s.rss_bytes for s in pool.stats()] == [0, 0]  # final stats stay readable
+
+
+def test_cli_predict_with_cluster(cluster, models, tmp_path):
+    local, _ = cluster
+    strings = texts(300)
+    pd.DataFrame({"id": range(300), "text": strings}).to_parquet(tmp_path / "in.parquet")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pool",
+            "predict",
+            models["text_embedding"],
+            "--input",
+            str(tmp_path / "in.parquet"),
+            "--output",
+            str(tmp_path / "out.parquet"),
+            "--cluster",
+            local.scheduler_address,
+            "--shard-size",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert out["id"].tolist() == list(range(300))
+    want = in_process(models["text_embedding"], np.asarray(strings, dtype=object))["embedding"]
+    assert_rows_equal(np.stack(list(out["embedding"])), want)
+    assert sorted(os.listdir(tmp_path)) == ["in.parquet", "out.parquet"]
+
+
+def test_the_client_never_imports_tensorflow(cluster, models):
+    local, _ = cluster
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np
+        import pool
+        imported_dask = "distributed" in sys.modules
+        import dask.dataframe as dd
+        import pandas as pd
+        from distributed import Client
+        from pool import PredictionPool
+        from pool.cluster import map_partitions
+        texts = ["a b c", "d e", "f"] * 7
+        client = Client({local.scheduler_address!r}, set_as_default=False)
+        with PredictionPool({models["text_embedding"]!r}, cluster=client, shard_size=4) as p:
+            whole = p.predict(texts)
+            parts = list(p.imap([texts[:5], texts[5:]]))
+            ddf = dd.from_pandas(pd.DataFrame({{"text": texts}}), npartitions=2)
+            frame = client.compute(map_partitions(ddf, p, columns="text")).result()
+        client.close()
+        print(json.dumps({{
+            "tensorflow": "tensorflow" in sys.modules,
+            "distributed_on_import_pool": imported_dask,
+            "rows": len(whole),
+            "parts": [len(x) for x in parts],
+            "imap_same": bool(np.array_equal(np.concatenate(parts), whole)),
+            "frame_same": bool(np.array_equal(np.stack(list(frame["embedding"])), whole)),
+        }}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {
+        "tensorflow": False,
+        "distributed_on_import_pool": False,
+        "rows": 21,
+        "parts": [5, 16],
+        "imap_same": True,
+        "frame_same": True,
+    }
