@@ -124,6 +124,51 @@ class _Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
+def url_of(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a bound socket."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run_app(
+    app: Any,
+    sock: socket.socket,
+    *,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    on_listening: Callable[[], None] | None = None,
+) -> bool:
+    """Serve ``app`` (from :func:`pool.serve.create_app`) with uvicorn on the bound ``sock``
+    until SIGTERM or SIGINT, then drain: stop accepting, let the requests in flight finish for
+    at most ``drain_timeout`` seconds, cancel the rest. ``on_listening()`` runs once the socket
+    listens. Returns whether requests in flight were abandoned (the pool's owner should then
+    stop it with ``kill=True``). Run it in the main thread (signals are only seen there)."""
+    state = app.state.serving
+
+    def on_signal(signum: int) -> None:
+        state.draining = True
+        log.info(
+            "%s: draining %d request(s) in flight (at most %.0f s), then stopping",
+            signal.Signals(signum).name,
+            state.in_flight,
+            drain_timeout,
+        )
+
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]  (a float works)
+    )
+    server = _Server(config, on_signal)
+    sock.listen(config.backlog)  # from here connections wait in the backlog for uvicorn
+    if on_listening is not None:
+        on_listening()
+    server.run(sockets=[sock])
+    return state.cancelled > 0 or server.force_exit
+
+
 class Terminated(BaseException):
     """SIGTERM while the workers were loading the model."""
 
@@ -173,10 +218,7 @@ def serve(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
             previous = None
-        state = app.state.serving
-        bound_host, bound_port = sock.getsockname()[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        url = f"http://{shown}:{bound_port}"
+        url = url_of(sock)
         log.info(
             "serving %s as %r version %s on %s: %d workers ready in %.1f s (pid %d)",
             path,
@@ -188,30 +230,12 @@ def serve(
             os.getpid(),
             extra={"model": name, "version": version, "url": url, "workers": pool.workers},
         )
-
-        def on_signal(signum: int) -> None:
-            state.draining = True
-            log.info(
-                "%s: draining %d request(s) in flight (at most %.0f s), then stopping",
-                signal.Signals(signum).name,
-                state.in_flight,
-                drain_timeout,
-            )
-
-        config = uvicorn.Config(
+        abandoned = run_app(
             app,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]  (a float works)
+            sock,
+            drain_timeout=drain_timeout,
+            on_listening=None if on_ready is None else lambda: on_ready(url, name, version),
         )
-        server = _Server(config, on_signal)
-        sock.listen(config.backlog)  # from here connections wait in the backlog for uvicorn
-        if on_ready is not None:
-            on_ready(url, name, version)
-        server.run(sockets=[sock])
-        abandoned = state.cancelled > 0 or server.force_exit
         pool.shutdown(kill=abandoned)
         log.info("stopped%s", " (requests in flight were cancelled)" if abandoned else "")
         return 0
