@@ -1,9 +1,9 @@
 """Load generator for ``serving.py``: one process, threads, keep-alive HTTP/1.1 connections.
 
-    python benchmarks/serving_load.py --url URL --bodies BODIES.jsonl --seconds 10 closed --clients 16
-    python benchmarks/serving_load.py --url URL --bodies BODIES.jsonl --seconds 10 open --rate 200
+    python benchmarks/serving_load.py --url URL --bodies FILE --seconds 10 closed --clients 16
+    python benchmarks/serving_load.py --url URL --bodies FILE --seconds 10 open --rate 200
 
-``BODIES.jsonl``: one request body per line, sent round robin (client *i* starts at body *i*).
+``FILE``: one request body per line, sent round robin (client *i* starts at body *i*).
 Closed loop: each client sends its next request as soon as the previous one is answered.
 Open loop: requests are due at a fixed rate whatever the server does; latency is measured from
 the moment a request was *due*, not sent, so a server that falls behind is charged for the
