@@ -296,6 +296,8 @@ def _errors(server: Server):
         ),
         ("POST", f"{url}/v2/models/other/infer", {"inputs": []}, 404, "this server serves"),
         ("GET", f"{url}/nowhere", None, 404, "Not Found"),
+        ("PUT", f"{url}/v2/models/{name}", None, 405, "Method Not Allowed"),
+        ("POST", f"{url}/v2/models/{name}", {}, 405, "POST is not allowed"),
     ]
 
 
@@ -530,6 +532,79 @@ def test_a_client_that_disconnects_is_dropped_from_the_queue(limited):
         before, "pool_serve_requests_total", code="499"
     )
     assert gone == 1
+
+
+# --- the app mounted into another application --------------------------------------------------
+def test_mounted_app_reports_its_pool_and_maps_pool_errors():
+    """create_app inside a parent Starlette app (under a prefix), served by uvicorn in a thread
+    of this process, around a pool of a signature-less model that fails on marker rows."""
+    import factories
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from pool import PredictionPool
+    from pool.serve import create_app
+    from pool.serve.server import bind, url_of
+
+    pool = PredictionPool(factories.faulty, workers=1, timeout=2.0, max_retries=0)
+    serving = create_app(pool, "faulty", model_version=4, request_timeout=60)
+    parent = Starlette(routes=[Mount("/serving", app=serving)])
+    sock = bind("127.0.0.1", 0)
+    base = f"{url_of(sock)}/serving"
+    server = uvicorn.Server(uvicorn.Config(parent, lifespan="off", log_config=None))
+    sock.listen()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+
+    def state() -> str:
+        answer = requests.get(f"{base}/v1/models/faulty/versions/4", timeout=30).json()
+        return answer["model_version_status"][0]["state"]
+
+    def predict(rows: list) -> requests.Response:
+        body = {"instances": rows}
+        return requests.post(f"{base}/v1/models/faulty:predict", json=body, timeout=60)
+
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert state() == "START"
+        refused = predict([[1.0, 2.0]])
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert requests.get(f"{base}/v2/health/ready").status_code == 400
+        pool.start()
+        assert state() == "AVAILABLE"
+        assert requests.get(f"{base}/v2/health/ready").json() == {"ready": True}
+        good = predict([[1.0, 2.0], [3.0, 4.5]])
+        assert good.status_code == 200, good.text
+        rows = good.json()["predictions"]
+        assert [r["y"] for r in rows] == [[1.0, 2.0], [3.0, 4.5]]
+        assert {r["pid"] for r in rows} <= set(pool.worker_pids())
+        raised = predict([[factories.RAISE, 0.0]])
+        assert raised.status_code == 500, raised.text
+        assert "the model raised ValueError" in raised.json()["error"]
+        hung = predict([[factories.HANG, 0.0]])
+        assert hung.status_code == 504, hung.text  # the pool's per-shard timeout
+        crashed = predict([[factories.KILL, 0.0]])
+        assert crashed.status_code == 500, crashed.text
+        assert predict([[5.0, 6.0]]).json()["predictions"][0]["y"] == [5.0, 6.0]
+        serving.state.serving.draining = True
+        assert state() == "UNLOADING"
+        assert predict([[1.0, 2.0]]).status_code == 503
+        assert requests.get(f"{base}/v2/health/ready").status_code == 400
+        serving.state.serving.draining = False
+        pool.shutdown()
+        assert state() == "END"
+        assert predict([[1.0, 2.0]]).status_code == 503
+        samples = requests.get(f"{base}/monitoring/prometheus/metrics").text
+        assert 'pool_serve_requests_total{api="v1_predict",code="504"} 1.0' in samples
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        pool.shutdown(kill=True)
 
 
 # --- shutdown -----------------------------------------------------------------------------
