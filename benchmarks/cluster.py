@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     (args.output_dir / "cluster.md").write_text(text)
     sys.stdout.write(text)
-    if not all(c.get("outputs_match", c.get("reference")) for c in report["configs"].values()):
+    checks_passed = [
+        c["check"].get("outputs_match", c["check"].get("reference"))
+        for c in report["configs"].values()
+    ]
+    if not all(checks_passed):
         return 2
     return 0
 
