@@ -27,12 +27,12 @@ import enum
 import itertools
 import logging
 import os
+import selectors
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing import connection
 from multiprocessing.context import BaseContext
 
 import numpy as np
@@ -115,7 +115,11 @@ class Dispatcher:
         self._woken = False
         self._wake_lock = threading.Lock()
         self.queue = BatchQueue(batching, self._wake)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.slots = [Slot(i, self._spawn(i)) for i in range(settings.workers)]
+        for slot in self.slots:
+            self._watch(slot.process, slot)
         self.retired: list[WorkerProcess] = []  # replaced processes, exiting on their own
         self.batches_in_arena = 0
         self.batches_on_socket = 0
@@ -158,6 +162,7 @@ class Dispatcher:
             slot.process.stop(timeout=0 if kill else 30)
         for process in self.retired:
             process.stop(timeout=0 if kill else 30)
+        self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -194,32 +199,36 @@ class Dispatcher:
         self.queue.collect()
         return not len(self.queue) and not any(s.in_flight for s in self.slots)
 
+    def _watch(self, process: WorkerProcess, slot: Slot) -> None:
+        self._selector.register(process.conn.fileno(), selectors.EVENT_READ, (slot, process))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, (slot, process))
+
+    def _unwatch(self, process: WorkerProcess) -> None:
+        for fd in (process.conn.fileno(), process.sentinel):
+            try:
+                self._selector.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+
     def _wait_and_handle(self) -> None:
-        waitables: list = [self._wake_r]
-        by_sentinel: dict[int, Slot] = {}
-        by_conn: dict[int, Slot] = {}
-        for slot in self.slots:
-            if slot.state is State.DEAD:
-                continue
-            waitables.append(slot.process.conn)
-            waitables.append(slot.process.sentinel)
-            by_sentinel[slot.process.sentinel] = slot
-            by_conn[id(slot.process.conn)] = slot
-        ready = connection.wait(waitables, self._wait_timeout())
         dead = []
-        for item in ready:
-            if isinstance(item, int) and item == self._wake_r:
+        for key, _ in self._selector.select(self._wait_timeout()):
+            if key.data is None:  # the wake pipe
                 os.read(self._wake_r, 4096)
                 with self._wake_lock:
                     self._woken = False
                 self.queue.collect()
                 self.queue.purge_cancelled()
-            elif isinstance(item, int):
-                dead.append(by_sentinel[item])
+                continue
+            slot, process = key.data
+            if slot.process is not process or slot.state is State.DEAD:
+                continue  # replaced meanwhile
+            if key.fd == process.sentinel:
+                dead.append((slot, process))
             else:
-                self._receive(by_conn[id(item)])
-        for slot in dead:
-            if slot.state is not State.DEAD and slot.process.sentinel in by_sentinel:
+                self._receive(slot)
+        for slot, process in dead:
+            if slot.process is process and slot.state is not State.DEAD:
                 self._on_death(slot)
 
     def _wait_timeout(self) -> float | None:
@@ -271,6 +280,7 @@ class Dispatcher:
 
     def _on_load_failure(self, slot: Slot, reason: str) -> None:
         slot.state = State.DEAD
+        self._unwatch(slot.process)
         slot.process.kill()
         if not self._started:
             slot.failure = reason
@@ -282,6 +292,7 @@ class Dispatcher:
 
     def _replace(self, slot: Slot) -> None:
         old = slot.process
+        self._unwatch(old)
         if self._closed:  # shutting down: the other workers finish what is queued
             slot.state = State.DEAD
             self.retired.append(old)
@@ -298,6 +309,7 @@ class Dispatcher:
         slot.process = new
         slot.state = State.STARTING
         slot.timed_out = False
+        self._watch(new, slot)
 
     def _on_death(self, slot: Slot) -> None:
         """The slot's process died: requeue what it held (only the running batch is suspect)."""

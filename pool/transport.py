@@ -27,6 +27,7 @@ extra copies of the default pickling.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -78,6 +79,7 @@ class Arena:
         self.fd = fd
         self.size = size
         self._map = mmap.mmap(fd, size)
+        self._bytes = np.frombuffer(self._map, dtype=np.uint8)  # views are cheap slices of it
 
     @property
     def region_size(self) -> int:
@@ -89,7 +91,9 @@ class Arena:
         return start, start + self.region_size
 
     def view(self, ref: ArenaRef) -> np.ndarray:
-        return np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=self._map, offset=ref.offset)
+        dtype = np.dtype(ref.dtype)
+        stop = ref.offset + dtype.itemsize * math.prod(ref.shape)
+        return self._bytes[ref.offset : stop].view(dtype).reshape(ref.shape)
 
     def put(self, arrays: list[np.ndarray], start: int, end: int) -> tuple[ArenaRef, int] | None:
         """Concatenate ``arrays`` (same dtype and trailing shape) into ``[start, end)``; return
@@ -97,7 +101,7 @@ class Arena:
         first = arrays[0]
         rows = sum(len(a) for a in arrays)
         shape = (rows, *first.shape[1:])
-        nbytes = first.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        nbytes = first.dtype.itemsize * math.prod(shape)
         offset = align(start)
         if offset + nbytes > end:
             return None
@@ -110,6 +114,7 @@ class Arena:
         return ref, offset + nbytes
 
     def close(self) -> None:
+        self._bytes = np.empty(0, np.uint8)
         try:
             self._map.close()
         except BufferError:  # a view is still alive somewhere; the GC unmaps it later
