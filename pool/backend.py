@@ -99,10 +99,11 @@ class Backend(Protocol):
         """Start every worker, load the model once in each; one record per worker."""
         ...
 
-    def submit(self, requests: list[ShardRequest]) -> list[Future]:
+    def submit(self, requests: list[ShardRequest], bounded: bool = True) -> list[Future]:
         """Queue the shards of one call, in order; each future resolves to ``{output name:
-        array}`` for its rows. Raises :class:`pool.QueueFullError` at once, queueing nothing,
-        when ``max_queued_requests`` calls are already waiting."""
+        array}`` for its rows. When ``bounded``, raises :class:`pool.QueueFullError` at once,
+        queueing nothing, if ``max_queued_requests`` calls are already waiting (``imap``, which
+        bounds itself, passes ``bounded=False``: it is counted, never refused)."""
         ...
 
     def stats(self) -> list[WorkerStats]:

@@ -96,8 +96,9 @@ class BatchQueue:
         self.rows = 0  # rows in _tasks (the taker's view)
 
     # --- callers' side ----------------------------------------------------------------------
-    def put(self, requests: Iterable[ShardRequest]) -> list[Future]:
-        """Queue the shards of one call; refuse the call whole when the queue is full."""
+    def put(self, requests: Iterable[ShardRequest], bounded: bool = True) -> list[Future]:
+        """Queue the shards of one call; when ``bounded``, refuse the call whole if the queue
+        is full (an unbounded call is counted all the same)."""
         requests = list(requests)
         call = Call(len(requests))
         now = time.monotonic()
@@ -120,7 +121,7 @@ class BatchQueue:
         with self._lock:
             if self._closed:
                 raise PoolClosedError("the pool is shut down; start a new PredictionPool")
-            if limit is not None and self._queued_calls >= limit:
+            if bounded and limit is not None and self._queued_calls >= limit:
                 raise QueueFullError(
                     f"max_queued_requests={limit} calls are already waiting for a worker; "
                     "retry later"

@@ -143,10 +143,10 @@ class Dispatcher:
         self._started = True
         return [s.process.ready for s in self.slots]
 
-    def submit(self, requests: list) -> list:
+    def submit(self, requests: list, bounded: bool = True) -> list:
         if self._closed:
             raise PoolClosedError("the pool is shut down; start a new PredictionPool")
-        return self.queue.put(requests)
+        return self.queue.put(requests, bounded)
 
     def queued_requests(self) -> int:
         return self.queue.queued_calls()

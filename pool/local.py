@@ -54,8 +54,8 @@ class LocalBackend:
             raise RuntimeError("the local backend is not started")
         return self._dispatcher
 
-    def submit(self, requests: list[ShardRequest]) -> list[Future]:
-        return self._running().submit(requests)
+    def submit(self, requests: list[ShardRequest], bounded: bool = True) -> list[Future]:
+        return self._running().submit(requests, bounded)
 
     def stats(self) -> list[WorkerStats]:
         records = []

@@ -302,7 +302,9 @@ class PredictionPool:
                     while window:
                         yield window.popleft()[0].result()
                     raise
-                future, parts = self._dispatch(backend, signature, arrays, rows, shard_size)
+                future, parts = self._dispatch(
+                    backend, signature, arrays, rows, shard_size, bounded=False
+                )
                 window.append((future, parts))
                 in_flight += len(parts)
                 while in_flight >= bound and window:
@@ -323,6 +325,7 @@ class PredictionPool:
         arrays: sharding.Inputs,
         rows: int,
         shard_size: int | None,
+        bounded: bool = True,
     ) -> tuple[Future, list[Future]]:
         """Submit the shards of one call; return its combined future and the shards' futures."""
         if rows == 0:
@@ -338,7 +341,8 @@ class PredictionPool:
             else sharding.auto_shard_size(arrays, rows, self.workers)
         )
         bounds = sharding.split(rows, size) or [(0, 0)]
-        parts = backend.submit([ShardRequest(a, b, sharding.take(arrays, a, b)) for a, b in bounds])
+        shards = [ShardRequest(a, b, sharding.take(arrays, a, b)) for a, b in bounds]
+        parts = backend.submit(shards, bounded)
         return _combine(parts, signature), parts
 
     # --- insight ---------------------------------------------------------------------------

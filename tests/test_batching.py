@@ -263,3 +263,12 @@ def test_batch_timeout_trades_a_little_latency_for_bigger_calls(models):
             f.result(timeout=30)
         assert time.monotonic() - started >= 0.15  # the first one waited for company...
         assert pool.stats()[0].batches == 1  # ...and all four went in one model call
+
+
+def test_imap_is_counted_against_the_queue_bound_but_never_refused():
+    model = functools.partial(factories.faulty, delay=0.1)
+    with PredictionPool(model, workers=1, max_queued_requests=1, max_batch_rows=1) as pool:
+        batches = [fault_rows(1) for _ in range(6)]
+        got = list(pool.imap(iter(batches), max_in_flight=6))
+        for x, y in zip(batches, got, strict=True):
+            np.testing.assert_array_equal(y["y"], x)

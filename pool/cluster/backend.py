@@ -159,7 +159,14 @@ class DaskBackend:
         self._client, self._owns_client = connect(self._cluster)
         registered = False
         try:
-            self.client.wait_for_workers(max(1, s.workers), timeout=s.start_timeout)
+            wanted = max(1, s.workers)
+            try:
+                self.client.wait_for_workers(wanted, timeout=s.start_timeout)
+            except TimeoutError:
+                raise ModelLoadError(
+                    f"fewer than {wanted} Dask worker(s) joined the cluster within "
+                    f"start_timeout={s.start_timeout} s"
+                ) from None
             me = psutil.Process()
             config = s.worker_config(cluster_model_path(s.model), me.pid, me.create_time())
             model_plugin = worker_side.ModelPlugin(config, self.name, s.start_timeout)
@@ -229,12 +236,12 @@ class DaskBackend:
             client.close()
 
     # --- calls -----------------------------------------------------------------------------
-    def submit(self, requests: list[ShardRequest]) -> list[Future]:
+    def submit(self, requests: list[ShardRequest], bounded: bool = True) -> list[Future]:
         limit = self._settings.batching.max_queued_requests
         with self._lock:
             if self._closed:
                 raise PoolClosedError("the pool was shut down")
-            if limit is not None and self._open_calls >= limit:
+            if bounded and limit is not None and self._open_calls >= limit:
                 raise QueueFullError(
                     f"{self._open_calls} calls are already running on the cluster "
                     f"(max_queued_requests={limit}); retry later"
