@@ -1,25 +1,30 @@
 """pool: fast TensorFlow / TensorFlow Hub inference on CPU.
 
 A :class:`PredictionPool` starts one worker process per core; each loads the model exactly
-once. Calls are validated, split into shards, run on all cores and gathered in input order::
+once. Calls are validated, split into shards, combined with other callers' waiting shards into
+model calls, run on all cores and gathered in input order::
 
-    caller: pool.predict(x) / pool.imap(batches) / pool.submit(x)
+    caller: pool.predict(x) / pool.imap(batches) / pool.submit(x)   (any number of threads)
       │
       ▼  sharding.prepare      validate against the signature (NumPy only, in the caller)
-      ▼  sharding.split        rows -> shards [(start, stop), ...]
-      ▼  Dispatcher            manager thread: each shard -> least-loaded ready worker
-      │     ├─▶ WorkerProcess 0 ──pipe──▶ worker.run_shard ─▶ model.LoadedModel (TensorFlow)
-      │     └─▶ WorkerProcess 1 ──pipe──▶ worker.run_shard ─▶ model.LoadedModel (TensorFlow)
-      ▲  one Future per shard; dead workers replaced, their shards re-run
-      ▲  _combine + sharding.gather   concatenate shard outputs in input order
+      ▼  sharding.split        rows -> shards [(start, stop), ...], one Future each
+      ▼  batching.BatchQueue   waiting shards, oldest first; bounded by max_queued_requests
+      ▼  dispatcher            one thread: a worker with room takes a batch of waiting shards
+      │     ├─▶ worker 0 ──socket + shared arena──▶ worker.run_batch ─▶ model.LoadedModel (TF)
+      │     └─▶ worker 1 ──socket + shared arena──▶ worker.run_batch ─▶ model.LoadedModel (TF)
+      ▲  outputs split back to each shard; dead workers replaced, their shards re-run
+      ▲  _combine + sharding.gather   concatenate a call's shards in input order
     caller: np.ndarray, or dict[str, np.ndarray] for several outputs
 
-Modules: ``model`` (the only one importing TensorFlow), ``worker`` (inside worker processes),
-``messages`` (what crosses the process boundary), ``sharding`` (validate, split, gather),
-``dispatcher`` (scheduling, retries), ``process`` (one worker's executor), ``prediction_pool``
-(lifecycle and public API), ``etl`` (a subpackage: data frames, file formats, staging, file
-jobs; its docstring lists its modules), ``cli`` (the command line), ``reference_models`` (the
-SavedModels used by tests, the demo and benchmarks).
+Core modules: ``model`` (the only one importing TensorFlow), ``worker`` (inside worker
+processes), ``messages`` (what crosses the process boundary), ``transport`` (socket framing
+and the shared arena), ``sharding`` (validate, split, gather), ``batching`` (the queue and what
+combines), ``dispatcher`` (scheduling, retries), ``process`` (one worker process), ``backend``
+(the pool/workers seam and the validated settings), ``local`` (the local backend),
+``prediction_pool`` (lifecycle and public API). Edges, never imported by the core: ``etl``
+(data frames, file formats, staging, file jobs), ``cli`` (the command line), ``serve`` (the
+TF Serving-compatible HTTP server), ``cluster`` (the Dask backend). ``reference_models``
+builds the SavedModels used by tests, the demo and benchmarks.
 See docs/design.md for the longer story.
 """
 
