@@ -63,7 +63,9 @@ class Settings:
     limits: Limits
     batching: Batching
 
-    def worker_config(self, model: ModelRef, parent_pid: int, parent_create_time: float):
+    def worker_config(
+        self, model: ModelRef, parent_pid: int, parent_create_time: float
+    ) -> WorkerConfig:
         """The message each worker loads its model from (CPUs are filled in per worker)."""
         return WorkerConfig(
             model=model,

@@ -191,7 +191,7 @@ class BatchQueue:
         """Drop every cancelled shard now (a cancel wakes the taker to call this)."""
         if not any(t.future.cancelled() for t in self._tasks):
             return
-        kept = deque()
+        kept: deque[Task] = deque()
         for task in self._tasks:
             if task.future.cancelled():
                 self.rows -= task.rows
@@ -200,7 +200,9 @@ class BatchQueue:
                 kept.append(task)
         self._tasks = kept
 
-    def take(self, takers: int, max_shards: int | None = None, now: float | None = None):
+    def take(
+        self, takers: int, max_shards: int | None = None, now: float | None = None
+    ) -> list[Task] | None:
         """The next batch for one worker, or ``None`` (nothing waits, or it should wait).
 
         ``takers`` is how many workers could take work now (for the fair share);

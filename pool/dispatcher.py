@@ -46,6 +46,7 @@ from .messages import (
     Batch,
     BatchDone,
     BatchFailed,
+    Carried,
     LoadFailed,
     WorkerConfig,
     WorkerReady,
@@ -141,7 +142,7 @@ class Dispatcher:
         if failures:
             raise ModelLoadError(failures[0])
         self._started = True
-        return [s.process.ready for s in self.slots]
+        return [s.process.ready for s in self.slots if s.process.ready is not None]
 
     def submit(self, requests: list, bounded: bool = True) -> list:
         if self._closed:
@@ -377,10 +378,14 @@ class Dispatcher:
 
     def _on_done(self, slot: Slot, message: BatchDone) -> None:
         batch = self._finish_head(slot, message.batch_id)
-        outputs = {
-            name: batch.arena.view(value) if isinstance(value, ArenaRef) and batch.arena else value
-            for name, value in message.outputs.items()
-        }
+        outputs: dict[str, np.ndarray] = {}
+        for name, value in message.outputs.items():
+            if isinstance(value, ArenaRef):
+                if batch.arena is None:
+                    raise RuntimeError(f"output {name!r} is in an arena this batch did not use")
+                outputs[name] = batch.arena.view(value)
+            else:
+                outputs[name] = value
         in_arena = {name for name, value in message.outputs.items() if isinstance(value, ArenaRef)}
         tasks = {id(t) for t in batch.tasks if not t.future.done()}
         if len(batch.tasks) > 1 and any(
@@ -558,18 +563,20 @@ class Dispatcher:
                 _fail(task, exc)
 
 
-def _pack(tasks: list[Task], arena: transport.Arena | None, region: int | None):
+def _pack(
+    tasks: list[Task], arena: transport.Arena | None, region: int | None
+) -> tuple[dict[str, Carried], int, tuple[int, int] | None]:
     """The batch's inputs: numeric ones concatenated into the arena region when they fit,
     the rest carried in the message. Returns ``(inputs, bytes carried, output region)``."""
     first = tasks[0].request.inputs
     start, end = arena.region(region) if arena is not None and region is not None else (0, 0)
-    inputs = {}
+    inputs: dict[str, Carried] = {}
     carried = 0
     for name in first:
         arrays = [t.request.inputs[name] for t in tasks]
         placed = None
-        if end and arrays[0].dtype != object:
-            placed = arena.put(arrays, start, end)  # type: ignore[union-attr]
+        if arena is not None and end and arrays[0].dtype != object:
+            placed = arena.put(arrays, start, end)
         if placed is None:
             value = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
             inputs[name] = value

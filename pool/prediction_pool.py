@@ -165,6 +165,15 @@ class PredictionPool:
     def signature_name(self) -> str:
         return self._settings.signature
 
+    @property
+    def model(self) -> str | Callable[[], Callable]:
+        """The model as given: a SavedModel directory, a TF Hub handle or a factory."""
+        return self._settings.model
+
+    @property
+    def output(self) -> str | None:
+        return self._settings.output
+
     # --- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> PredictionPool:
         return self.start()

@@ -53,11 +53,11 @@ class WorkerProcess:
         self.index = index
         self.config = config
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(
+        self.process = context.Process(  # type: ignore[attr-defined]
             target=worker.main, args=(config, child), name=f"pool-worker-{index}", daemon=True
         )
         self.process.start()
-        self.pid: int = self.process.pid  # type: ignore[assignment]
+        self.pid: int = self.process.pid
         child.close()
         self.arena = transport.create(arena_bytes) if arena_bytes else None
         if self.arena is not None:
