@@ -68,7 +68,7 @@ class PoolCollector(Collector):
             stats = self._pool.stats()
         except PoolError:  # never started: nothing to report
             return
-        families = {
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
             "calls": CounterMetricFamily(
                 "pool_model_calls", "Model calls (batches) answered", labels=["worker"]
             ),

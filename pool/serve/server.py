@@ -159,7 +159,8 @@ def run_app(
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]  (a float works)
+        # uvicorn declares an int, and waits with asyncio.wait_for: a float works as well
+        timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]
     )
     server = _Server(config, on_signal)
     sock.listen(config.backlog)  # from here connections wait in the backlog for uvicorn
@@ -251,8 +252,10 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per log record: time, level, logger, message, and the structured
     fields the server attaches (``method``, ``path``, ``status``, ``seconds``, ``rows``...)."""
 
-    FIELDS = ("method", "path", "status", "seconds", "rows", "api", "model", "client")
-    FIELDS += ("version", "url", "workers")
+    FIELDS = (
+        *("method", "path", "status", "seconds", "rows", "api", "model", "client"),
+        *("version", "url", "workers"),
+    )
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {

@@ -140,7 +140,7 @@ def _tensor(name: str, tensor: Mapping[str, Any], spec: TensorInfo | None) -> np
     data = tensor.get("data")
     if not isinstance(data, list):
         raise RequestError(f"input {name!r}: expected 'data' to be a list, got {type_name(data)}")
-    dtype = spec.dtype if spec is not None else _numpy_name(given)
+    dtype = spec.dtype if spec is not None else _numpy_name(str(given))
     array = to_array(name, _flatten(data), TensorInfo(name, dtype, None), f"{given} tensor")
     size = int(np.prod(shape)) if shape else 1
     if array.size != size:
