@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pool tests benchmarks scripts noxfile.py
 
-.PHONY: bench bench-requests bench-quick test lint typecheck pythons format models clean
+.PHONY: bench bench-requests bench-serving bench-quick test lint typecheck pythons format models clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ bench: $(STAMP) models
 
 bench-requests: $(STAMP) models
 	$(PY) benchmarks/concurrent_requests.py
+
+# python -m pool serve against the same HTTP stack serving a global model (docs/serving.md).
+bench-serving: $(STAMP) models
+	$(PY) benchmarks/serving.py
 
 bench-quick: $(STAMP) models
 	$(PY) benchmarks/core_scaling.py --quick
