@@ -3,6 +3,7 @@
     python benchmarks/serving.py [--workloads text,image] [--image-model mobilenet_v2]
                                  [--clients 1,4,16,64] [--seconds 10] [--workers N]
                                  [--open-loop-load 0.7] [--quick] [--output-dir DIR]
+                                 [--update-docs]
 
 For each workload (``text``: the reference text-embedding model; ``image``: an image model,
 MobileNetV2 by default), two servers run one after the other on a free loopback port, each in
@@ -59,6 +60,8 @@ log = logging.getLogger("serving")
 LOAD = HERE / "serving_load.py"
 BASELINE = HERE / "serving_baseline.py"
 DEFAULT_OUTPUT_DIR = HERE / "results"
+DOCS_BEGIN = "<!-- serving-results:begin (pasted by serving.py --update-docs) -->"
+DOCS_END = "<!-- serving-results:end -->"
 READY = re.compile(r"^serving '(?P<name>[^']+)' version (?P<version>\d+) on (?P<url>http://\S+)$")
 #: Distinct one-row request bodies per workload, sent round robin.
 BODIES = 64
@@ -94,9 +97,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.7,
         help="open-loop rate as a fraction of the baseline's best closed-loop req/s",
     )
-    p.add_argument("--quick", action="store_true", help="small image model, 1.5 s runs")
-    p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small_cnn as the image model, 1.5 s per run (figures not meaningful)",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help=f"default: {DEFAULT_OUTPUT_DIR.relative_to(REPO)} "
+        f"({DEFAULT_OUTPUT_DIR.relative_to(REPO)}/quick with --quick)",
+    )
+    p.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="paste the tables into docs/serving.md (between its serving-results markers)",
+    )
     args = p.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = DEFAULT_OUTPUT_DIR / "quick" if args.quick else DEFAULT_OUTPUT_DIR
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not args.workloads or set(args.workloads) - {"text", "image"}:
         p.error(f"--workloads: expected text, image or both, got {args.workloads}")
@@ -312,10 +332,15 @@ def targets(workload: str, servers: dict, clients: list[int]) -> list[dict]:
 
 # --- report -------------------------------------------------------------------------------------
 def markdown(results: dict) -> str:
+    machine = results["machine"]
     lines = [
-        f"Serving benchmark, {results['finished']}, {results['machine']['cpu_model']}, "
-        f"{results['machine']['logical_cores']} logical cores; command: "
-        f"`{results['command']}`",
+        "# Serving benchmark",
+        "",
+        f"Run {results['finished']} (revision {results['revision']}) on {machine['cpu_model']}, "
+        f"{machine['logical_cores']} logical cores; command: `{results['command']}`. "
+        f"{results['settings']['seconds']:g} s per run.",
+        "",
+        "![p50 and p99 latency against throughput](serving.png)",
         "",
     ]
     for workload, data in results["workloads"].items():
@@ -427,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.output_dir / "serving.md").write_text(text)
     plot(results, args.output_dir / "serving.png")
     sys.stdout.write(text)
+    if args.update_docs:
+        common.update_docs(
+            REPO / "docs" / "serving.md", text, args.output_dir, DOCS_BEGIN, DOCS_END
+        )
     mismatched = [w for w, d in results["workloads"].items() if not d["outputs_match"]]
     if mismatched:
         log.error("the servers' answers differ on %s", mismatched)
