@@ -8,6 +8,7 @@ SIGTERM tests start their own. Every server must exit 0 on its signal and leave 
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import json
 import os
@@ -142,6 +143,27 @@ def test_columnar_and_row_formats_answer_the_same_rows(cnn, models):
     assert_rows_equal(np.asarray(rows.json()["predictions"], np.float32), want)
     assert_rows_equal(np.asarray(columns.json()["outputs"], np.float32), want)
     assert_rows_equal(np.asarray(named.json()["outputs"], np.float32), want)
+
+
+def test_gzip_request_bodies(cnn, models):
+    x = images(3, 32, seed=4)
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    url, gz = cnn.model_url(":predict"), {"Content-Encoding": "gzip"}
+    body = gzip.compress(json.dumps({"instances": x.tolist()}).encode())
+    response = requests.post(url, data=body, headers=gz, timeout=60)
+    assert response.status_code == 200, response.text
+    assert_rows_equal(np.asarray(response.json()["predictions"], np.float32), want)
+    bomb = gzip.compress(b" " * 3_000_000)  # small on the wire, past --max-body-bytes inflated
+    assert len(bomb) < 100_000
+    for data, headers, status, message in [
+        (bomb, gz, 413, "once decompressed"),
+        (b"not gzip", gz, 400, "not gzip data"),
+        (body[: len(body) // 2], gz, 400, "truncated"),
+        (body, {"Content-Encoding": "br"}, 415, "expected gzip or none"),
+    ]:
+        response = requests.post(url, data=data, headers=headers, timeout=60)
+        assert response.status_code == status, response.text
+        assert message in response.json()["error"]
 
 
 def test_multi_input_multi_output_in_both_formats(multi, models):

@@ -32,6 +32,7 @@ import asyncio
 import logging
 import re
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,6 +286,11 @@ class _Handlers:
     # --- the pool call, its deadline and its client ----------------------------------------
     async def _body(self, request: Request) -> bytes:
         limit = self.state.max_body_bytes
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip"):
+            raise RequestError(
+                f"unsupported Content-Encoding {encoding!r}: expected gzip or none", 415
+            )
         declared = request.headers.get("content-length")
         too_large = declared is not None and declared.isdigit() and int(declared) > limit
         chunks: list[bytes] = []
@@ -306,7 +312,8 @@ class _Handlers:
                 f"got {declared if declared is not None else f'more than {limit}'}",
                 413,
             )
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        return _gunzip(body, limit) if encoding == "gzip" else body
 
     def _admit(self) -> None:
         """Refuse a prediction that arrives once draining began (those already in flight run)."""
@@ -469,6 +476,26 @@ def _parse_v1(body: bytes, served: str, signature: Any) -> codec.PredictRequest:
 
 def _parse_v2(body: bytes, signature: Any) -> tuple[dict, list[str] | None, str | None]:
     return v2.parse_infer(codec.loads(body), signature)
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    """A gzip-compressed body, decompressed to at most ``limit`` bytes (no zip bombs)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise RequestError(
+            f"Content-Encoding is gzip, but the body is not gzip data ({exc})"
+        ) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise RequestError(
+            f"request body too large: expected at most {limit} bytes (max_body_bytes) once "
+            "decompressed",
+            413,
+        )
+    if not inflater.eof:
+        raise RequestError("Content-Encoding is gzip, but the gzip data is truncated")
+    return out
 
 
 async def _disconnected(request: Request) -> None:
