@@ -66,7 +66,7 @@ _expose_pyenv_interpreters()
 
 def _build_wheel(session: nox.Session) -> Path:
     """The wheel users get, built from this checkout (once per session, in isolation)."""
-    out = Path(session.create_tmp()) / "dist"
+    out = Path(session.create_tmp()).resolve() / "dist"
     shutil.rmtree(out, ignore_errors=True)
     session.run(
         "python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(ROOT)
@@ -88,6 +88,7 @@ def _pytest(session: nox.Session, *tests: str) -> None:
         "-p",
         "no:cacheprovider",
         "-q",
+        "--disable-warnings",  # TensorFlow's deprecation warnings, hundreds per run
         *(str(ROOT / t) for t in tests),
         *session.posargs,
         env={"POOL_INSTALLED_WHEEL": "1"},

@@ -65,16 +65,7 @@ def only_output(directory: Path, name: str) -> None:
     assert (directory / name).is_file()
 
 
-# --- importing without the extra ---------------------------------------------------------------
-
-
-def test_import_pool_does_not_import_pandas_pyarrow_or_tqdm():
-    code = (
-        "import sys, pool, pool.etl, pool.cli\n"
-        "loaded = [m for m in ('pandas', 'pyarrow', 'tqdm', 'tensorflow') if m in sys.modules]\n"
-        "assert not loaded, loaded\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+# --- without the extra (what `import pool` loads: test_layering.py) -------------------------
 
 
 def test_pool_works_without_the_etl_extra(tmp_path):
