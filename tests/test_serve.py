@@ -690,6 +690,34 @@ def test_sigterm_drains_requests_in_flight_then_stops_everything(models):
         assert server.stop() == 0
 
 
+def test_sigterm_while_the_workers_load_exits_143_and_leaves_nothing(models):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pool", "serve", models["mobilenet_v2"], "--port", "0"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        me = psutil.Process(process.pid)
+        deadline = time.monotonic() + 120
+        while len(me.children(recursive=True)) < 3:  # fork server, tracker, a worker loading
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        family = me.children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "terminated while the workers were loading the model" in stderr
+    assert "serving '" not in stderr
+    _, alive = psutil.wait_procs(family, timeout=15)
+    assert not alive, [p.pid for p in alive]
+
+
 # --- the command line -----------------------------------------------------------------------
 def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
