@@ -7,7 +7,12 @@ server's environment only.
 """
 
 import os
+import signal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A SIGTERM sent to the whole process group (systemd's stop, ``timeout``) is for the parent,
+# which drains and stops its workers; the fork server must outlive that to start replacements.
+# It still exits when the parent's end of its pipe closes.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 from . import model  # noqa: E402, F401  (the import is the point)

@@ -17,6 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from .errors import ModelLoadError
 from .messages import ShardRequest, WorkerConfig, WorkerReady, WorkerStats
 
@@ -101,11 +103,18 @@ class Backend(Protocol):
         """Start every worker, load the model once in each; one record per worker."""
         ...
 
-    def submit(self, requests: list[ShardRequest], bounded: bool = True) -> list[Future]:
+    def submit(
+        self,
+        requests: list[ShardRequest],
+        bounded: bool = True,
+        finish: Callable[[dict[str, np.ndarray]], Any] | None = None,
+    ) -> list[Future]:
         """Queue the shards of one call, in order; each future resolves to ``{output name:
-        array}`` for its rows. When ``bounded``, raises :class:`pool.QueueFullError` at once,
-        queueing nothing, if ``max_queued_requests`` calls are already waiting (``imap``, which
-        bounds itself, passes ``bounded=False``: it is counted, never refused)."""
+        array}`` for its rows, or to ``finish(outputs)`` when ``finish`` is given (the pool
+        passes it for one-shard calls, so their future is the caller's, with no second one).
+        When ``bounded``, raises :class:`pool.QueueFullError` at once, queueing nothing, if
+        ``max_queued_requests`` calls are already waiting (``imap``, which bounds itself,
+        passes ``bounded=False``: it is counted, never refused)."""
         ...
 
     def stats(self) -> list[WorkerStats]:

@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,7 @@ class Task:
     queued_at: float = 0.0
     attempts: int = 0  # worker deaths (or timeouts) this shard caused while running alone
     solo: bool = False  # run alone: it was part of a combined call that failed
+    finish: Callable[[dict[str, np.ndarray]], Any] | None = None  # applied to the outputs
     counted: bool = field(default=True)  # still counted in its call's ``waiting``
 
 
@@ -96,7 +98,12 @@ class BatchQueue:
         self.rows = 0  # rows in _tasks (the taker's view)
 
     # --- callers' side ----------------------------------------------------------------------
-    def put(self, requests: Iterable[ShardRequest], bounded: bool = True) -> list[Future]:
+    def put(
+        self,
+        requests: Iterable[ShardRequest],
+        bounded: bool = True,
+        finish: Callable[[dict[str, np.ndarray]], Any] | None = None,
+    ) -> list[Future]:
         """Queue the shards of one call; when ``bounded``, refuse the call whole if the queue
         is full (an unbounded call is counted all the same)."""
         requests = list(requests)
@@ -114,6 +121,7 @@ class BatchQueue:
                 rows=rows,
                 nbytes=input_bytes(request.inputs),
                 queued_at=now,
+                finish=finish,
             )
             future.add_done_callback(self._on_cancel(task))
             tasks.append(task)

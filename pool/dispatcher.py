@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
+from typing import Any
 
 import numpy as np
 
@@ -144,10 +145,10 @@ class Dispatcher:
         self._started = True
         return [s.process.ready for s in self.slots if s.process.ready is not None]
 
-    def submit(self, requests: list, bounded: bool = True) -> list:
+    def submit(self, requests: list, bounded: bool = True, finish: Any = None) -> list:
         if self._closed:
             raise PoolClosedError("the pool is shut down; start a new PredictionPool")
-        return self.queue.put(requests, bounded)
+        return self.queue.put(requests, bounded, finish)
 
     def queued_requests(self) -> int:
         return self.queue.queued_calls()
@@ -430,6 +431,7 @@ class Dispatcher:
                 WorkerError(
                     f"rows {r.start}:{r.stop}: the model raised {message.error}",
                     message.traceback,
+                    message.error_type,
                 ),
             )
         self._maybe_retire(slot)
@@ -587,8 +589,17 @@ def _pack(
 
 
 def _resolve(task: Task, outputs: dict) -> None:
-    if not task.future.done():
+    if task.future.done():
+        return
+    if task.finish is None:
         task.future.set_result(outputs)
+        return
+    try:
+        result = task.finish(outputs)
+    except Exception as exc:
+        task.future.set_exception(exc)
+    else:
+        task.future.set_result(result)
 
 
 def _fail(task: Task, exc: BaseException) -> None:

@@ -18,12 +18,14 @@ class WorkerError(PoolError):
     """The model raised inside a worker while answering a shard.
 
     ``str(error)`` names the rows of the shard and the worker's exception; ``remote_traceback``
-    holds the worker's formatted traceback.
+    holds the worker's formatted traceback; ``error_type`` the name of the exception's class
+    (e.g. ``"InvalidArgumentError"``), for callers that map errors to codes.
     """
 
-    def __init__(self, message: str, remote_traceback: str = "") -> None:
-        super().__init__(message, remote_traceback)
+    def __init__(self, message: str, remote_traceback: str = "", error_type: str = "") -> None:
+        super().__init__(message, remote_traceback, error_type)
         self.remote_traceback = remote_traceback
+        self.error_type = error_type
 
     def __str__(self) -> str:
         message = self.args[0]

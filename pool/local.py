@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import replace
+from typing import Any
 
 import psutil
 
@@ -54,8 +55,10 @@ class LocalBackend:
             raise RuntimeError("the local backend is not started")
         return self._dispatcher
 
-    def submit(self, requests: list[ShardRequest], bounded: bool = True) -> list[Future]:
-        return self._running().submit(requests, bounded)
+    def submit(
+        self, requests: list[ShardRequest], bounded: bool = True, finish: Any = None
+    ) -> list[Future]:
+        return self._running().submit(requests, bounded, finish)
 
     def stats(self) -> list[WorkerStats]:
         records = []

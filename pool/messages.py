@@ -168,6 +168,7 @@ class BatchFailed:
     batch_id: int
     error: str
     traceback: str
+    error_type: str
 
 
 @dataclass

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -351,6 +352,9 @@ class PredictionPool:
         )
         bounds = sharding.split(rows, size) or [(0, 0)]
         shards = [ShardRequest(a, b, sharding.take(arrays, a, b)) for a, b in bounds]
+        if len(shards) == 1:  # the shard's future is the call's: no second future to chain
+            parts = backend.submit(shards, bounded, partial(sharding.unwrap, signature=signature))
+            return parts[0], parts
         parts = backend.submit(shards, bounded)
         return _combine(parts, signature), parts
 

@@ -102,6 +102,7 @@ def call_model(model: Any, request: ShardRequest) -> ShardResult:
         raise WorkerError(
             f"rows {request.start}:{request.stop}: the model raised {type(exc).__name__}: {exc}",
             traceback.format_exc(),
+            type(exc).__name__,
         ) from None
     return ShardResult(outputs=outputs, busy_seconds=time.perf_counter() - started, pid=os.getpid())
 
@@ -116,7 +117,12 @@ def run_batch(model: Any, batch: Batch, arena: transport.Arena | None) -> BatchD
     try:
         outputs = model(inputs)
     except Exception as exc:
-        return BatchFailed(batch.batch_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        return BatchFailed(
+            batch.batch_id,
+            f"{type(exc).__name__}: {exc}",
+            traceback.format_exc(),
+            type(exc).__name__,
+        )
     busy = time.perf_counter() - started
     del inputs
     carried: dict[str, Any] = {}
@@ -135,7 +141,11 @@ def run_batch(model: Any, batch: Batch, arena: transport.Arena | None) -> BatchD
 
 def main(config: WorkerConfig, conn: Connection) -> None:
     """The worker process: load once, then answer batches until told to stop."""
+    # The parent owns the workers' lives: Ctrl-C (SIGINT) and a SIGTERM sent to the whole
+    # process group (systemd's stop, ``timeout``) reach the parent, which drains and then
+    # stops its workers itself; the pool kills a worker with SIGKILL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(
         target=_watch_parent,
         args=(config.parent_pid, config.parent_create_time),

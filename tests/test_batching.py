@@ -222,18 +222,27 @@ def test_cancelled_requests_are_dropped_from_the_queue(slow_pool):
     assert slow_pool.queued_requests() == 0
 
 
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
 def test_queue_bound_refuses_at_once():
-    model = functools.partial(factories.faulty, delay=0.3)
+    model = functools.partial(factories.faulty, delay=1.0)
     with PredictionPool(model, workers=1, max_queued_requests=2) as pool:
-        running = [pool.submit(fault_rows(1)) for _ in range(2)]  # the worker holds both
-        time.sleep(0.1)
+        held = []
+        for _ in range(2):  # the worker holds two calls: one running, one queued behind it
+            held.append(pool.submit(fault_rows(1)))
+            wait_for(lambda: pool.queued_requests() == 0)
         waiting = [pool.submit(fault_rows(1)) for _ in range(2)]
+        assert pool.queued_requests() == 2
         started = time.monotonic()
         with pytest.raises(QueueFullError, match="max_queued_requests=2"):
             pool.submit(fault_rows(1))
         assert time.monotonic() - started < 0.1
-        assert pool.queued_requests() == 2
-        for f in running + waiting:
+        for f in held + waiting:
             f.result(timeout=30)
         pool.submit(fault_rows(1)).result(timeout=30)  # room again
 

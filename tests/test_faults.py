@@ -272,3 +272,22 @@ def test_nan_check_names_the_rows(models):
             pool.predict(x, check_finite=True)
         assert pool.stats()[0].shards == 0
         assert pool.predict(x).shape == (6, 10)  # unchecked, NaN flows through like in-process
+
+
+def test_workers_and_fork_server_leave_sigterm_to_the_parent():
+    """systemd's stop and `timeout` send SIGTERM to the whole process group: the parent
+    decides (a server drains, then stops its workers); workers must not die under it."""
+    with PredictionPool(factories.faulty, workers=2, shard_size=1) as pool:
+        pids = pool.worker_pids()
+        helpers = [
+            p
+            for p in psutil.Process().children()
+            if "forkserver" in " ".join(p.cmdline()) and p.pid not in pids
+        ]
+        for pid in pids + [p.pid for p in helpers]:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        x = rows(6)
+        np.testing.assert_array_equal(pool.predict(x)["y"], expected(x))
+        assert pool.worker_pids() == pids and all(s.restarts == 0 for s in pool.stats())
+        assert all(p.is_running() for p in helpers)

@@ -28,6 +28,7 @@ import queue
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,7 @@ class _Shard:
     call: _Call
     shard_id: str
     dask_future: Any = None
+    finish: Callable[[Any], Any] | None = None  # applied to the outputs (one-shard calls)
     timeouts: int = 0
     suspect_rounds: int = 0
     workers: list[str] = field(default_factory=list)
@@ -236,7 +238,12 @@ class DaskBackend:
             client.close()
 
     # --- calls -----------------------------------------------------------------------------
-    def submit(self, requests: list[ShardRequest], bounded: bool = True) -> list[Future]:
+    def submit(
+        self,
+        requests: list[ShardRequest],
+        bounded: bool = True,
+        finish: Callable[[Any], Any] | None = None,
+    ) -> list[Future]:
         limit = self._settings.batching.max_queued_requests
         with self._lock:
             if self._closed:
@@ -248,7 +255,10 @@ class DaskBackend:
                 )
             self._open_calls += 1
             call = _Call(remaining=len(requests))
-            shards = [_Shard(r, Future(), call, f"pool-shard-{uuid.uuid4().hex}") for r in requests]
+            shards = [
+                _Shard(r, Future(), call, f"pool-shard-{uuid.uuid4().hex}", finish=finish)
+                for r in requests
+            ]
             self._live.update(shards)
         for shard in shards:
             shard.future.add_done_callback(lambda _, shard=shard: self._on_answered(shard))
@@ -306,6 +316,11 @@ class DaskBackend:
 
     def _settle(self, shard: _Shard, result: Any = None, error: BaseException | None = None):
         try:
+            if error is None and shard.finish is not None:
+                try:
+                    result = shard.finish(result)
+                except Exception as exc:
+                    error = exc
             if error is not None:
                 shard.future.set_exception(error)
             else:

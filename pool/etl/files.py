@@ -322,7 +322,9 @@ class _Job:
                 first, piece = window[0]
                 where = f"input rows {first}..{first + piece.num_rows - 1} of {self.source.path}"
                 if isinstance(exc, WorkerError):
-                    raise WorkerError(f"{where}: {exc.args[0]}", exc.remote_traceback) from None
+                    raise WorkerError(
+                        f"{where}: {exc.args[0]}", exc.remote_traceback, exc.error_type
+                    ) from None
                 raise WorkerCrashedError(f"{where}: {exc}") from None
             _, piece = window.popleft()
             values = outputs_by_name(prediction, signature)

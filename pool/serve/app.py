@@ -77,7 +77,6 @@ _V1 = re.compile(
     r"(?::(?P<verb>[A-Za-z]+)|/(?P<metadata>metadata))?"
 )
 _V2 = re.compile(r"(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>ready|infer))?")
-_RAISED = re.compile(r"the model raised (\w+)")
 
 
 @dataclass
@@ -518,8 +517,7 @@ def _status_of(exc: BaseException) -> tuple[int, str]:
         return 503, f"the model is not available: {exc}"
     if isinstance(exc, WorkerError):
         message = str(exc.args[0]) if exc.args else str(exc)
-        raised = _RAISED.search(message)
-        if raised and raised.group(1) in INPUT_ERRORS:
+        if exc.error_type in INPUT_ERRORS:
             return 400, message
         return 500, message
     if isinstance(exc, WorkerCrashedError):
