@@ -31,8 +31,8 @@ def main() -> int:
     package = Path(pool.__file__).resolve().parent
     checkout = Path(__file__).resolve().parent.parent
     check(
-        checkout not in package.parents,
-        f"pool was imported from the checkout ({package}), not from the installed wheel",
+        package != checkout / "pool" and "site-packages" in package.parts,
+        f"pool was imported from {package}, not from the installed wheel's site-packages",
     )
     version = importlib.metadata.version(DISTRIBUTION)
     check(pool.__version__ == version, f"pool.__version__ {pool.__version__!r} != {version!r}")
