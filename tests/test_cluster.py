@@ -61,7 +61,7 @@ def client(cluster):
 def faulty_pool(client):
     """Identity on float rows with fault markers (tests/factories.py); 50 ms per shard."""
     model = functools.partial(factories.faulty, delay=0.05)
-    with PredictionPool(model, cluster=client, shard_size=4, max_retries=0, timeout=4) as pool:
+    with PredictionPool(model, cluster=client, shard_size=4, max_retries=0) as pool:
         yield pool
 
 
@@ -181,23 +181,27 @@ def test_a_poison_shard_fails_alone_with_its_rows(faulty_pool, client):
     assert max(s.restarts for s in faulty_pool.stats()) >= 1
 
 
-def test_a_hanging_shard_times_out_with_its_rows_and_the_worker_is_restarted(faulty_pool, client):
+def test_a_hanging_shard_times_out_with_its_rows_and_the_worker_is_restarted(client):
     before = set(client.run(os.getpid).values())
     hang = rows(8)
     hang[5, 0] = factories.HANG
     others = [rows(8) for _ in range(4)]
-    hanging = faulty_pool.submit(hang)
-    futures = [faulty_pool.submit(x) for x in others]
-    with pytest.raises(TimeoutError, match=r"rows 4:8 ran past the timeout of 4 s on 1 Dask"):
-        hanging.result(timeout=120)
-    for x, future in zip(others, futures, strict=True):
-        np.testing.assert_array_equal(future.result(timeout=120)["y"], x)
-    client.wait_for_workers(2, timeout=120)
-    wait_until(
-        lambda: len(set(client.run(os.getpid).values()) - before) == 1,
-        120,
-        "the restart of the timed-out worker",
-    )
+    model = functools.partial(factories.faulty, delay=0.05)
+    # 10 s: a generous bound for the healthy shards on a loaded 2-core machine
+    with PredictionPool(model, cluster=client, shard_size=4, max_retries=0, timeout=10) as pool:
+        hanging = pool.submit(hang)
+        futures = [pool.submit(x) for x in others]
+        with pytest.raises(TimeoutError, match=r"rows 4:8 ran past the timeout of 10 s on 1 Dask"):
+            hanging.result(timeout=120)
+        for x, future in zip(others, futures, strict=True):
+            np.testing.assert_array_equal(future.result(timeout=120)["y"], x)
+        client.wait_for_workers(2, timeout=120)
+        wait_until(
+            lambda: len(set(client.run(os.getpid).values()) - before) == 1,
+            120,
+            "the restart of the timed-out worker",
+        )
+        np.testing.assert_array_equal(pool.predict(others[0])["y"], others[0])
 
 
 def test_sigkill_mid_predict_loses_no_row_and_the_cluster_heals(faulty_pool, client):
@@ -224,6 +228,22 @@ def test_sigkill_mid_imap_loses_no_row_and_the_cluster_heals(faulty_pool, client
             kill_one_worker(client)
     np.testing.assert_array_equal(np.concatenate(out), np.concatenate(batches))
     healed(client, faulty_pool, loads_before)
+
+
+def test_imap_over_an_endless_generator_stays_flat(faulty_pool):
+    """imap holds at most max_in_flight shards (here one per batch) ahead of what it yields."""
+    produced = [0]
+
+    def endless():
+        while True:
+            produced[0] += 1
+            yield np.full((4, 3), produced[0], dtype=np.float32)
+
+    for consumed, result in enumerate(faulty_pool.imap(endless(), max_in_flight=5), start=1):
+        assert result["y"][0, 0] == consumed  # in order
+        assert produced[0] - consumed <= 5
+        if consumed == 60:
+            break
 
 
 def test_max_queued_requests_refuses_calls_at_once(client):
@@ -314,6 +334,12 @@ def test_a_failed_load_names_the_workers_reason_and_unregisters(client):
     with pytest.raises(ModelLoadError, match=r"could not load the model.*not found"):
         pool.start()
     assert client.run(lambda dask_worker: sorted(dask_worker.plugins)) == before
+
+
+def test_waiting_for_more_workers_than_join_fails_at_start_timeout(client):
+    pool = PredictionPool(factories.plain_double, cluster=client, workers=3, start_timeout=1)
+    with pytest.raises(ModelLoadError, match=r"fewer than 3 Dask worker\(s\) joined"):
+        pool.start()
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@
         │  Dask future done ──(Dask's callback thread)──▶ queue
         ▼
     gatherer thread: Client.gather of every finished shard at once ──▶ Future.set_result
-        ├─ ShardTimedOut  ─▶ restart that worker; re-submit, or TimeoutError after max_retries
+        ├─ ShardTimedOut  ─▶ (that worker exits; its Nanny restarts it) re-submit, or
+        │                    TimeoutError after max_retries
         ├─ KilledWorker   ─▶ re-submit as a *suspect* run (plugin.run_shard counts its deaths)
         └─ anything else  ─▶ Future.set_exception (WorkerError, ModelLoadError, ...)
 
@@ -30,7 +31,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -109,7 +110,6 @@ class _Shard:
     finish: Callable[[Any], Any] | None = None  # applied to the outputs (one-shard calls)
     timeouts: int = 0
     suspect_rounds: int = 0
-    workers: list[str] = field(default_factory=list)
 
 
 _STOP = object()
@@ -144,7 +144,6 @@ class DaskBackend:
         self._live: set[_Shard] = set()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._gatherer: threading.Thread | None = None
-        self._restarts: list[threading.Thread] = []
         self._closed = False
         self._index: dict[str, int] = {}
         self._final_stats: list[WorkerStats] | None = None
@@ -216,8 +215,6 @@ class DaskBackend:
         self._events.put(_STOP)
         if self._gatherer is not None:
             self._gatherer.join()
-        for thread in self._restarts:
-            thread.join(timeout=60)
         try:
             self._final_stats = self._collect_stats()
         except Exception as exc:  # the cluster is gone: no final counts
@@ -265,10 +262,12 @@ class DaskBackend:
         pending = list(shards)
         try:
             for group in _graphs(shards):
+                keys = [s.shard_id for s in group]
                 dask_futures = self.client.map(
                     worker_side.run_shard,
                     [s.request for s in group],
-                    key=[s.shard_id for s in group],
+                    keys,
+                    key=keys,
                     plugin_name=self.name,
                     shard_timeout=self._settings.limits.timeout,
                     suspect=None,
@@ -289,6 +288,7 @@ class DaskBackend:
         dask_future = self.client.submit(
             worker_side.run_shard,
             shard.request,
+            key,
             key=key,
             priority=1,  # ahead of later shards, as the local pool re-runs at the front
             plugin_name=self.name,
@@ -401,15 +401,13 @@ class DaskBackend:
         limits = self._settings.limits
         if isinstance(exc, worker_side.ShardTimedOut):
             shard.timeouts += 1
-            shard.workers.append(exc.worker)
-            self._restart_worker(exc.worker)
             if shard.timeouts > limits.max_retries:
                 self._settle(
                     shard,
                     error=TimeoutError(
                         f"rows {r.start}:{r.stop} ran past the timeout of {limits.timeout} s on "
                         f"{shard.timeouts} Dask worker(s) (max_retries={limits.max_retries}); "
-                        "those workers were restarted"
+                        "those workers were restarted by their Nannies"
                     ),
                 )
             else:
@@ -436,20 +434,6 @@ class DaskBackend:
                 self._resubmit(shard, suspect=True)
             return
         self._settle(shard, error=exc)
-
-    def _restart_worker(self, address: str) -> None:
-        """Restart a worker whose shard ran past the timeout (its call cannot be stopped)."""
-        log.warning("restarting Dask worker %s: a shard ran past the timeout", address)
-
-        def restart() -> None:
-            try:
-                self.client.restart_workers([address], raise_for_error=False)
-            except Exception as exc:
-                log.warning("could not restart Dask worker %s: %s", address, exc)
-
-        thread = threading.Thread(target=restart, name=f"{self.name}-restart", daemon=True)
-        thread.start()
-        self._restarts.append(thread)
 
     # --- insight ---------------------------------------------------------------------------
     def _remember_workers(self) -> None:

@@ -6,9 +6,11 @@
                                                            (a Nanny-restarted one too)
         ModelPlugin.setup   starts the load in a thread; the event loop keeps heartbeating
     client ──run(wait_ready)──▶ every worker: await that load, answer WorkerReady
-    client ──submit(run_shard, ShardRequest)──▶ a worker's task thread:
+    client ──submit(run_shard, ShardRequest, key)──▶ a worker's task thread:
         run_shard           waits for the load (or raises its real reason), calls the model,
-                            counts the shard; with a timeout, the call runs in a helper thread
+                            counts the shard; with a timeout, the call runs in a helper thread,
+                            and past it the task raises ShardTimedOut and the worker exits
+                            once the error has reached the client (the Nanny restarts it)
 
 The plugin carries only the :class:`pool.messages.WorkerConfig` (the scheduler stores it
 pickled and sends it to every worker that joins), never a loaded model. The model is loaded by
@@ -36,9 +38,9 @@ from ..messages import ShardRequest, WorkerConfig, WorkerReady
 
 log = logging.getLogger("pool")
 
-#: A shard past its timeout is left running in a daemon thread until the client restarts its
-#: worker; if that restart has not come this long after the timeout, the worker exits itself.
-STUCK_EXIT_SECONDS = 60.0
+#: A worker whose shard ran past its timeout exits (its Nanny starts a new one) once the error
+#: has reached the client, or at the latest this many seconds after the timeout.
+EXIT_AFTER_TIMEOUT_SECONDS = 30.0
 
 
 def load_topic(plugin_name: str) -> str:
@@ -52,7 +54,7 @@ def suspect_topic(plugin_name: str, shard_id: str) -> str:
 
 
 class ShardTimedOut(TimeoutError):
-    """A shard ran past ``timeout`` on the worker at ``worker`` (which must be restarted)."""
+    """A shard ran past ``timeout`` on the worker at ``worker`` (which then exits)."""
 
     def __init__(self, message: str, worker: str) -> None:
         super().__init__(message, worker)
@@ -226,13 +228,14 @@ def worker_stats(plugin_name: str, dask_worker: Any) -> dict[str, Any] | None:
 
 def run_shard(
     request: ShardRequest,
+    key: str,
     *,
     plugin_name: str,
     shard_timeout: float | None,
     suspect: str | None,
     max_retries: int,
 ) -> dict[str, Any]:
-    """One shard on a Dask worker: ``{output name: array}`` for its rows.
+    """One shard on a Dask worker, as the task ``key``: ``{output name: array}`` for its rows.
 
     ``suspect`` is set for a shard Dask gave up on (``KilledWorker``): such a run first logs its
     start on that topic and refuses to run once ``max_retries`` earlier runs died while running
@@ -248,7 +251,7 @@ def run_shard(
     if shard_timeout is None:
         result = call_model(model, request)
     else:
-        result = _call_with_timeout(model, request, shard_timeout, worker.address)
+        result = _call_with_timeout(model, request, shard_timeout, worker, key)
     plugin.count(request, result.busy_seconds)
     return result.outputs
 
@@ -265,12 +268,15 @@ def _log_suspect_start(topic: str, request: ShardRequest, max_retries: int, addr
     client.log_event(topic, {"worker": address, "pid": os.getpid()})
 
 
-def _call_with_timeout(model: Any, request: ShardRequest, timeout: float, address: str) -> Any:
+def _call_with_timeout(
+    model: Any, request: ShardRequest, timeout: float, worker: Any, key: str
+) -> Any:
     """Call the model in a daemon thread; past ``timeout`` raise ``ShardTimedOut``.
 
-    Nothing can stop the call itself: the client restarts this worker when it sees the error
-    (``Client.restart_workers``), and the worker exits by itself if that restart has not come
-    ``STUCK_EXIT_SECONDS`` later."""
+    Nothing can stop the call itself, so this worker process then exits: as soon as its task's
+    error has reached the client (the scheduler has had the client release ``key``, so the
+    worker forgets it), or ``EXIT_AFTER_TIMEOUT_SECONDS`` later at the latest. Its Nanny starts
+    a new worker, which loads the model again; Dask re-runs the other shards it held."""
     from ..worker import call_model
 
     outcome: dict[str, Any] = {}
@@ -285,20 +291,22 @@ def _call_with_timeout(model: Any, request: ShardRequest, timeout: float, addres
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        timer = threading.Timer(STUCK_EXIT_SECONDS, _exit_if_alive, args=(thread,))
-        timer.daemon = True
-        timer.start()
+        threading.Thread(
+            target=_exit_once_reported, args=(worker, key), name="pool-timeout-exit", daemon=True
+        ).start()
         raise ShardTimedOut(
             f"rows {request.start}:{request.stop} ran past the timeout of {timeout} s on Dask "
-            f"worker {address}",
-            address,
+            f"worker {worker.address}",
+            worker.address,
         )
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
 
 
-def _exit_if_alive(thread: threading.Thread) -> None:
-    if thread.is_alive():
-        log.error("a shard is still running %.0f s past its timeout: exiting", STUCK_EXIT_SECONDS)
-        os._exit(1)
+def _exit_once_reported(worker: Any, key: str) -> None:
+    deadline = time.monotonic() + EXIT_AFTER_TIMEOUT_SECONDS
+    while key in worker.state.tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.error("Dask worker %s exits: a shard ran past its timeout", worker.address)
+    os._exit(1)
