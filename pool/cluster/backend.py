@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -44,6 +45,10 @@ from ..messages import ShardRequest, WorkerReady, WorkerStats
 from . import plugin as worker_side
 
 log = logging.getLogger("pool")
+
+#: How many times a finished shard's result may be lost (its worker died before the client
+#: gathered it) and computed again before the pool gives up on it.
+MAX_LOST_RESULTS = 20
 
 #: How many times a shard may come back as ``KilledWorker`` from its suspect runs before the
 #: pool gives up on it whatever ``max_retries`` says (each suspect run counts its own deaths).
@@ -110,6 +115,7 @@ class _Shard:
     finish: Callable[[Any], Any] | None = None  # applied to the outputs (one-shard calls)
     timeouts: int = 0
     suspect_rounds: int = 0
+    lost: int = 0
 
 
 _STOP = object()
@@ -373,20 +379,33 @@ class DaskBackend:
             futures = [s.dask_future for s in finished]
             try:
                 results = self.client.gather(futures)
-            except Exception:  # one of them failed or was lost meanwhile: one by one
-                results = None
-            for i, shard in enumerate(finished):
-                if results is not None:
+            except Exception as exc:  # one of them failed or was lost meanwhile
+                log.debug("gathering %d shard(s) failed (%s): one by one", len(futures), exc)
+                results = [None] * len(futures)
+            for shard, dask_future, value in zip(finished, futures, results, strict=True):
+                if isinstance(value, dict):  # run_shard's {output name: array}
                     shard.dask_future = None
-                    self._settle(shard, result=results[i])
-                    continue
-                try:
-                    result = futures[i].result()
-                except Exception:
-                    self._failed(shard, futures[i])
-                else:
-                    shard.dask_future = None
-                    self._settle(shard, result=result)
+                    self._settle(shard, result=value)
+                elif dask_future.status in ("error", "cancelled"):
+                    self._failed(shard, dask_future)
+                else:  # its worker died before it was gathered: Dask computes it again
+                    self._rewatch(shard, dask_future)
+
+    def _rewatch(self, shard: _Shard, dask_future: Any) -> None:
+        shard.lost += 1
+        if shard.lost > MAX_LOST_RESULTS:
+            r = shard.request
+            self._settle(
+                shard,
+                error=WorkerCrashedError(
+                    f"rows {r.start}:{r.stop}: their result was lost {shard.lost} times "
+                    "before it could be gathered"
+                ),
+            )
+            return
+        if dask_future.status == "finished":
+            time.sleep(0.05)  # not yet marked lost by the client: look again shortly
+        self._watch(shard, dask_future)
 
     def _failed(self, shard: _Shard, dask_future: Any) -> None:
         r = shard.request
