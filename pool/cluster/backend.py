@@ -349,6 +349,9 @@ class DaskBackend:
                 self._handle([item for item in items if item is not _STOP])
             except Exception:  # never let the thread die: callers would wait forever
                 log.exception("the Dask gatherer failed on a batch of shards")
+            # Drop the batch's Dask futures now, not at the next event: the cluster releases a
+            # shard once no future refers to it (a timed-out worker waits for that to exit).
+            items = []
             if stopping and self._events.empty():
                 return
 
@@ -426,7 +429,7 @@ class DaskBackend:
                     error=TimeoutError(
                         f"rows {r.start}:{r.stop} ran past the timeout of {limits.timeout} s on "
                         f"{shard.timeouts} Dask worker(s) (max_retries={limits.max_retries}); "
-                        "those workers were restarted by their Nannies"
+                        "each such worker exits and its Nanny starts a new one"
                     ),
                 )
             else:
