@@ -459,8 +459,8 @@ class DaskBackend:
 
     # --- insight ---------------------------------------------------------------------------
     def _remember_workers(self) -> None:
-        names = self.client.run(_worker_name)
-        for name in sorted(names.values(), key=_natural):
+        names = self.client.run(_worker_name, on_error="return")
+        for name in sorted((n for n in names.values() if isinstance(n, str)), key=_natural):
             self._index.setdefault(name, len(self._index))
 
     def _collect_stats(self) -> list[WorkerStats]:
@@ -499,7 +499,8 @@ class DaskBackend:
         return self._collect_stats()
 
     def worker_pids(self) -> list[int]:
-        return sorted(self.client.run(os.getpid).values())
+        answers = self.client.run(os.getpid, on_error="return")  # a dying worker answers an error
+        return sorted(pid for pid in answers.values() if isinstance(pid, int))
 
     def queued_requests(self) -> int:
         with self._lock:
