@@ -96,6 +96,7 @@ class BatchQueue:
         self._queued_calls = 0
         self._closed = False
         self.rows = 0  # rows in _tasks (the taker's view)
+        self.nbytes = 0  # input bytes in _tasks
 
     # --- callers' side ----------------------------------------------------------------------
     def put(
@@ -173,12 +174,14 @@ class BatchQueue:
         for task in inbox:
             self._tasks.append(task)
             self.rows += task.rows
+            self.nbytes += task.nbytes
 
     def requeue_front(self, tasks: list[Task]) -> None:
         """Put re-run shards back at the front, keeping their order."""
         for task in reversed(tasks):
             self._tasks.appendleft(task)
             self.rows += task.rows
+            self.nbytes += task.nbytes
             with self._lock:
                 if not task.counted:
                     task.counted = True
@@ -193,6 +196,7 @@ class BatchQueue:
         while self._tasks and self._tasks[0].future.cancelled():
             task = self._tasks.popleft()
             self.rows -= task.rows
+            self.nbytes -= task.nbytes
             self.release(task)
 
     def purge_cancelled(self) -> None:
@@ -203,6 +207,7 @@ class BatchQueue:
         for task in self._tasks:
             if task.future.cancelled():
                 self.rows -= task.rows
+                self.nbytes -= task.nbytes
                 self.release(task)
             else:
                 kept.append(task)
@@ -231,6 +236,7 @@ class BatchQueue:
                 if task.future.cancelled():
                     tasks.popleft()
                     self.rows -= task.rows
+                    self.nbytes -= task.nbytes
                     self.release(task)
                     continue
                 if (
@@ -249,9 +255,16 @@ class BatchQueue:
                     tasks.extendleft(reversed(batch))
                     return None
         self.rows -= rows
+        self.nbytes -= nbytes
         for task in batch:
             self.release(task)
         return batch
+
+    def full_batch_waiting(self) -> bool:
+        """Whether what waits fills at least one batch (by rows or by bytes)."""
+        return self.rows >= self._options.max_batch_rows or (
+            self.nbytes >= self._options.max_batch_bytes
+        )
 
     def next_deadline(self) -> float | None:
         """When the oldest waiting shard's batch timeout ends (``None``: no timeout set)."""
@@ -265,6 +278,7 @@ class BatchQueue:
         tasks = list(self._tasks)
         self._tasks.clear()
         self.rows = 0
+        self.nbytes = 0
         for task in tasks:
             self.release(task)
         return tasks

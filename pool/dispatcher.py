@@ -466,10 +466,12 @@ class Dispatcher:
             return
         self.queue.collect()
         while len(self.queue):
+            # A worker running one call takes a second only when what waits fills a whole
+            # batch: then it never waits for the parent between calls. Otherwise new arrivals
+            # wait for the next free worker and combine into larger calls.
+            depth = transport.REGIONS if self.queue.full_batch_waiting() else 1
             open_slots = [
-                s
-                for s in self.slots
-                if s.state is State.READY and len(s.in_flight) < transport.REGIONS
+                s for s in self.slots if s.state is State.READY and len(s.in_flight) < depth
             ]
             if not open_slots:
                 return

@@ -17,6 +17,7 @@ Dask backend sends them as they are). ``ArenaRef`` is an array in the worker's s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -68,6 +69,13 @@ class SignatureInfo:
         if self.inputs is None:
             return "(any: the model declares no input signature)"
         return "{" + ", ".join(t.describe() for t in self.inputs) + "}"
+
+    @functools.cached_property
+    def expectations(self) -> tuple[str, dict[str, TensorInfo] | None]:
+        """The inputs as error messages name them, and by name (computed once: every call's
+        validation reads them)."""
+        specs = {t.name: t for t in self.inputs} if self.inputs is not None else None
+        return self.describe_inputs(), specs
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ fails fast with an error that names the expected signature, and never reaches a 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -110,20 +109,12 @@ def _cast(name: str, array: np.ndarray, spec: TensorInfo, expected: str) -> np.n
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _expectations(signature: SignatureInfo) -> tuple[str, dict[str, TensorInfo] | None]:
-    """The signature as error messages name it, and its inputs by name (once per signature:
-    this is on every call's path)."""
-    specs = {t.name: t for t in signature.inputs} if signature.inputs is not None else None
-    return signature.describe_inputs(), specs
-
-
 def prepare(x: Any, signature: SignatureInfo, check_finite: bool = False) -> tuple[Inputs, int]:
     """Validate ``x`` against ``signature``; return ``({name: array}, rows)``.
 
     With ``check_finite``, a NaN or infinity in a floating-point input is an error naming the
     first rows that hold one."""
-    expected, specs = _expectations(signature)
+    expected, specs = signature.expectations
     if isinstance(x, Mapping):
         given = {str(k): v for k, v in x.items()}
         if specs is not None and set(given) != set(specs):
@@ -164,7 +155,7 @@ def prepare(x: Any, signature: SignatureInfo, check_finite: bool = False) -> tup
 
 def auto_shard_size(inputs: Inputs, rows: int, workers: int) -> int:
     """Rows per shard: about ``TARGET_SHARD_BYTES`` of input, yet enough shards for all workers."""
-    if rows == 0:
+    if rows <= 1:
         return 1
     row_bytes = sum(_row_bytes(a) for a in inputs.values())
     by_bytes = max(1, TARGET_SHARD_BYTES // max(1, row_bytes))

@@ -153,6 +153,13 @@ def slow_pool():
         yield pool
 
 
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
 def fault_rows(n: int, first: float = 0.0) -> np.ndarray:
     x = RNG.random((n, 3)).astype(np.float32)
     if first:
@@ -208,6 +215,7 @@ def test_a_request_that_makes_the_model_raise_fails_alone(slow_pool):
 def test_cancelled_requests_are_dropped_from_the_queue(slow_pool):
     before = slow_pool.stats()[0].rows
     busy = slow_pool.submit(fault_rows(1))
+    wait_for(busy.running)  # on the worker: the rest queues behind it
     queued = [slow_pool.submit(fault_rows(1)) for _ in range(20)]
     kept = slow_pool.submit(fault_rows(3))
     cancelled = [f for f in queued[-10:] if f.cancel()]  # the last ones still wait
@@ -220,13 +228,6 @@ def test_cancelled_requests_are_dropped_from_the_queue(slow_pool):
     assert all(f.cancelled() for f in cancelled)
     assert slow_pool.stats()[0].rows - before == 1 + 10 + 3  # the cancelled rows never ran
     assert slow_pool.queued_requests() == 0
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def test_queue_bound_refuses_at_once():
@@ -248,20 +249,23 @@ def test_queue_bound_refuses_at_once():
 
 
 def test_sigkill_while_a_combined_batch_runs_loses_no_row():
-    model = functools.partial(factories.faulty, delay=0.2)
-    with PredictionPool(model, workers=2) as pool:
+    model = functools.partial(factories.faulty, delay=0.1)
+    with PredictionPool(model, workers=1) as pool:
         xs = [fault_rows(1) for _ in range(24)]
-        futures = [pool.submit(x) for x in xs]
-        deadline = time.monotonic() + 30
-        while pool.stats()[0].batches < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)  # worker 0 has answered its first call; it runs a combined one now
+        futures = [pool.submit(xs[0])]
+        wait_for(futures[0].running)
+        futures += [pool.submit(x) for x in xs[1:]]  # they queue behind the running call...
+        # ...and form the next call, which is running once nothing waits any more.
+        wait_for(lambda: pool.stats()[0].batches >= 1 and pool.queued_requests() == 0)
         victim = pool.stats()[0].pid
+        assert sum(not f.done() for f in futures) == len(xs) - 1
         os.kill(victim, signal.SIGKILL)
         for x, f in zip(xs, futures, strict=True):
             np.testing.assert_array_equal(f.result(timeout=60)["y"], x)
-        stats = pool.stats()
-        assert stats[0].restarts == 1 and stats[0].pid != victim
-        assert sum(s.shards for s in stats) >= len(xs)
+        stats = pool.stats()[0]
+        assert stats.restarts == 1 and stats.pid != victim
+        assert stats.retries == 1  # the combined call, re-run shard by shard
+        assert stats.shards == len(xs) and stats.rows == len(xs)
 
 
 def test_batch_timeout_trades_a_little_latency_for_bigger_calls(models):

@@ -56,12 +56,15 @@ def wait_until(condition, timeout: float = 30.0) -> None:
 def test_sigkill_mid_predict_loses_no_row(models):
     slow = functools.partial(factories.faulty, delay=0.03)
     x = rows(240)
-    with PredictionPool(slow, workers=2, shard_size=3) as pool:
+    # One shard per model call (max_batch_rows=3): 80 calls, so the kill lands mid-call.
+    with PredictionPool(slow, workers=2, shard_size=3, max_batch_rows=3) as pool:
         future = pool.submit(x)
         wait_until(lambda: sum(s.shards for s in pool.stats()) >= 6)
+        assert not future.done()
         victim = pool.stats()[0].pid
         os.kill(victim, signal.SIGKILL)
         got = future.result(timeout=120)
+        wait_until(lambda: pool.stats()[0].restarts == 1)
         stats = pool.stats()
         assert stats[0].restarts == 1 and stats[0].pid != victim and stats[0].loads == 1
         assert stats[1].restarts == 0
@@ -86,7 +89,9 @@ def test_sigkill_mid_predict_on_a_real_model(models):
 def test_shard_that_always_kills_its_worker_fails_with_its_rows():
     x = rows(12)
     x[7, 0] = factories.KILL
-    with PredictionPool(factories.faulty, workers=2, shard_size=4, max_retries=1) as pool:
+    with PredictionPool(
+        factories.faulty, workers=2, shard_size=4, max_retries=1, max_batch_rows=4
+    ) as pool:  # one shard per model call: the rule for a shard running alone
         with pytest.raises(WorkerCrashedError, match=r"rows 4:8 killed their worker process 2"):
             pool.predict(x)
         healthy = rows(9)
