@@ -104,13 +104,13 @@ class LoadedModel:
         """Zeros (or empty strings) shaped like the signature, or ``None`` if it is unknown."""
         if self.signature.inputs is None:
             return None
-        arrays = {}
+        arrays: dict[str, np.ndarray] = {}
         for t in self.signature.inputs:
             if t.shape is None or any(d is None for d in t.shape[1:]):
                 return None
-            shape = (rows, *t.shape[1:])
+            shape = (rows, *(d for d in t.shape[1:] if d is not None))
             if t.dtype == STRING:
-                arrays[t.name] = np.full(shape, b"", dtype=object)
+                arrays[t.name] = np.full(shape, b"", dtype=np.object_)
             else:
                 arrays[t.name] = np.zeros(shape, dtype=t.dtype)
         return arrays

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("pool")
 
@@ -38,13 +39,13 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "pool" / "models"
 
 
-def _save(module, path: Path, signatures: dict) -> None:
+def _save(module: Any, path: Path, signatures: dict) -> None:
     import tensorflow as tf
 
     tf.saved_model.save(module, str(path), signatures=signatures)
 
 
-def _save_classifier(net, side: int, path: Path) -> None:
+def _save_classifier(net: Any, side: int, path: Path) -> None:
     """Save a Keras image classifier as ``images`` [N, side, side, 3] -> ``probabilities``."""
     import tensorflow as tf
 
