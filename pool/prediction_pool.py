@@ -76,7 +76,11 @@ class PredictionPool:
                 f"got {type(model).__name__}"
             )
         cpus = allowed_cpus() if cluster is None else None
-        if pin_cpus and cluster is None and cpus is None:
+        if pin_cpus and cluster is not None:
+            raise ValueError(
+                "pin_cpus does not apply with cluster=: Dask workers are placed by the cluster"
+            )
+        if pin_cpus and cpus is None:
             raise ValueError("pin_cpus=True, but this OS has no CPU affinity API (e.g. macOS)")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -388,6 +392,13 @@ class PredictionPool:
         backend, _ = self._running()
         info = getattr(backend, "transport_info", None)
         return info() if info is not None else {}
+
+    @property
+    def backend(self) -> Backend:
+        """The running backend (``pool.local.LocalBackend``, or ``pool.cluster.DaskBackend``
+        with ``cluster=``): what the package's edges build on. Raises ``PoolClosedError`` when
+        the pool is not running."""
+        return self._running()[0]
 
     @property
     def ready_info(self) -> list[WorkerReady]:

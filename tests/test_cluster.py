@@ -370,8 +370,8 @@ def test_scheduler_address_form_and_shutdown_unregisters(cluster, client, models
     with PredictionPool(models["small_cnn"], cluster=local.scheduler_address) as pool:
         assert_rows_equal(pool.predict(x), in_process(models["small_cnn"], x)["probabilities"])
         during = client.run(lambda dask_worker: sorted(dask_worker.plugins))
-        own = pool_cluster.backend.running_backend(pool.ready_info)
-        assert own is not None and own.client is not client
+        own = pool.backend
+        assert isinstance(own, pool_cluster.DaskBackend) and own.client is not client
         added = {n for names in during.values() for n in names} - {
             n for names in before.values() for n in names
         }
@@ -459,3 +459,8 @@ def test_the_client_never_imports_tensorflow(cluster, models):
         "imap_same": True,
         "frame_same": True,
     }
+
+
+def test_pin_cpus_is_refused_with_a_cluster(models):
+    with pytest.raises(ValueError, match="pin_cpus does not apply with cluster="):
+        PredictionPool(models["small_cnn"], cluster="tcp://127.0.0.1:1", pin_cpus=True)

@@ -29,10 +29,10 @@ import queue
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import psutil
@@ -123,17 +123,6 @@ _STOP = object()
 #: Input bytes sent to the scheduler in one graph; below Dask's large-graph warning (10 MB).
 GRAPH_BYTES = 8 << 20
 
-#: Started, not yet shut down backends of this process (for running_backend).
-_RUNNING: weakref.WeakSet = weakref.WeakSet()
-
-
-def running_backend(ready: list[WorkerReady]) -> DaskBackend | None:
-    """The running backend whose workers reported ``ready`` (a pool's ``ready_info``)."""
-    for backend in list(_RUNNING):
-        if ready and backend.ready == ready:
-            return backend
-    return None
-
 
 class DaskBackend:
     """The workers of a Dask cluster behind a :class:`pool.PredictionPool` (see the module doc)."""
@@ -198,7 +187,6 @@ class DaskBackend:
         self._gatherer = threading.Thread(target=self._gather_loop, name=f"{self.name}-gather")
         self._gatherer.daemon = True
         self._gatherer.start()
-        _RUNNING.add(self)
         return self.ready
 
     def shutdown(self, kill: bool) -> None:
@@ -207,7 +195,6 @@ class DaskBackend:
                 return
             self._closed = True
             live = list(self._live)
-        _RUNNING.discard(self)
         if kill:
             for shard in live:
                 self._settle(shard, error=PoolClosedError("the pool was shut down"))
@@ -264,7 +251,7 @@ class DaskBackend:
             ]
             self._live.update(shards)
         for shard in shards:
-            shard.future.add_done_callback(lambda _, shard=shard: self._on_answered(shard))
+            shard.future.add_done_callback(partial(self._on_answered_future, shard))
         pending = list(shards)
         try:
             for group in _graphs(shards):
@@ -320,7 +307,12 @@ class DaskBackend:
             if shard.call.remaining == 0:
                 self._open_calls -= 1
 
-    def _settle(self, shard: _Shard, result: Any = None, error: BaseException | None = None):
+    def _on_answered_future(self, shard: _Shard, future: Future) -> None:
+        self._on_answered(shard)
+
+    def _settle(
+        self, shard: _Shard, result: Any = None, error: BaseException | None = None
+    ) -> None:
         try:
             if error is None and shard.finish is not None:
                 try:

@@ -21,9 +21,10 @@ from typing import Any
 from distributed import get_worker
 
 from .. import sharding
+from ..errors import PoolClosedError
 from ..etl.frames import output_columns, output_names, to_inputs, with_predictions
 from ..messages import ShardRequest, SignatureInfo
-from .backend import DaskBackend, running_backend
+from .backend import DaskBackend
 from .plugin import loaded_plugin
 
 #: Rows per model call inside a partition when neither ``shard_size=`` nor the pool says.
@@ -76,8 +77,11 @@ def map_partitions(
 
 
 def _backend_of(pool: Any) -> DaskBackend:
-    backend = running_backend(pool.ready_info)
-    if backend is None:
+    try:
+        backend = pool.backend
+    except (AttributeError, PoolClosedError):  # not a PredictionPool, or not running
+        backend = None
+    if not isinstance(backend, DaskBackend):
         raise TypeError(
             "map_partitions needs a running PredictionPool on a Dask cluster "
             "(PredictionPool(model, cluster=client)), got a pool that is local or not running"
