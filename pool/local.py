@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 
+from . import transport
 from .backend import Settings, local_model_path
 from .dispatcher import Dispatcher
 from .messages import ShardRequest, WorkerConfig, WorkerReady, WorkerStats
@@ -77,12 +78,17 @@ class LocalBackend:
     def transport_info(self) -> dict[str, object]:
         """How batches travelled: counts through the shared arena and through the socket."""
         dispatcher = self._running()
+        arena, socket = dispatcher.batches_in_arena, dispatcher.batches_on_socket
+        copies = (arena * transport.COPIES_VIA_ARENA + socket * transport.COPIES_VIA_SOCKET) / max(
+            1, arena + socket
+        )
         return {
             "arena_bytes": [
                 s.process.arena.size if s.process.arena else 0 for s in dispatcher.slots
             ],
-            "batches_in_arena": dispatcher.batches_in_arena,
-            "batches_on_socket": dispatcher.batches_on_socket,
+            "batches_in_arena": arena,
+            "batches_on_socket": socket,
+            "copies_per_shard": copies if arena + socket else None,
         }
 
     def shutdown(self, kill: bool) -> None:

@@ -89,9 +89,9 @@ class LoadedModel:
             (tensor,) = tensors.values()
             raw = self._fn(tensor)
         if isinstance(raw, Mapping):
-            out = {k: np.asarray(v) for k, v in raw.items()}
+            out = {k: _as_numpy(v) for k, v in raw.items()}
         else:
-            out = {DEFAULT_OUTPUT: np.asarray(raw)}
+            out = {DEFAULT_OUTPUT: _as_numpy(raw)}
         if self._output is not None:
             if self._output not in out:
                 raise ValueError(
@@ -114,6 +114,17 @@ class LoadedModel:
             else:
                 arrays[t.name] = np.zeros(shape, dtype=t.dtype)
         return arrays
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    """An output as an array: a read-only view of a CPU tensor's buffer (``.numpy()`` would copy
+    it; the caller copies it once more anyway, into the arena or the socket), else a copy."""
+    if isinstance(value, tf.Tensor) and value.dtype != tf.string:
+        try:
+            return np.asarray(memoryview(value))
+        except (TypeError, ValueError, BufferError):  # not an eager CPU tensor
+            pass
+    return np.asarray(value)
 
 
 def _from_concrete(fn: Any, keep_alive: Any, output: str | None, kwargs_only: bool) -> LoadedModel:

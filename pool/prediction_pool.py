@@ -387,7 +387,9 @@ class PredictionPool:
 
     def transport_info(self) -> dict[str, Any]:
         """How batches reached the workers: ``arena_bytes`` (each worker's shared-memory arena;
-        0 where the socket carries everything), ``batches_in_arena``, ``batches_on_socket``.
+        0 where the socket carries everything), ``batches_in_arena``, ``batches_on_socket``, and
+        ``copies_per_shard`` (user-space copies of a shard's data there and back, averaged over
+        those batches: 3 through the arena, 6 through the socket; ``None`` before any batch).
         Empty for a backend that does not say (a cluster)."""
         backend, _ = self._running()
         info = getattr(backend, "transport_info", None)

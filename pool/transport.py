@@ -46,6 +46,13 @@ log = logging.getLogger("pool")
 ALIGN = 64
 #: Batches a worker holds at once: one running, one queued behind it.
 REGIONS = 2
+#: User-space copies of a shard's data on the way to the model and back (kernel copies aside).
+#: Arena: into the arena (inputs); from the tensor into the arena, then out to the caller's
+#: array (outputs; the tensor is read in place, not copied to NumPy first).
+#: Socket: received into a buffer, made writable, copied by TensorFlow as it is not 64-byte
+#: aligned (inputs); received, made writable, split out (outputs); plus two kernel copies each.
+COPIES_VIA_ARENA = 1 + 2
+COPIES_VIA_SOCKET = 3 + 3
 _COUNT = struct.Struct("<I")
 
 

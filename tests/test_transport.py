@@ -74,6 +74,7 @@ def test_workers_share_an_unnamed_arena_and_dev_shm_stays_empty(models):
                 assert "memfd:pool-arena" in maps.read()
         assert shm_segments() == before  # nothing named, nothing to leak
     assert info["batches_in_arena"] > 0 and info["batches_on_socket"] == 0
+    assert info["copies_per_shard"] == 3
     assert all(size > 0 for size in info["arena_bytes"])
     assert_rows_equal(got, in_process(models["small_cnn"], x)["probabilities"])
 
@@ -89,7 +90,7 @@ def test_fallback_to_the_socket_when_shared_memory_cannot_be_reserved(models, mo
         results = [f.result(timeout=60) for f in futures]
         info = pool.transport_info()
     assert info["arena_bytes"] == [0, 0] and info["batches_in_arena"] == 0
-    assert info["batches_on_socket"] > 0
+    assert info["batches_on_socket"] > 0 and info["copies_per_shard"] == 6
     for x, got in zip(inputs, results, strict=True):
         assert_rows_equal(got, in_process(models["small_cnn"], x)["probabilities"])
 
