@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__, etl
+from .argtypes import positive_int
 from .messages import STRING, SignatureInfo, TensorInfo
 from .serve import command as serve_command
 
@@ -72,16 +73,6 @@ def _pairs(values: Sequence[str] | None, option: str) -> Any:
     return mapping
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m pool",
@@ -119,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rename several",
     )
     predict.add_argument(
-        "--workers", "-w", type=_positive, help="worker processes (default: cores)"
+        "--workers", "-w", type=positive_int, help="worker processes (default: cores)"
     )
     predict.add_argument(
         "--cluster",
@@ -127,14 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on the workers of a Dask cluster, e.g. tcp://10.0.0.5:8786 (needs "
         "pip install 'prediction-pool[dask]'; see docs/scale-out.md)",
     )
-    predict.add_argument("--shard-size", type=_positive, help="rows per shard (default: automatic)")
+    predict.add_argument(
+        "--shard-size", type=positive_int, help="rows per shard (default: automatic)"
+    )
     predict.add_argument(
         "--chunk-rows",
-        type=_positive,
+        type=positive_int,
         help="rows per committed chunk and output row group (default: about 32 MB of rows)",
     )
     predict.add_argument(
-        "--max-in-flight", type=_positive, help="shards submitted ahead (default: 4 per worker)"
+        "--max-in-flight", type=positive_int, help="shards submitted ahead (default: 4 per worker)"
     )
     predict.add_argument("--signature", default="serving_default", help="signature to call")
     predict.add_argument("--model-output", help="keep only this output of the model")

@@ -21,7 +21,7 @@ import pool
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = Path(pool.__file__).resolve().parent
-EDGES = ("pool.etl", "pool.serve", "pool.cluster", "pool.cli", "pool.__main__")
+EDGES = ("pool.etl", "pool.serve", "pool.cluster", "pool.cli", "pool.argtypes", "pool.__main__")
 TENSORFLOW = ("tensorflow", "tensorflow_hub", "tf_keras", "keras")
 TENSORFLOW_MODULES = ("pool.model", "pool.reference_models")
 OPTIONAL = ("pandas", "pyarrow", "tqdm", "distributed", "dask", "starlette", "uvicorn", "httpx")

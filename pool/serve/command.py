@@ -13,42 +13,14 @@ import logging
 import sys
 from typing import Any
 
+from ..argtypes import non_negative_int, positive_int, seconds
+
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_TERMINATED = 143
 
 #: The loggers whose records the command shows on stderr.
 LOGGERS = ("pool", "uvicorn")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
-    return value
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -75,43 +47,43 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="name in the URLs (default: the model directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument(
-        "--port", type=_non_negative_int, default=8501, help="port (default: 8501; 0: any free)"
+        "--port", type=non_negative_int, default=8501, help="port (default: 8501; 0: any free)"
     )
-    p.add_argument("--workers", "-w", type=_positive_int, help="worker processes (default: cores)")
+    p.add_argument("--workers", "-w", type=positive_int, help="worker processes (default: cores)")
     p.add_argument("--signature", default="serving_default", help="signature to serve")
     p.add_argument(
         "--max-batch-rows",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="rows per model call when concurrent requests are combined (default: 256)",
     )
     p.add_argument(
         "--batch-timeout-micros",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="wait this long for more requests before a batch smaller than the maximum "
         "(default: 0, dispatch at once when a worker is free)",
     )
     p.add_argument(
         "--max-queued-requests",
-        type=_positive_int,
+        type=positive_int,
         help="requests waiting for a worker before new ones get 503 (default: unbounded)",
     )
     p.add_argument(
         "--request-timeout",
-        type=_seconds,
+        type=seconds,
         default=30.0,
         help="seconds from a request's arrival to its answer, else 504 (default: 30)",
     )
     p.add_argument(
         "--max-body-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=64 << 20,
         help="larger request bodies get 413 (default: 64 MiB)",
     )
     p.add_argument(
         "--drain-timeout",
-        type=_seconds,
+        type=seconds,
         default=30.0,
         help="on SIGTERM/SIGINT, seconds to finish the requests in flight (default: 30)",
     )
