@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from collections.abc import Mapping
 
 import numpy as np
@@ -51,6 +52,13 @@ def assert_rows_equal(got, want, rtol: float = 1e-5, atol: float = 1e-6) -> None
     assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape)
     for i in range(len(want)):
         np.testing.assert_allclose(got[i], want[i], rtol=rtol, atol=atol, err_msg=f"row {i}")
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child a test interrupts with SIGINT: a suite started in the
+    background by a shell without job control inherits SIGINT ignored, and so would the child,
+    which then could not see the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def shm_segments() -> set[str]:

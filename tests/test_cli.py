@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import in_process
+from conftest import default_sigint, in_process
 
 import pool
 from pool import PredictionPool, cli
@@ -398,7 +398,12 @@ def parts(staging: Path) -> list[str]:
 def start_and_stop_at(args: list[str], staging: Path, parts_at_least: int, how: int) -> tuple:
     """Start the command; once ``parts_at_least`` chunks are committed, send it signal ``how``."""
     process = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment()
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+        preexec_fn=default_sigint,
     )
     deadline = time.monotonic() + 180
     while len(parts(staging)) < parts_at_least:

@@ -18,7 +18,7 @@ import factories
 import numpy as np
 import psutil
 import pytest
-from conftest import assert_rows_equal, in_process, pool_processes, shm_segments
+from conftest import assert_rows_equal, default_sigint, in_process, pool_processes, shm_segments
 
 from pool import PredictionPool, WorkerCrashedError
 
@@ -208,6 +208,7 @@ def start_script(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
         text=True,
         env=env,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     line = proc.stdout.readline()
     assert line, proc.stderr.read()
