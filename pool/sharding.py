@@ -2,6 +2,11 @@
 
 NumPy only: this runs in the caller's process, before anything is dispatched, so a bad input
 fails fast with an error that names the expected signature, and never reaches a worker.
+
+:func:`prepare` returns a snapshot: arrays the pool owns, sharing no memory with the caller's
+input, so a caller may reuse or refill its buffer as soon as ``submit``/``imap`` returns (a
+queued shard is read when it is packed for a worker, and again if it is re-run). An input that
+validation already copied (a dtype cast, a Python list) is not copied a second time.
 """
 
 from __future__ import annotations
@@ -25,7 +30,21 @@ Inputs = dict[str, np.ndarray]
 
 
 def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> np.ndarray:
-    """Turn one input into an array of the spec's dtype and trailing shape, or raise."""
+    """One input as a snapshot: an array of the spec's dtype and trailing shape that shares no
+    memory with ``value`` (copied unless validation already made a new array), or raise."""
+    array, converted = _validated(name, value, spec, expected)
+    if array is not converted or isinstance(value, (list, tuple)):
+        return array  # cast by validation, or built from Python objects: already new memory
+    if isinstance(value, np.ndarray) and not np.may_share_memory(array, value):
+        return array  # np.asarray made a new array (e.g. "U" strings as objects)
+    return array.copy()
+
+
+def _validated(
+    name: str, value: Any, spec: TensorInfo | None, expected: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, what np.asarray gave)``: the input as an array of the spec's dtype and trailing
+    shape (a new array when a cast was needed), or raise."""
     if isinstance(value, (str, bytes)):
         raise TypeError(
             f"input {name!r}: expected a batch (one row per element), got a single "
@@ -47,7 +66,7 @@ def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> 
     if spec is None:
         if array.dtype == object:
             _check_strings(name, array, expected)
-        return array
+        return array, array
     if spec.shape is not None:
         if array.ndim != len(spec.shape):
             raise ValueError(
@@ -69,8 +88,8 @@ def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> 
                 f"Expected signature: {expected}"
             )
         _check_strings(name, array, expected)
-        return array
-    return _cast(name, array, spec, expected)
+        return array, array
+    return _cast(name, array, spec, expected), array
 
 
 _STRING_TYPES = {str, bytes, np.str_, np.bytes_}
