@@ -33,6 +33,8 @@ def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> 
     """One input as a snapshot: an array of the spec's dtype and trailing shape that shares no
     memory with ``value`` (copied unless validation already made a new array), or raise."""
     array, converted = _validated(name, value, spec, expected)
+    if array is value:  # the common case: the caller's own array, as it was
+        return array.copy()
     if array is not converted or isinstance(value, (list, tuple)):
         return array  # cast by validation, or built from Python objects: already new memory
     if isinstance(value, np.ndarray) and not np.may_share_memory(array, value):

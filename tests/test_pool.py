@@ -582,3 +582,34 @@ def test_errors_name_the_model_by_its_path_or_its_factory():
     assert describe_model(factories.plain_double) == "the factory factories.plain_double"
     partial = functools.partial(factories.faulty, delay=1.0)
     assert describe_model(partial) == "the factory functools.partial(factories.faulty)"
+
+
+def test_asyncio_wrap_future_bridge_stays_inline_and_other_callbacks_go_to_the_callback_thread():
+    import asyncio
+
+    from pool.futures import PoolFuture
+
+    async def main() -> tuple[object, list[str]]:
+        loop = asyncio.get_running_loop()
+        future = PoolFuture()
+        waiter = asyncio.wrap_future(future)
+        threads: list[str] = []
+        future.add_done_callback(lambda f: threads.append(threading.current_thread().name))
+        scheduled = loop.call_soon_threadsafe
+
+        def spy(*args):  # asyncio's bridge schedules onto the loop from the completing thread
+            threads.append(threading.current_thread().name)
+            return scheduled(*args)
+
+        loop.call_soon_threadsafe = spy  # type: ignore[method-assign]
+        completer = threading.Thread(target=future.set_result, args=(7,), name="completer")
+        completer.start()
+        result = await asyncio.wait_for(waiter, 10)
+        completer.join()
+        for _ in range(100):  # the handed-off callback runs on its own thread, soon
+            if len(threads) == 2:
+                break
+            await asyncio.sleep(0.01)
+        return result, sorted(threads)
+
+    assert asyncio.run(main()) == (7, ["completer", "pool-callbacks"])
