@@ -29,10 +29,14 @@ SHARDS_PER_WORKER = 4
 Inputs = dict[str, np.ndarray]
 
 
-def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> np.ndarray:
+def _as_array(
+    name: str, value: Any, spec: TensorInfo | None, expected: str, snapshot: bool = True
+) -> np.ndarray:
     """One input as a snapshot: an array of the spec's dtype and trailing shape that shares no
     memory with ``value`` (copied unless validation already made a new array), or raise."""
     array, converted = _validated(name, value, spec, expected)
+    if not snapshot:
+        return array
     if array is value:  # the common case: the caller's own array, as it was
         return array.copy()
     if array is not converted or isinstance(value, (list, tuple)):
@@ -130,8 +134,12 @@ def _cast(name: str, array: np.ndarray, spec: TensorInfo, expected: str) -> np.n
     )
 
 
-def prepare(x: Any, signature: SignatureInfo, check_finite: bool = False) -> tuple[Inputs, int]:
-    """Validate ``x`` against ``signature``; return ``({name: array}, rows)``.
+def prepare(
+    x: Any, signature: SignatureInfo, check_finite: bool = False, snapshot: bool = True
+) -> tuple[Inputs, int]:
+    """Validate ``x`` against ``signature``; return ``({name: array}, rows)``, arrays that share
+    no memory with ``x`` (``snapshot=False`` skips that copy: only for measuring what it costs,
+    ``benchmarks/snapshot_cost.py``).
 
     With ``check_finite``, a NaN or infinity in a floating-point input is an error naming the
     first rows that hold one."""
@@ -155,7 +163,7 @@ def prepare(x: Any, signature: SignatureInfo, check_finite: bool = False) -> tup
     if not given:
         raise ValueError(f"no inputs given; expected {expected}")
     arrays = {
-        k: _as_array(k, v, specs[k] if specs is not None else None, expected)
+        k: _as_array(k, v, specs[k] if specs is not None else None, expected, snapshot)
         for k, v in given.items()
     }
     rows = {k: a.shape[0] for k, a in arrays.items()}
