@@ -515,9 +515,11 @@ def test_a_done_callback_may_call_the_pool_and_never_runs_on_the_dispatcher(slow
     for shards in (1, 2):  # a one-shard call's future and a combined call's future
         seen.clear()
         called.clear()
+        busy = slow_faulty.submit(float_rows(1))  # the call below waits behind this one
         future = slow_faulty.submit(float_rows(2), shard_size=2 // shards)
         assert not future.done()
         future.add_done_callback(callback)
+        busy.result(timeout=60)
         assert called.wait(60), "the callback never ran"
         assert "error" not in seen, f"the callback's predict failed: {seen['error']!r}"
         assert seen["thread"] != "pool-dispatcher"
@@ -535,9 +537,12 @@ def test_a_callback_raising_anything_never_stops_the_pool(slow_faulty, caplog, r
         raise raised
 
     for shards in (1, 2):
+        busy = slow_faulty.submit(float_rows(1))  # the calls below wait behind this one
         first = slow_faulty.submit(float_rows(2), shard_size=2 // shards)
         queued = slow_faulty.submit(float_rows(3, value=2.0))  # pending when the callback raises
+        assert not first.done()
         first.add_done_callback(callback)
+        busy.result(timeout=30)
         np.testing.assert_array_equal(queued.result(timeout=30)["y"], np.full((3, 3), 2.0))
         assert first.result(timeout=30)["y"].shape == (2, 3)
     later = slow_faulty.submit(float_rows(1, value=4.0)).result(timeout=30)
