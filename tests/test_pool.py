@@ -557,26 +557,31 @@ def test_a_finished_call_frees_its_inputs_and_outputs_without_the_cycle_collecto
             time.sleep(0.01)
         return condition()
 
+    def one_call(pool: PredictionPool, shard_size: int) -> weakref.ref:
+        x = np.ones((64, 4096))  # 2 MiB of input (and of its snapshot), 2 MiB of output
+        future = pool.submit(x, shard_size=shard_size)
+        out = future.result(timeout=60)
+        np.testing.assert_array_equal(out, x * 2)
+        return weakref.ref(out)
+
     with PredictionPool(factories.plain_double, workers=1, max_batch_rows=64) as pool:
-        pool.predict(np.ones((2, 3)))  # warm
+        for shard_size in (64, 16):  # warm every code path once: first uses allocate for good
+            one_call(pool, shard_size)
         gc.collect()
         gc.disable()
         tracemalloc.start()
         try:
             for shard_size in (64, 16):  # one shard (one future), four shards (a combined one)
                 before = tracemalloc.get_traced_memory()[0]
-                x = np.ones((64, 4096))  # 2 MiB of input and 2 MiB of output
-                future = pool.submit(x, shard_size=shard_size)
-                out = future.result(timeout=60)
-                np.testing.assert_array_equal(out, x * 2)
-                freed = weakref.ref(out)
-                del x, future, out
-                assert settled(lambda r=freed: r() is None), "the output is kept alive by a cycle"
+                freed = one_call(pool, shard_size)
+                assert settled(lambda r=freed: r() is None), f"output kept alive ({shard_size=})"
 
                 def held(start: int = before) -> int:
                     return tracemalloc.get_traced_memory()[0] - start
 
-                assert settled(lambda h=held: h() < 256 << 10), f"{held() >> 10} KiB still held"
+                assert settled(lambda h=held: h() < 256 << 10), (
+                    f"{held() >> 10} KiB held ({shard_size=})"
+                )
         finally:
             tracemalloc.stop()
             gc.enable()
