@@ -623,3 +623,19 @@ def test_asyncio_wrap_future_bridge_stays_inline_and_other_callbacks_go_to_the_c
         return result, sorted(threads)
 
     assert asyncio.run(main()) == (7, ["completer", "pool-callbacks"])
+
+
+def test_shutdown_returns_once_the_callbacks_of_answered_calls_have_run():
+    ran: list[str] = []
+
+    def slow_callback(future) -> None:
+        time.sleep(0.3)
+        ran.append(threading.current_thread().name)
+
+    model = functools.partial(factories.faulty, delay=0.2)
+    with PredictionPool(model, workers=1) as pool:
+        futures = [pool.submit(float_rows(1)) for _ in range(3)]
+        assert not futures[0].done()
+        for future in futures:
+            future.add_done_callback(slow_callback)
+    assert ran == ["pool-callbacks"] * 3  # shutdown drained the calls, then their callbacks
