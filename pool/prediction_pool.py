@@ -398,7 +398,8 @@ class PredictionPool:
         """How batches reached the workers: ``arena_bytes`` (each worker's shared-memory arena;
         0 where the socket carries everything), ``batches_in_arena``, ``batches_on_socket``, and
         ``copies_per_shard`` (user-space copies of a shard's data there and back, averaged over
-        those batches: 3 through the arena, 6 through the socket; ``None`` before any batch).
+        those batches: 3 through the arena, 6 through the socket; ``None`` before any batch;
+        the snapshot of the inputs made when a call is accepted is not counted).
         Empty for a backend that does not say (a cluster)."""
         backend, _ = self._running()
         info = getattr(backend, "transport_info", None)
