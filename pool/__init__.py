@@ -6,7 +6,8 @@ model calls, run on all cores and gathered in input order::
 
     caller: pool.predict(x) / pool.imap(batches) / pool.submit(x)   (any number of threads)
       │
-      ▼  sharding.prepare      validate against the signature (NumPy only, in the caller)
+      ▼  sharding.prepare      validate against the signature (NumPy only, in the caller);
+      │                        the arrays are a snapshot: the caller may reuse its buffers
       ▼  sharding.split        rows -> shards [(start, stop), ...], one Future each
       ▼  batching.BatchQueue   waiting shards, oldest first; bounded by max_queued_requests
       ▼  dispatcher            one thread: a worker with room takes a batch of waiting shards
@@ -19,8 +20,9 @@ model calls, run on all cores and gathered in input order::
 Core modules: ``model`` (the only one importing TensorFlow), ``worker`` (inside worker
 processes), ``messages`` (what crosses the process boundary), ``transport`` (socket framing
 and the shared arena), ``sharding`` (validate, split, gather), ``batching`` (the queue and what
-combines), ``dispatcher`` (scheduling, retries), ``process`` (one worker process), ``backend``
-(the pool/workers seam and the validated settings), ``local`` (the local backend),
+combines), ``futures`` (callers' callbacks run on a callback thread, never on the
+dispatcher), ``dispatcher`` (scheduling, retries), ``process`` (one worker process),
+``backend`` (the pool/workers seam and the validated settings), ``local`` (the local backend),
 ``prediction_pool`` (lifecycle and public API). Edges, never imported by the core: ``etl``
 (data frames, file formats, staging, file jobs), ``cli`` (the command line), ``serve`` (the
 TF Serving-compatible HTTP server), ``cluster`` (the Dask backend). ``reference_models``

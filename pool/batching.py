@@ -22,6 +22,11 @@ Contract (the dispatcher's manager thread is the only one that takes from the qu
 - **Cancellation.** A cancelled shard is dropped when the queue next looks at it and never
   blocks the shards behind it; a call whose shards were all cancelled no longer counts as
   queued.
+- **Futures.** Each shard's future is a :class:`pool.futures.PoolFuture`: the queue's own
+  cancel callback runs inline and holds its task only weakly (a strong reference would make a
+  future → callback → task → future cycle that keeps the inputs and outputs alive until the
+  cycle collector runs); a caller's callbacks run on the callback thread, never on the
+  dispatcher.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -39,6 +45,7 @@ import numpy as np
 
 from .backend import Batching
 from .errors import PoolClosedError, QueueFullError
+from .futures import PoolFuture
 from .messages import ShardRequest
 
 
@@ -72,7 +79,7 @@ class Task:
     """One shard of one call, until its result reaches the caller."""
 
     request: ShardRequest
-    future: Future
+    future: PoolFuture
     call: Call
     key: tuple
     rows: int
@@ -104,7 +111,7 @@ class BatchQueue:
         requests: Iterable[ShardRequest],
         bounded: bool = True,
         finish: Callable[[dict[str, np.ndarray]], Any] | None = None,
-    ) -> list[Future]:
+    ) -> list[PoolFuture]:
         """Queue the shards of one call; when ``bounded``, refuse the call whole if the queue
         is full (an unbounded call is counted all the same)."""
         requests = list(requests)
@@ -112,7 +119,7 @@ class BatchQueue:
         now = time.monotonic()
         tasks = []
         for request in requests:
-            future: Future = Future()
+            future = PoolFuture()
             rows = request.stop - request.start
             task = Task(
                 request=request,
@@ -124,7 +131,7 @@ class BatchQueue:
                 queued_at=now,
                 finish=finish,
             )
-            future.add_done_callback(self._on_cancel(task))
+            future.add_inline_callback(self._on_cancel(task))
             tasks.append(task)
         limit = self._options.max_queued_requests
         with self._lock:
@@ -149,9 +156,13 @@ class BatchQueue:
         return self._queued_calls
 
     def _on_cancel(self, task: Task) -> Callable[[Future], None]:
+        ref = weakref.ref(task)  # the future holds this callback: no cycle through the task
+
         def callback(future: Future) -> None:
             if future.cancelled():
-                self.release(task)
+                cancelled = ref()
+                if cancelled is not None:  # else it already left the queue and was released
+                    self.release(cancelled)
                 self._wake()
 
         return callback

@@ -19,11 +19,18 @@ or outgrows its limits is replaced by a new process that loads the model once; w
 goes back to the front of the queue. Only the batch that was *running* is suspect: if it
 combined several shards they are re-run alone, without counting an attempt; a shard that
 kills its worker while running alone counts one, and fails after ``max_retries``.
+
+Every output must have one row per input row: a combined call whose outputs do not is re-run
+shard by shard, and a shard alone whose outputs do not fails with ``WorkerError`` naming the
+model and both counts. (An output with no batch axis, a 0-d array, passes through for a shard
+run alone: it cannot be split.) Shards' futures are :class:`pool.futures.PoolFuture`: a caller's
+callbacks run on the callback thread, so nothing this thread completes can block or end it.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import os
@@ -107,6 +114,7 @@ class Dispatcher:
         config_for: Callable[[int], WorkerConfig],
     ) -> None:
         self._settings = settings
+        self._model = describe_model(settings.model)
         self._limits = settings.limits
         self._context = context
         self._config_for = config_for
@@ -190,7 +198,7 @@ class Dispatcher:
                     break
                 self._check_deadlines()
                 self._pump()
-        except Exception:  # never let the manager die silently: fail every caller
+        except BaseException:  # never let the manager die silently: fail every caller
             log.exception("pool dispatcher failed")
             self._closed = True
             self.queue.close()
@@ -404,6 +412,21 @@ class Dispatcher:
         stats.rows += batch.rows
         stats.busy_seconds += message.busy_seconds
         slot.process.shards_done += len(batch.tasks)
+        if len(batch.tasks) == 1 and tasks:
+            wrong = _wrong_rows(outputs, batch.rows)
+            if wrong is not None:
+                tasks = set()
+                (task,) = batch.tasks
+                r = task.request
+                _fail(
+                    task,
+                    WorkerError(
+                        f"rows {r.start}:{r.stop}: {self._model} returned "
+                        f"{wrong[1]} rows of output {wrong[0]!r} for {task.rows} input rows; "
+                        "expected one output row per input row",
+                        error_type="OutputRowsMismatch",
+                    ),
+                )
         start = 0
         for task in batch.tasks:
             stop = start + task.rows
@@ -590,20 +613,54 @@ def _pack(
     return inputs, carried, ((start, end) if end else None)
 
 
+def describe_model(model: object) -> str:
+    """The model as errors name it: ``the model at PATH`` (or handle), or ``the factory
+    module.name`` (``functools.partial(module.name)`` for a partial)."""
+    if isinstance(model, str):
+        return f"the model at {model}"
+    func, partial = model, False
+    while isinstance(func, functools.partial):
+        func, partial = func.func, True
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    module = getattr(func, "__module__", None)
+    label = f"{module}.{name}" if module else name
+    return f"the factory functools.partial({label})" if partial else f"the factory {label}"
+
+
+def _wrong_rows(outputs: dict[str, np.ndarray], rows: int) -> tuple[str, int] | None:
+    """The first output with a batch axis whose row count is not ``rows``: (name, its rows)."""
+    for name, value in outputs.items():
+        if np.ndim(value) > 0 and len(value) != rows:
+            return name, len(value)
+    return None
+
+
 def _resolve(task: Task, outputs: dict) -> None:
     if task.future.done():
         return
     if task.finish is None:
-        task.future.set_result(outputs)
+        _settle(task, outputs)
         return
     try:
         result = task.finish(outputs)
-    except Exception as exc:
-        task.future.set_exception(exc)
+    except BaseException as exc:
+        _settle(task, exc=exc)
     else:
-        task.future.set_result(result)
+        _settle(task, result)
 
 
 def _fail(task: Task, exc: BaseException) -> None:
     if not task.future.done():
-        task.future.set_exception(exc)
+        _settle(task, exc=exc)
+
+
+def _settle(task: Task, result: Any = None, exc: BaseException | None = None) -> None:
+    """Complete a shard's future. Its callbacks run here only if they are the pool's own (a
+    caller's are handed to the callback thread); whatever they raise, this thread goes on."""
+    try:
+        if exc is not None:
+            task.future.set_exception(exc)
+        else:
+            task.future.set_result(result)
+    except BaseException:
+        log.exception("completing rows %d:%d failed", task.request.start, task.request.stop)

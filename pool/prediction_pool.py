@@ -26,10 +26,14 @@ import numpy as np
 from . import sharding
 from .backend import Backend, Batching, Limits, Settings, positive
 from .errors import PoolClosedError
+from .futures import CALLBACKS, PoolFuture
 from .messages import ShardRequest, SignatureInfo, WorkerReady, WorkerStats
 from .process import allowed_cpus, default_workers, make_context
 
 log = logging.getLogger("pool")
+
+#: ``shutdown()`` waits at most this long for callers' done-callbacks to finish running.
+CALLBACK_FLUSH_SECONDS = 30.0
 
 Model = str | os.PathLike | Callable[[], Callable]
 Prediction = np.ndarray | dict[str, np.ndarray]
@@ -231,6 +235,11 @@ class PredictionPool:
                 backend.shutdown(kill=kill)
             finally:
                 self._final_stats = [_without_rss(s) for s in backend.stats()]
+            # Callers' callbacks of the calls just answered or failed have run when this returns
+            # (unless one blocks: then after CALLBACK_FLUSH_SECONDS, shutdown returns anyway).
+            waits = not kill and not CALLBACKS.in_thread()  # a callback cannot wait for itself
+            if waits and not CALLBACKS.flush(CALLBACK_FLUSH_SECONDS):
+                log.warning("shutdown: done-callbacks still running; not waiting for them")
             log.info("pool shut down%s", " (workers killed)" if kill else "")
 
     close = shutdown
@@ -345,7 +354,7 @@ class PredictionPool:
         if rows == 0:
             empty = sharding.empty_outputs(signature)
             if empty is not None:
-                future: Future = Future()
+                future: Future = PoolFuture()
                 future.set_result(sharding.unwrap(empty, signature))
                 return future, []
         size = shard_size or self.shard_size
@@ -389,7 +398,8 @@ class PredictionPool:
         """How batches reached the workers: ``arena_bytes`` (each worker's shared-memory arena;
         0 where the socket carries everything), ``batches_in_arena``, ``batches_on_socket``, and
         ``copies_per_shard`` (user-space copies of a shard's data there and back, averaged over
-        those batches: 3 through the arena, 6 through the socket; ``None`` before any batch).
+        those batches: 3 through the arena, 6 through the socket; ``None`` before any batch;
+        the snapshot of the inputs made when a call is accepted is not counted).
         Empty for a backend that does not say (a cluster)."""
         backend, _ = self._running()
         info = getattr(backend, "transport_info", None)
@@ -412,7 +422,7 @@ def _without_rss(stats: WorkerStats) -> WorkerStats:
     return replace(stats, rss_bytes=0)
 
 
-class CallFuture(Future):
+class CallFuture(PoolFuture):
     """The future of one call. ``cancel()`` drops the call's shards that wait in the queue
     (they never run) and succeeds if there was one; when every shard has already reached a
     worker, the call is running and ``cancel()`` returns ``False``, as for any ``Future``."""
@@ -435,21 +445,24 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
     """A future for the whole call: the shards' outputs gathered in order, or the first error.
 
     Cancelling it cancels the shards still waiting in the queue (they are dropped, never run).
-    Each shard future's callback refers to the list of shard futures; the list is emptied when
-    the call completes, which breaks that reference cycle so the shards' outputs are freed at
-    once rather than at the next garbage collection (it matters when streaming)."""
+    No reference cycle outlives the call, so its inputs and outputs are freed at once rather than
+    at the next garbage collection (it matters when streaming): each shard future's callback
+    refers to the list of shard futures, which is emptied when the call completes, and the
+    combined future's own callback refers to it only as its argument. These callbacks are the
+    pool's own: they run inline (on the dispatcher); a caller's callbacks on the combined future
+    are handed to the callback thread (:mod:`pool.futures`)."""
     combined = CallFuture(parts)
     pending = list(parts)
     remaining = [len(parts)]
     lock = threading.Lock()
 
-    def finish(cancelling: bool = False) -> list[Future]:
+    def finish(call: CallFuture, cancelling: bool = False) -> list[Future]:
         with lock:
-            if (combined.done() and not cancelling) or not pending:
+            if (call.done() and not cancelling) or not pending:
                 return []
             taken = pending[:]
             pending.clear()
-            combined.parts = []
+            call.parts = []
             return taken
 
     def settle(result: Any = None, exc: BaseException | None = None) -> None:
@@ -465,7 +478,7 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
         if part.cancelled() and combined.cancelling:
             return  # the caller is cancelling the whole call
         if part.cancelled() or part.exception() is not None:
-            others = finish()
+            others = finish(combined)
             if not others:
                 return
             settle(
@@ -481,7 +494,7 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
             last = remaining[0] == 0
         if not last:
             return
-        done = finish()
+        done = finish(combined)
         if not done:
             return
         try:
@@ -491,11 +504,14 @@ def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
             return
         settle(result)
 
-    def on_combined_done(future: Future) -> None:
+    def on_combined_done(future: Any) -> None:  # refers to the call only as its argument
         if future.cancelled():
-            finish(cancelling=True)
+            finish(future, cancelling=True)
 
-    combined.add_done_callback(on_combined_done)
+    combined.add_inline_callback(on_combined_done)
     for part in parts:
-        part.add_done_callback(on_part_done)
+        if isinstance(part, PoolFuture):
+            part.add_inline_callback(on_part_done)
+        else:  # a backend's plain Future (the cluster's)
+            part.add_done_callback(on_part_done)
     return combined

@@ -2,6 +2,11 @@
 
 NumPy only: this runs in the caller's process, before anything is dispatched, so a bad input
 fails fast with an error that names the expected signature, and never reaches a worker.
+
+:func:`prepare` returns a snapshot: arrays the pool owns, sharing no memory with the caller's
+input, so a caller may reuse or refill its buffer as soon as ``submit``/``imap`` returns (a
+queued shard is read when it is packed for a worker, and again if it is re-run). An input that
+validation already copied (a dtype cast, a Python list) is not copied a second time.
 """
 
 from __future__ import annotations
@@ -24,8 +29,28 @@ SHARDS_PER_WORKER = 4
 Inputs = dict[str, np.ndarray]
 
 
-def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> np.ndarray:
-    """Turn one input into an array of the spec's dtype and trailing shape, or raise."""
+def _as_array(
+    name: str, value: Any, spec: TensorInfo | None, expected: str, snapshot: bool = True
+) -> np.ndarray:
+    """One input as a snapshot: an array of the spec's dtype and trailing shape that shares no
+    memory with ``value`` (copied unless validation already made a new array), or raise."""
+    array, converted = _validated(name, value, spec, expected)
+    if not snapshot:
+        return array
+    if array is value:  # the common case: the caller's own array, as it was
+        return array.copy()
+    if array is not converted or isinstance(value, (list, tuple)):
+        return array  # cast by validation, or built from Python objects: already new memory
+    if isinstance(value, np.ndarray) and not np.may_share_memory(array, value):
+        return array  # np.asarray made a new array (e.g. "U" strings as objects)
+    return array.copy()
+
+
+def _validated(
+    name: str, value: Any, spec: TensorInfo | None, expected: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, what np.asarray gave)``: the input as an array of the spec's dtype and trailing
+    shape (a new array when a cast was needed), or raise."""
     if isinstance(value, (str, bytes)):
         raise TypeError(
             f"input {name!r}: expected a batch (one row per element), got a single "
@@ -47,7 +72,7 @@ def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> 
     if spec is None:
         if array.dtype == object:
             _check_strings(name, array, expected)
-        return array
+        return array, array
     if spec.shape is not None:
         if array.ndim != len(spec.shape):
             raise ValueError(
@@ -69,8 +94,8 @@ def _as_array(name: str, value: Any, spec: TensorInfo | None, expected: str) -> 
                 f"Expected signature: {expected}"
             )
         _check_strings(name, array, expected)
-        return array
-    return _cast(name, array, spec, expected)
+        return array, array
+    return _cast(name, array, spec, expected), array
 
 
 _STRING_TYPES = {str, bytes, np.str_, np.bytes_}
@@ -109,8 +134,12 @@ def _cast(name: str, array: np.ndarray, spec: TensorInfo, expected: str) -> np.n
     )
 
 
-def prepare(x: Any, signature: SignatureInfo, check_finite: bool = False) -> tuple[Inputs, int]:
-    """Validate ``x`` against ``signature``; return ``({name: array}, rows)``.
+def prepare(
+    x: Any, signature: SignatureInfo, check_finite: bool = False, snapshot: bool = True
+) -> tuple[Inputs, int]:
+    """Validate ``x`` against ``signature``; return ``({name: array}, rows)``, arrays that share
+    no memory with ``x`` (``snapshot=False`` skips that copy: only for measuring what it costs,
+    ``benchmarks/snapshot_cost.py``).
 
     With ``check_finite``, a NaN or infinity in a floating-point input is an error naming the
     first rows that hold one."""
@@ -134,7 +163,7 @@ def prepare(x: Any, signature: SignatureInfo, check_finite: bool = False) -> tup
     if not given:
         raise ValueError(f"no inputs given; expected {expected}")
     arrays = {
-        k: _as_array(k, v, specs[k] if specs is not None else None, expected)
+        k: _as_array(k, v, specs[k] if specs is not None else None, expected, snapshot)
         for k, v in given.items()
     }
     rows = {k: a.shape[0] for k, a in arrays.items()}

@@ -11,6 +11,7 @@ import time
 import factories
 import numpy as np
 import pytest
+import row_factories
 from conftest import assert_rows_equal, in_process
 
 from pool import PoolClosedError, PredictionPool, QueueFullError, WorkerError
@@ -285,3 +286,27 @@ def test_imap_is_counted_against_the_queue_bound_but_never_refused():
         got = list(pool.imap(iter(batches), max_in_flight=6))
         for x, y in zip(batches, got, strict=True):
             np.testing.assert_array_equal(y["y"], x)
+
+
+def test_a_call_answered_with_the_wrong_number_of_rows_fails_alone_inside_a_combined_call():
+    model = functools.partial(row_factories.short_on_marker, delay=0.1)
+    with PredictionPool(model, workers=1) as pool:
+        busy = pool.submit(fault_rows(1))  # keeps the worker busy while the others queue
+        wait_for(busy.running)
+        good = [fault_rows(n) for n in (1, 2, 1, 3)]
+        bad = fault_rows(2)
+        bad[1, 0] = row_factories.SHORT
+        futures = [pool.submit(x) for x in good[:2]]
+        bad_future = pool.submit(bad)
+        futures += [pool.submit(x) for x in good[2:]]
+        busy.result(timeout=30)
+        with pytest.raises(WorkerError) as info:
+            bad_future.result(timeout=30)
+        text = str(info.value)
+        # Shards of one row: the shard holding the marked row is named, with both counts.
+        assert "rows 1:2: the factory functools.partial(row_factories.short_on_marker)" in text
+        assert "returned 0 rows of output 'y' for 1 input rows" in text
+        for x, future in zip(good, futures, strict=True):
+            np.testing.assert_array_equal(future.result(timeout=30)["y"], x)
+        stats = pool.stats()[0]
+        assert stats.shards > stats.batches  # the calls did share a model call

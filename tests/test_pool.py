@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import itertools
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
+import weakref
 
 import factories
 import numpy as np
 import psutil
 import pytest
+import row_factories
 from conftest import assert_rows_equal, in_process
 
-from pool import ModelLoadError, PoolClosedError, PredictionPool, WorkerError
+from pool import ModelLoadError, PoolClosedError, PredictionPool, WorkerError, sharding
+from pool.dispatcher import describe_model
 
 RNG = np.random.default_rng(42)
 
@@ -414,3 +420,222 @@ def test_parent_never_imports_tensorflow(models):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+# --- the result path: row counts, input snapshots, callbacks, freeing (issue 19) ----------------
+@pytest.fixture(scope="module")
+def slow_faulty():
+    """One worker taking 0.2 s per model call, so that calls queue behind the running one."""
+    with PredictionPool(
+        functools.partial(factories.faulty, delay=0.2), workers=1, max_batch_rows=1
+    ) as pool:
+        yield pool
+
+
+def float_rows(n: int, value: float | None = None) -> np.ndarray:
+    x = RNG.random((n, 3)).astype(np.float32)
+    if value is not None:
+        x[:] = value
+    return x
+
+
+@pytest.mark.parametrize(
+    "factory, got", [(row_factories.short_by_one, 4), (row_factories.long_by_one, 6)]
+)
+def test_an_output_with_the_wrong_number_of_rows_is_a_worker_error(factory, got):
+    x = float_rows(10)
+    with PredictionPool(factory, workers=1, shard_size=5) as pool:
+        with pytest.raises(WorkerError) as info:
+            pool.predict(x)
+        text = str(info.value)
+        name = f"the factory row_factories.{factory.__name__} returned {got} rows of output"
+        assert name in text and "for 5 input rows" in text
+        assert "rows 0:5" in text  # the first shard fails, the call's other shard is cancelled
+
+
+def test_an_output_with_no_batch_axis_is_passed_through_for_a_one_shard_call():
+    x = float_rows(4)
+    with PredictionPool(row_factories.with_total, workers=1) as pool:
+        out = pool.predict(x, shard_size=4)
+        np.testing.assert_array_equal(out["y"], x)
+        assert out["total"] == pytest.approx(float(x.astype(np.float64).sum()))
+        with pytest.raises(ValueError, match="'total' is a scalar with no batch axis"):
+            pool.predict(x, shard_size=2)
+
+
+def test_imap_over_a_generator_that_refills_one_buffer_gets_every_batch(slow_faulty):
+    def refilled():  # a reader that reuses its buffer for every batch
+        buffer = np.zeros((1, 3), np.float32)
+        for i in range(6):
+            buffer[:] = i
+            yield buffer
+
+    got = list(slow_faulty.imap(refilled(), max_in_flight=6))
+    assert [float(out["y"][0, 0]) for out in got] == [0, 1, 2, 3, 4, 5]
+
+
+def test_submit_snapshots_its_inputs_when_the_call_is_accepted(slow_faulty):
+    busy = slow_faulty.submit(float_rows(1))  # the call below waits behind this one
+    x = float_rows(4, value=1.0)
+    views = {"x": x[:, :]}  # a dict of views of the caller's array
+    future = slow_faulty.submit(x)
+    dict_future = slow_faulty.submit(views["x"][:2])
+    x[:] = 9.0  # the caller reuses its array at once
+    busy.result(timeout=60)
+    np.testing.assert_array_equal(future.result(timeout=60)["y"], np.ones((4, 3), np.float32))
+    np.testing.assert_array_equal(dict_future.result(timeout=60)["y"], np.ones((2, 3)))
+
+
+def test_prepare_never_returns_memory_of_the_callers_input(cnn_pool):
+    signature = cnn_pool.signature
+    f32 = images(2)
+    f64 = images(2).astype(np.float64)
+    buffer = bytearray(f32.tobytes())
+    for given in (f32, f32[:1], f64, np.frombuffer(buffer, np.float32).reshape(f32.shape)):
+        arrays, _ = sharding.prepare(given, signature)
+        assert not np.may_share_memory(arrays["images"], given)
+        np.testing.assert_array_equal(arrays["images"], given.astype(np.float32))
+    listed = f32.tolist()
+    arrays, _ = sharding.prepare(listed, signature)
+    np.testing.assert_array_equal(arrays["images"], f32)
+
+
+def test_a_done_callback_may_call_the_pool_and_never_runs_on_the_dispatcher(slow_faulty):
+    seen: dict[str, object] = {}
+    called = threading.Event()
+
+    def callback(future):
+        seen["thread"] = threading.current_thread().name
+        try:  # predict() from a callback, with a timeout so that a deadlock cannot hang the test
+            seen["inner"] = slow_faulty.submit(float_rows(2, value=5.0)).result(timeout=20)
+        except BaseException as exc:
+            seen["error"] = exc
+        called.set()
+
+    for shards in (1, 2):  # a one-shard call's future and a combined call's future
+        seen.clear()
+        called.clear()
+        busy = slow_faulty.submit(float_rows(1))  # the call below waits behind this one
+        future = slow_faulty.submit(float_rows(2), shard_size=2 // shards)
+        assert not future.done()
+        future.add_done_callback(callback)
+        busy.result(timeout=60)
+        assert called.wait(60), "the callback never ran"
+        assert "error" not in seen, f"the callback's predict failed: {seen['error']!r}"
+        assert seen["thread"] != "pool-dispatcher"
+        np.testing.assert_array_equal(seen["inner"]["y"], np.full((2, 3), 5.0))
+    done = slow_faulty.submit(float_rows(1))
+    done.result(timeout=60)
+    here = []
+    done.add_done_callback(lambda f: here.append(threading.current_thread()))
+    assert here == [threading.current_thread()]  # added once done: runs at once, as for any Future
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt(), ValueError("bad")])
+def test_a_callback_raising_anything_never_stops_the_pool(slow_faulty, caplog, raised):
+    def callback(future):
+        raise raised
+
+    for shards in (1, 2):
+        busy = slow_faulty.submit(float_rows(1))  # the calls below wait behind this one
+        first = slow_faulty.submit(float_rows(2), shard_size=2 // shards)
+        queued = slow_faulty.submit(float_rows(3, value=2.0))  # pending when the callback raises
+        assert not first.done()
+        first.add_done_callback(callback)
+        busy.result(timeout=30)
+        np.testing.assert_array_equal(queued.result(timeout=30)["y"], np.full((3, 3), 2.0))
+        assert first.result(timeout=30)["y"].shape == (2, 3)
+    later = slow_faulty.submit(float_rows(1, value=4.0)).result(timeout=30)
+    np.testing.assert_array_equal(later["y"], np.full((1, 3), 4.0))
+    assert any("callback" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_finished_call_frees_its_inputs_and_outputs_without_the_cycle_collector():
+    def settled(condition) -> bool:
+        deadline = time.monotonic() + 5  # the dispatcher may still be leaving _on_done
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return condition()
+
+    def one_call(pool: PredictionPool, shard_size: int) -> weakref.ref:
+        x = np.ones((64, 4096))  # 2 MiB of input (and of its snapshot), 2 MiB of output
+        future = pool.submit(x, shard_size=shard_size)
+        out = future.result(timeout=60)
+        np.testing.assert_array_equal(out, x * 2)
+        return weakref.ref(out)
+
+    with PredictionPool(factories.plain_double, workers=1, max_batch_rows=64) as pool:
+        for shard_size in (64, 16):  # warm every code path once: first uses allocate for good
+            one_call(pool, shard_size)
+        gc.collect()
+        gc.disable()
+        tracemalloc.start()
+        try:
+            for shard_size in (64, 16):  # one shard (one future), four shards (a combined one)
+                before = tracemalloc.get_traced_memory()[0]
+                freed = one_call(pool, shard_size)
+                assert settled(lambda r=freed: r() is None), f"output kept alive ({shard_size=})"
+
+                def held(start: int = before) -> int:
+                    return tracemalloc.get_traced_memory()[0] - start
+
+                assert settled(lambda h=held: h() < 256 << 10), (
+                    f"{held() >> 10} KiB held ({shard_size=})"
+                )
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+
+
+def test_errors_name_the_model_by_its_path_or_its_factory():
+    assert describe_model("/models/resnet") == "the model at /models/resnet"
+    assert describe_model(factories.plain_double) == "the factory factories.plain_double"
+    partial = functools.partial(factories.faulty, delay=1.0)
+    assert describe_model(partial) == "the factory functools.partial(factories.faulty)"
+
+
+def test_asyncio_wrap_future_bridge_stays_inline_and_other_callbacks_go_to_the_callback_thread():
+    import asyncio
+
+    from pool.futures import PoolFuture
+
+    async def main() -> tuple[object, list[str]]:
+        loop = asyncio.get_running_loop()
+        future = PoolFuture()
+        waiter = asyncio.wrap_future(future)
+        threads: list[str] = []
+        future.add_done_callback(lambda f: threads.append(threading.current_thread().name))
+        scheduled = loop.call_soon_threadsafe
+
+        def spy(*args):  # asyncio's bridge schedules onto the loop from the completing thread
+            threads.append(threading.current_thread().name)
+            return scheduled(*args)
+
+        loop.call_soon_threadsafe = spy  # type: ignore[method-assign]
+        completer = threading.Thread(target=future.set_result, args=(7,), name="completer")
+        completer.start()
+        result = await asyncio.wait_for(waiter, 10)
+        completer.join()
+        for _ in range(100):  # the handed-off callback runs on its own thread, soon
+            if len(threads) == 2:
+                break
+            await asyncio.sleep(0.01)
+        return result, sorted(threads)
+
+    assert asyncio.run(main()) == (7, ["completer", "pool-callbacks"])
+
+
+def test_shutdown_returns_once_the_callbacks_of_answered_calls_have_run():
+    ran: list[str] = []
+
+    def slow_callback(future) -> None:
+        time.sleep(0.3)
+        ran.append(threading.current_thread().name)
+
+    model = functools.partial(factories.faulty, delay=0.2)
+    with PredictionPool(model, workers=1) as pool:
+        futures = [pool.submit(float_rows(1)) for _ in range(3)]
+        assert not futures[0].done()
+        for future in futures:
+            future.add_done_callback(slow_callback)
+    assert ran == ["pool-callbacks"] * 3  # shutdown drained the calls, then their callbacks
