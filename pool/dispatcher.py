@@ -30,7 +30,6 @@ callbacks run on the callback thread, so nothing this thread completes can block
 from __future__ import annotations
 
 import enum
-import functools
 import itertools
 import logging
 import os
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from . import transport
+from . import sharding, transport
 from .backend import Settings
 from .batching import BatchQueue, Task
 from .errors import ModelLoadError, PoolClosedError, WorkerCrashedError, WorkerError
@@ -114,7 +113,7 @@ class Dispatcher:
         config_for: Callable[[int], WorkerConfig],
     ) -> None:
         self._settings = settings
-        self._model = describe_model(settings.model)
+        self._model = sharding.describe_model(settings.model)
         self._limits = settings.limits
         self._context = context
         self._config_for = config_for
@@ -413,20 +412,11 @@ class Dispatcher:
         stats.busy_seconds += message.busy_seconds
         slot.process.shards_done += len(batch.tasks)
         if len(batch.tasks) == 1 and tasks:
-            wrong = _wrong_rows(outputs, batch.rows)
-            if wrong is not None:
+            (task,) = batch.tasks
+            error = sharding.wrong_rows_error(outputs, task.request, self._model)
+            if error is not None:
                 tasks = set()
-                (task,) = batch.tasks
-                r = task.request
-                _fail(
-                    task,
-                    WorkerError(
-                        f"rows {r.start}:{r.stop}: {self._model} returned "
-                        f"{wrong[1]} rows of output {wrong[0]!r} for {task.rows} input rows; "
-                        "expected one output row per input row",
-                        error_type="OutputRowsMismatch",
-                    ),
-                )
+                _fail(task, error)
         start = 0
         for task in batch.tasks:
             stop = start + task.rows
@@ -611,28 +601,6 @@ def _pack(
         else:
             inputs[name], start = placed
     return inputs, carried, ((start, end) if end else None)
-
-
-def describe_model(model: object) -> str:
-    """The model as errors name it: ``the model at PATH`` (or handle), or ``the factory
-    module.name`` (``functools.partial(module.name)`` for a partial)."""
-    if isinstance(model, str):
-        return f"the model at {model}"
-    func, partial = model, False
-    while isinstance(func, functools.partial):
-        func, partial = func.func, True
-    name = getattr(func, "__qualname__", None) or type(func).__qualname__
-    module = getattr(func, "__module__", None)
-    label = f"{module}.{name}" if module else name
-    return f"the factory functools.partial({label})" if partial else f"the factory {label}"
-
-
-def _wrong_rows(outputs: dict[str, np.ndarray], rows: int) -> tuple[str, int] | None:
-    """The first output with a batch axis whose row count is not ``rows``: (name, its rows)."""
-    for name, value in outputs.items():
-        if np.ndim(value) > 0 and len(value) != rows:
-            return name, len(value)
-    return None
 
 
 def _resolve(task: Task, outputs: dict) -> None:

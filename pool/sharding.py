@@ -11,12 +11,14 @@ validation already copied (a dtype cast, a Python list) is not copied a second t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from .errors import WorkerError
 from .messages import DEFAULT_INPUT, DEFAULT_OUTPUT, STRING, SignatureInfo, TensorInfo
 
 #: Target bytes of input per shard when ``shard_size`` is automatic.
@@ -241,3 +243,32 @@ def unwrap(outputs: dict[str, np.ndarray], signature: SignatureInfo) -> Any:
     if signature.outputs is None and list(outputs) == [DEFAULT_OUTPUT]:
         return outputs[DEFAULT_OUTPUT]
     return outputs
+
+
+def describe_model(model: object) -> str:
+    """The model as errors name it: ``the model at PATH`` (or handle), or ``the factory
+    module.name`` (``functools.partial(module.name)`` for a partial)."""
+    if isinstance(model, str):
+        return f"the model at {model}"
+    func, partial = model, False
+    while isinstance(func, functools.partial):
+        func, partial = func.func, True
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    module = getattr(func, "__module__", None)
+    label = f"{module}.{name}" if module else name
+    return f"the factory functools.partial({label})" if partial else f"the factory {label}"
+
+
+def wrong_rows_error(outputs: Mapping[str, Any], request: Any, model: str) -> WorkerError | None:
+    """``WorkerError`` naming ``model`` and both counts when an output with a batch axis does
+    not have one row per input row of ``request`` (a ``ShardRequest``); else ``None``. An
+    output with no batch axis (0-d) cannot be checked and passes."""
+    rows = request.stop - request.start
+    for name, value in outputs.items():
+        if np.ndim(value) > 0 and len(value) != rows:
+            return WorkerError(
+                f"rows {request.start}:{request.stop}: {model} returned {len(value)} rows of "
+                f"output {name!r} for {rows} input rows; expected one output row per input row",
+                error_type="OutputRowsMismatch",
+            )
+    return None

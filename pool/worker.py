@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from . import transport
+from . import sharding, transport
 from .errors import WorkerError
 from .messages import (
     ArenaRef,
@@ -93,8 +93,9 @@ def load_model(config: WorkerConfig, loads: int = 1) -> tuple[Any, WorkerReady]:
     return model, ready
 
 
-def call_model(model: Any, request: ShardRequest) -> ShardResult:
-    """Call the model on one shard; a model failure becomes a ``WorkerError`` naming the rows."""
+def call_model(model: Any, request: ShardRequest, name: str = "the model") -> ShardResult:
+    """Call the model on one shard; a model failure, or outputs without one row per input row,
+    become a ``WorkerError`` naming the rows (and the model, as ``name``)."""
     started = time.perf_counter()
     try:
         outputs = model(request.inputs)
@@ -104,6 +105,9 @@ def call_model(model: Any, request: ShardRequest) -> ShardResult:
             traceback.format_exc(),
             type(exc).__name__,
         ) from None
+    wrong = sharding.wrong_rows_error(outputs, request, name)
+    if wrong is not None:
+        raise wrong
     return ShardResult(outputs=outputs, busy_seconds=time.perf_counter() - started, pid=os.getpid())
 
 

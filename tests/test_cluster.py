@@ -29,9 +29,17 @@ import factories
 import numpy as np
 import pandas as pd
 import pytest
+import row_factories
 from conftest import assert_rows_equal, in_process
 
-from pool import ModelLoadError, PredictionPool, QueueFullError, WorkerCrashedError, etl
+from pool import (
+    ModelLoadError,
+    PredictionPool,
+    QueueFullError,
+    WorkerCrashedError,
+    WorkerError,
+    etl,
+)
 from pool import cluster as pool_cluster
 
 pytestmark = pytest.mark.timeout(240)
@@ -293,6 +301,41 @@ def test_max_queued_requests_refuses_calls_at_once(client):
         wait_until(lambda: pool.queued_requests() == 0, 10)
         x = rows(4)
         np.testing.assert_array_equal(pool.predict(x)["y"], x)
+
+
+def test_wrong_row_count_on_the_cluster_is_a_worker_error(client):
+    """Checked on the Dask worker, as the local dispatcher checks it: the caller gets a
+    WorkerError naming the model and both counts, never rows shifted onto other inputs."""
+    model = functools.partial(row_factories.short_on_marker, delay=0.3)
+    with PredictionPool(model, cluster=client, shard_size=2, max_retries=0) as pool:
+        x = rows(6)
+        x[3, 0] = row_factories.SHORT
+        with pytest.raises(
+            WorkerError,
+            match=r"rows 2:4: the factory functools.partial\(row_factories.short_on_marker\) "
+            r"returned 1 rows of output 'y' for 2 input rows",
+        ):
+            pool.predict(x)
+        good = rows(4)
+        np.testing.assert_array_equal(pool.predict(good)["y"], good)
+
+
+def test_a_done_callback_on_the_cluster_may_call_the_pool(client):
+    """Callbacks run on the callback thread, not on the gatherer that completes the futures:
+    one that calls predict() would otherwise wait for the thread it blocks."""
+    model = functools.partial(row_factories.short_on_marker, delay=0.3)
+    with PredictionPool(model, cluster=client, shard_size=2) as pool:
+        seen = []
+        again = rows(2)
+        future = pool.submit(rows(2))
+        future.add_done_callback(
+            lambda f: seen.append((threading.current_thread().name, pool.predict(again)["y"]))
+        )
+        future.result(timeout=60)
+        wait_until(lambda: seen, 60, "the callback")
+        name, answer = seen[0]
+        assert name == "pool-callbacks"
+        np.testing.assert_array_equal(answer, again)
 
 
 # --- data frames, files, the address form, the client's imports -------------------------

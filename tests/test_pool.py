@@ -20,7 +20,7 @@ import row_factories
 from conftest import assert_rows_equal, in_process
 
 from pool import ModelLoadError, PoolClosedError, PredictionPool, WorkerError, sharding
-from pool.dispatcher import describe_model
+from pool.sharding import describe_model
 
 RNG = np.random.default_rng(42)
 

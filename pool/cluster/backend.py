@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from distributed.scheduler import KilledWorker
 
 from ..backend import Settings
 from ..errors import ModelLoadError, PoolClosedError, QueueFullError, WorkerCrashedError
+from ..futures import PoolFuture
 from ..messages import ShardRequest, WorkerReady, WorkerStats
 from . import plugin as worker_side
 
@@ -108,7 +110,7 @@ class _Call:
 @dataclass(eq=False)
 class _Shard:
     request: ShardRequest
-    future: Future
+    future: PoolFuture
     call: _Call
     shard_id: str
     dask_future: Any = None
@@ -246,12 +248,14 @@ class DaskBackend:
             self._open_calls += 1
             call = _Call(remaining=len(requests))
             shards = [
-                _Shard(r, Future(), call, f"pool-shard-{uuid.uuid4().hex}", finish=finish)
+                _Shard(r, PoolFuture(), call, f"pool-shard-{uuid.uuid4().hex}", finish=finish)
                 for r in requests
             ]
             self._live.update(shards)
         for shard in shards:
-            shard.future.add_done_callback(partial(self._on_answered_future, shard))
+            # Inline (quick, never raises) and holding the shard only weakly: a strong reference
+            # would make a future -> callback -> shard -> future cycle keeping the arrays alive.
+            shard.future.add_inline_callback(partial(self._on_answered_future, weakref.ref(shard)))
         pending = list(shards)
         try:
             for group in _graphs(shards):
@@ -307,8 +311,10 @@ class DaskBackend:
             if shard.call.remaining == 0:
                 self._open_calls -= 1
 
-    def _on_answered_future(self, shard: _Shard, future: Future) -> None:
-        self._on_answered(shard)
+    def _on_answered_future(self, ref: weakref.ref[_Shard], future: Future) -> None:
+        shard = ref()
+        if shard is not None:  # else it was answered and released already
+            self._on_answered(shard)
 
     def _settle(
         self, shard: _Shard, result: Any = None, error: BaseException | None = None

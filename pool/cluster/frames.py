@@ -123,12 +123,13 @@ def predict_partition(
         ) from None
     plugin = loaded_plugin(plugin_name, worker)
     model = plugin.model()
+    name = sharding.describe_model(plugin.config.model)
     arrays = to_inputs(frame, signature, columns)
     rows = len(frame)
     parts = []
     for start, stop in sharding.split(rows, shard_size):
         request = ShardRequest(start, stop, sharding.take(arrays, start, stop))
-        result = call_model(model, request)
+        result = call_model(model, request, name)
         plugin.count(request, result.busy_seconds)
         parts.append(result.outputs)
     if parts:

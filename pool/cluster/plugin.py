@@ -33,6 +33,7 @@ import psutil
 from distributed import get_client, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .. import sharding
 from ..errors import ModelLoadError, PoolClosedError, WorkerCrashedError
 from ..messages import ShardRequest, WorkerConfig, WorkerReady
 
@@ -246,12 +247,13 @@ def run_shard(
     worker = get_worker()
     plugin = loaded_plugin(plugin_name, worker)
     model = plugin.model()
+    name = sharding.describe_model(plugin.config.model)
     if suspect is not None:
         _log_suspect_start(suspect, request, max_retries, worker.address)
     if shard_timeout is None:
-        result = call_model(model, request)
+        result = call_model(model, request, name)
     else:
-        result = _call_with_timeout(model, request, shard_timeout, worker, key)
+        result = _call_with_timeout(model, request, name, shard_timeout, worker, key)
     plugin.count(request, result.busy_seconds)
     return result.outputs
 
@@ -269,7 +271,7 @@ def _log_suspect_start(topic: str, request: ShardRequest, max_retries: int, addr
 
 
 def _call_with_timeout(
-    model: Any, request: ShardRequest, timeout: float, worker: Any, key: str
+    model: Any, request: ShardRequest, name: str, timeout: float, worker: Any, key: str
 ) -> Any:
     """Call the model in a daemon thread; past ``timeout`` raise ``ShardTimedOut``.
 
@@ -283,7 +285,7 @@ def _call_with_timeout(
 
     def call() -> None:
         try:
-            outcome["result"] = call_model(model, request)
+            outcome["result"] = call_model(model, request, name)
         except BaseException as exc:
             outcome["error"] = exc
 
