@@ -234,9 +234,21 @@ def serve(
         raise ValueError(f"drain_timeout must be > 0 seconds, got {drain_timeout!r}")
     path, default_name, version = model_identity(model)
     name = model_name or default_name
-    check_model(path, pool_options.get("signature", "serving_default"))
+    # Every check that needs no worker, cheapest first: the options (the pool and the app
+    # validate theirs when built; neither starts anything), the model, the address.
+    pool = PredictionPool(path, **pool_options)
+    app = create_app(
+        pool,
+        name,
+        model_version=version,
+        request_timeout=request_timeout,
+        max_body_bytes=max_body_bytes,
+        max_concurrent_requests=max_concurrent_requests,
+        max_parse_bytes=max_parse_bytes,
+        body_timeout=body_timeout,
+    )
+    check_model(path, pool.signature_name)
     sock = bind(host, port)
-    pool: PredictionPool | None = None
     in_main = threading.current_thread() is threading.main_thread()
 
     def terminate(signum: int, frame: Any) -> None:
@@ -244,17 +256,6 @@ def serve(
 
     previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
     try:
-        pool = PredictionPool(path, **pool_options)
-        app = create_app(
-            pool,
-            name,
-            model_version=version,
-            request_timeout=request_timeout,
-            max_body_bytes=max_body_bytes,
-            max_concurrent_requests=max_concurrent_requests,
-            max_parse_bytes=max_parse_bytes,
-            body_timeout=body_timeout,
-        )
         started = time.perf_counter()
         pool.start()
         if previous is not None:
@@ -285,8 +286,7 @@ def serve(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         sock.close()
-        if pool is not None:
-            pool.shutdown(kill=True)  # no-op after a clean stop
+        pool.shutdown(kill=True)  # no-op after a clean stop
 
 
 class JsonFormatter(logging.Formatter):
