@@ -620,14 +620,14 @@ def _gunzip_and_parse(
     *args: Any,
 ) -> _Parsed:
     """Decompress a gzip body (in a worker thread) and parse it."""
-    return parse(_gunzip(body, limit, reservation), *args)
+    return parse(gunzip(body, limit, reservation), *args)
 
 
 #: Bytes decompressed at a time (each step is checked against the limit and the parse budget).
 GUNZIP_STEP = 1 << 20
 
 
-def _gunzip(
+def gunzip(
     body: bytes | bytearray, limit: int, reservation: Reservation | None = None
 ) -> bytearray:
     """A gzip-compressed body, decompressed to at most ``limit`` bytes (no zip bombs), each
