@@ -338,6 +338,112 @@ def test_every_error_has_its_status_and_an_error_body_and_the_server_still_answe
     assert_rows_equal(np.asarray(response.json()["predictions"], np.float32), want)
 
 
+def _deep(depth: int, leaf: str = "1") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+def _v2(shape, data="[]", datatype='"FP32"', name='"images"') -> str:
+    """A V2 infer body with its parts as JSON text (a list ``shape`` is encoded)."""
+    shape = shape if isinstance(shape, str) else json.dumps(shape)
+    tensor = f'{{"name": {name}, "shape": {shape}, "datatype": {datatype}, "data": {data}}}'
+    return f'{{"inputs": [{tensor}]}}'
+
+
+GZ = {"Content-Encoding": "gzip"}
+#: (server fixture, URL suffix after /v1/models/NAME or /v2/models/NAME, body, headers, status,
+#: part of the message): every malformed request is a 4xx with TF Serving's error body.
+MALFORMED = [
+    ("cnn", ":predict", b"[" * 100_000, {}, 400, "nested too deeply"),
+    ("cnn", ":predict", '{"instances": ' + _deep(5000) + "}", {}, 400, "nested too deeply"),
+    ("cnn", ":predict", '{"instances": ' + _deep(900) + "}", {}, 400, "at most 64 levels"),
+    ("cnn", ":predict", b'{"instances": [' + b"1" * 5000 + b"]}", {}, 400, "JSON Parse error"),
+    ("cnn", ":predict", b'{"instances": [[1, 2', {}, 400, "JSON Parse error"),
+    ("cnn", ":predict", b"", {}, 400, "the document is empty"),
+    ("cnn", ":predict", b'"instances"', {}, 400, "expected a JSON object"),
+    ("cnn", ":predict", b"42", {}, 400, "expected a JSON object"),
+    ("cnn", ":predict", b"null", {}, 400, "expected a JSON object"),
+    ("cnn", ":predict", b'{"instances": "\xff"}', {}, 400, "not UTF-8"),
+    ("cnn", ":predict", {"instances": 5}, {}, 400, "expected 'instances' to be a list"),
+    ("cnn", ":predict", {"instances": [None]}, {}, 400, "expected float32 values"),
+    ("cnn", ":predict", {"instances": [True]}, {}, 400, "true/false"),
+    ("cnn", ":predict", {"inputs": {"images": "x"}}, {}, 400, "expected float32 values"),
+    ("cnn", ":predict", {"inputs": {"wrong": [1]}}, {}, 400, "expected exactly the input names"),
+    ("cnn", ":predict", {"signature_name": 5, "instances": [1]}, {}, 400, "must be a string"),
+    ("cnn", ":predict", b"not gzip", GZ, 400, "not gzip data"),
+    ("cnn", ":predict", gzip.compress(b'{"instances": [1]}')[:-12], GZ, 400, "truncated"),
+    ("cnn", ":predict", gzip.compress(b"[" * 100_000), GZ, 400, "nested too deeply"),
+    ("cnn", ":predict", b"{}", {"Content-Encoding": "br"}, 415, "expected gzip or none"),
+    ("text", ":predict", {"instances": [{"b64": "!!!"}]}, {}, 400, "not valid base64"),
+    ("text", ":predict", {"instances": [{"b64": 5}]}, {}, 400, "expected exactly the input"),
+    ("text", ":predict", '{"instances": ' + _deep(900, '"a"') + "}", {}, 400, "at most 64"),
+    ("text", ":predict", {"instances": ["a", ["b"]]}, {}, 400, "expected a string or"),
+    ("cnn", "/infer", _v2([2**40, 2**40]), {}, 400, "holds 1208925819614629174706176 values"),
+    ("cnn", "/infer", _v2([2**62, 4], "[1.0]"), {}, 400, "'data' has 1"),
+    ("cnn", "/infer", _v2([10**30], "[1.0]"), {}, 400, "'data' has 1"),
+    ("cnn", "/infer", _v2([0, 2**62]), {}, 400, "cannot use 'shape'"),
+    ("cnn", "/infer", _v2([1] * 65, "[1.0]"), {}, 400, "at most 64 sizes"),
+    ("cnn", "/infer", _v2("[1.5]"), {}, 400, "a list of sizes >= 0"),
+    ("cnn", "/infer", _v2("[-1]"), {}, 400, "a list of sizes >= 0"),
+    ("cnn", "/infer", _v2('"abc"'), {}, 400, "a list of sizes >= 0"),
+    ("cnn", "/infer", _v2([1], "[1.0]", datatype="5"), {}, 400, "expected datatype FP32"),
+    ("cnn", "/infer", _v2([1], _deep(900)), {}, 400, "nested more than 64 levels"),
+    ("cnn", "/infer", _v2([1], '"abc"'), {}, 400, "expected 'data' to be a list"),
+    ("cnn", "/infer", _v2([2], "[1, [2]]"), {}, 400, "mixes lists and values"),
+    ("cnn", "/infer", _v2([1], "[1]", name="5"), {}, 400, "expected a string 'name'"),
+    ("cnn", "/infer", {"inputs": 5}, {}, 400, "non-empty list of tensors"),
+    ("cnn", "/infer", {"inputs": [5]}, {}, 400, "expected an object"),
+    ("cnn", "/infer", {"id": 5, "inputs": []}, {}, 400, "'id' must be a string"),
+    ("cnn", "/infer", b"[1]", {}, 400, "expected a JSON object"),
+    ("cnn", "/infer", b"[" * 100_000, {}, 400, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(
+    "fixture, suffix, body, headers, status, message",
+    MALFORMED,
+    ids=[f"{i}-{m[0]}{m[1]}-{m[5]}" for i, m in enumerate(MALFORMED)],
+)
+def test_every_malformed_request_is_a_4xx_with_tf_servings_error_body(
+    request, fixture, suffix, body, headers, status, message
+):
+    server = request.getfixturevalue(fixture)
+    base = f"/v2/models/{server.name}" if suffix == "/infer" else f"/v1/models/{server.name}"
+    if isinstance(body, str):
+        data = body.encode()
+    else:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = requests.post(server.url + base + suffix, data=data, headers=headers, timeout=60)
+    where = f"{response.status_code} {response.text[:300]}"
+    assert response.status_code == status, where
+    assert response.headers["content-type"] == "application/json", where
+    assert set(response.json()) == {"error"} and message in response.json()["error"], where
+    assert server.process.poll() is None
+    good = server.predict(
+        {"instances": images(1, 32).tolist()} if fixture == "cnn" else {"instances": ["ok"]}
+    )
+    assert good.status_code == 200, good.text
+
+
+def test_client_mistakes_log_below_error_and_server_faults_at_error(cnn):
+    """A 501 (:classify) or a 400 is the client's mistake: INFO, with the message; never
+    ERROR, which is for the server's own faults."""
+    seen = len(cnn.lines)  # only what these two requests log
+    mark = f"marker-{time.monotonic_ns()}"
+    assert requests.post(cnn.model_url(":classify"), json={mark: 1}).status_code == 501
+    assert cnn.predict({"instances": [mark]}).status_code == 400
+    deadline = time.monotonic() + 10
+    while True:
+        records = [json.loads(line) for line in cnn.lines[seen:] if line.startswith("{")]
+        mine = [r for r in records if r["logger"] == "pool.serve"]
+        if len(mine) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [r["level"] for r in mine] == ["INFO", "INFO"], mine
+    assert "-> 501" in mine[0]["message"] and ":classify" in mine[0]["message"]
+    assert "-> 400" in mine[1]["message"] and mark in mine[1]["message"]
+    assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")], records
+
+
 def test_a_model_that_raises_on_the_input_is_400_and_the_server_goes_on(checked, models):
     good = RNG.random((3, 4), dtype=np.float32)
     response = checked.predict({"instances": good.tolist()})
@@ -556,6 +662,131 @@ def test_a_client_that_disconnects_is_dropped_from_the_queue(limited):
     assert gone == 1
 
 
+# --- what one client can make the server hold: requests, parse memory, read time --------------
+GUARD = {"max_concurrent": 3, "max_parse_bytes": 1_000_000, "body_timeout": 10.0}
+
+
+@pytest.fixture(scope="module")
+def guarded(models):
+    """Tight limits, and pool options of the Python API passed on the command line."""
+    server = Server(
+        models["small_cnn"],
+        *("--workers", "1", "--model-name", "guarded", "--request-timeout", "8"),
+        *("--max-concurrent-requests", str(GUARD["max_concurrent"])),
+        *("--max-body-bytes", str(GUARD["max_parse_bytes"])),
+        *("--max-parse-bytes", str(GUARD["max_parse_bytes"])),
+        *("--body-timeout", str(GUARD["body_timeout"])),
+        *("--threads-per-worker", "1", "--timeout", "60", "--max-batch-bytes", "2000000"),
+        *("--max-retries", "1", "--start-timeout", "300"),
+    )
+    yield server
+    assert server.stop() == 0
+
+
+def _padded(x: np.ndarray, size: int) -> bytes:
+    """``{"instances": x}`` padded with trailing spaces (valid JSON) to ``size`` bytes."""
+    body = json.dumps({"instances": x.tolist()}).encode()
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+def _finish(connection: http.client.HTTPConnection, body: bytes) -> http.client.HTTPResponse:
+    connection.send(body[len(body) // 2 :])
+    return connection.getresponse()
+
+
+def _assert_rows(response, x: np.ndarray, models) -> None:
+    assert response.status_code == 200, response.text
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    assert_rows_equal(np.asarray(response.json()["predictions"], np.float32), want)
+
+
+def _assert_503(response, message: str) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "1"
+    assert response.headers["content-type"] == "application/json"
+    assert set(response.json()) == {"error"} and message in response.json()["error"]
+
+
+def test_predictions_past_max_concurrent_requests_get_503_at_once(guarded, models):
+    _wait_idle(guarded)
+    x = images(1, 32, seed=21)
+    body = json.dumps({"instances": x.tolist()}).encode()
+    holding = [_open_slow_request(guarded, body) for _ in range(GUARD["max_concurrent"])]
+    deadline = time.monotonic() + 10
+    while metric(guarded.metrics(), "pool_serve_requests_in_flight") < len(holding):
+        assert time.monotonic() < deadline, "the slow requests never arrived"
+        time.sleep(0.02)
+    _assert_503(guarded.predict({"instances": x.tolist()}), "max_concurrent_requests=3")
+    assert requests.get(guarded.model_url(), timeout=30).status_code == 200  # GETs are not held
+    for connection in holding:  # the admitted ones are answered
+        response = _finish(connection, body)
+        assert response.status == 200
+        got = np.asarray(json.loads(response.read())["predictions"], np.float32)
+        assert_rows_equal(got, in_process(models["small_cnn"], x)["probabilities"])
+        connection.close()
+    _assert_rows(guarded.predict({"instances": x.tolist()}), x, models)
+
+
+def test_a_body_that_trickles_in_is_cut_off_with_408_and_the_connection_closed(guarded):
+    _wait_idle(guarded)
+    body = json.dumps({"instances": images(1, 32).tolist()}).encode()
+    parts = urlsplit(guarded.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=120) as sock:
+        head = (
+            f"POST /v1/models/{guarded.name}:predict HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body[: len(body) // 2])  # half the body, then nothing
+        started = time.monotonic()
+        received = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            received += chunk
+        waited = time.monotonic() - started
+    header, _, content = received.partition(b"\r\n\r\n")
+    lines = header.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 408 Request Timeout", received
+    assert "connection: close" in [h.lower() for h in lines[1:]]
+    assert "content-type: application/json" in [h.lower() for h in lines[1:]]
+    error = json.loads(content)
+    assert set(error) == {"error"} and "within 10 s (body_timeout)" in error["error"]
+    assert waited >= GUARD["body_timeout"] - 1  # cut off at its time, not before
+
+
+def test_bodies_past_the_parse_budget_wait_and_then_get_503(guarded, models):
+    """max_parse_bytes=1 MB: a 0.7 MB body being received holds 0.7 MB of it; a 0.4 MB body
+    waits (unread) until the first is parsed, then is answered; one that cannot get its bytes
+    before its deadline (--request-timeout 8) gets 503."""
+    _wait_idle(guarded)
+    x, y = images(1, 32, seed=31), images(1, 32, seed=32)
+    big, small = _padded(x, 700_000), _padded(y, 400_000)
+    url = guarded.model_url(":predict")
+    with ThreadPoolExecutor(1) as executor:
+        holder = _open_slow_request(guarded, big)
+        deadline = time.monotonic() + 10
+        while metric(guarded.metrics(), "pool_serve_requests_in_flight") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        waiting = executor.submit(requests.post, url, data=small, timeout=60)
+        time.sleep(1.0)
+        assert not waiting.done(), waiting.result().text  # its bytes do not fit yet
+        response = _finish(holder, big)
+        assert response.status == 200
+        got = np.asarray(json.loads(response.read())["predictions"], np.float32)
+        assert_rows_equal(got, in_process(models["small_cnn"], x)["probabilities"])
+        holder.close()
+        _assert_rows(waiting.result(), y, models)  # then it was read and answered
+
+        holder = _open_slow_request(guarded, big)
+        while metric(guarded.metrics(), "pool_serve_requests_in_flight") < 1:
+            time.sleep(0.02)
+        refused = requests.post(url, data=small, timeout=60)
+        _assert_503(refused, "(max_parse_bytes=1000000)")
+        holder.close()  # the client goes away: its bytes are given back
+    _wait_idle(guarded)
+    _assert_rows(requests.post(url, data=small, timeout=60), y, models)
+
+
 # --- the app mounted into another application --------------------------------------------------
 def test_mounted_app_reports_its_pool_and_maps_pool_errors():
     """create_app inside a parent Starlette app (under a prefix), served by uvicorn in a thread
@@ -682,6 +913,13 @@ def test_sigterm_drains_requests_in_flight_then_stops_everything(models):
         started = time.monotonic()
         assert server.process.wait(60) == 0
         assert time.monotonic() - started < 30
+        # cancelled at the drain timeout: TF Serving's JSON 503, not uvicorn's plain-text 500
+        cancelled = stalled.getresponse()
+        assert cancelled.status == 503, (cancelled.status, cancelled.read())
+        assert cancelled.getheader("Content-Type") == "application/json"
+        assert cancelled.getheader("Retry-After") == "1"
+        error = json.loads(cancelled.read())
+        assert set(error) == {"error"} and "shutting down" in error["error"]
         stalled.close()
         _, alive = psutil.wait_procs(family, timeout=15)
         assert not alive, [p.pid for p in alive]
@@ -741,12 +979,69 @@ def test_a_port_in_use_fails_fast_with_exit_2(models):
     assert time.monotonic() - started < 60  # before any worker loads the model
 
 
-def test_a_missing_model_exits_1_and_bad_options_exit_2(tmp_path):
-    done = _serve(str(tmp_path / "nope"), "--port", "0")
-    assert done.returncode == 1 and "ModelLoadError" in done.stderr, done.stderr
-    for bad in (["--port", "-1"], ["--request-timeout", "0"], ["--max-batch-rows", "0"]):
+def test_model_mistakes_are_found_before_any_worker_starts_and_exit_2(tmp_path, models):
+    """Found in the parent from saved_model.pb, as predict and inspect do: one line, exit 2,
+    no worker started (a worker's failure would be a ModelLoadError, exit 1)."""
+    for model, args, message in [
+        (str(tmp_path / "nope"), (), "is not a SavedModel directory (no such directory)"),
+        (str(tmp_path), (), "is not a SavedModel directory (no saved_model.pb in it"),
+        (
+            models["multi_io"],
+            ("--signature", "nope"),
+            "the model has no signature 'nope'; it has ['checked', 'scaled', 'serving_default']",
+        ),
+    ]:
+        done = _serve(model, "--port", "0", *args)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr  # one line
+        assert done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+        assert "ModelLoadError" not in done.stderr
+
+
+def test_bad_options_exit_2(tmp_path):
+    for bad in (
+        ["--port", "-1"],
+        ["--request-timeout", "0"],
+        ["--max-batch-rows", "0"],
+        ["--max-concurrent-requests", "0"],
+        ["--body-timeout", "0"],
+        ["--threads-per-worker", "0"],
+        ["--max-body-bytes", "2000", "--max-parse-bytes", "1000"],
+    ):
         done = _serve(str(tmp_path), *bad)
-        assert done.returncode == 2 and "error:" in done.stderr, (bad, done.stderr)
+        assert done.returncode == 2 and done.stderr.startswith("error:"), (bad, done.stderr)
+    done = _serve(str(tmp_path), "--max-body-bytes", "2000", "--max-parse-bytes", "1000")
+    assert "max_parse_bytes must be >= max_body_bytes (2000)" in done.stderr
+
+
+def test_the_pool_options_of_the_python_api_are_options_of_serve():
+    from pool.cli import build_parser
+    from pool.serve import command
+
+    args = build_parser().parse_args(
+        [
+            *("serve", "m", "--threads-per-worker", "2", "--inter-op-threads", "3"),
+            *("--timeout", "1.5", "--max-retries", "0", "--shard-size", "8"),
+            *("--max-batch-bytes", "1000", "--max-shards-per-worker", "50"),
+            *("--max-worker-memory", "1000000000", "--start-timeout", "60"),
+        ]
+    )
+    assert command.pool_options(args) == {
+        "threads_per_worker": 2,
+        "inter_op_threads": 3,
+        "timeout": 1.5,
+        "max_retries": 0,
+        "shard_size": 8,
+        "max_batch_bytes": 1000,
+        "max_shards_per_worker": 50,
+        "max_worker_memory": 1000000000,
+        "start_timeout": 60.0,
+    }
+    assert command.pool_options(build_parser().parse_args(["serve", "m"])) == {}
+    from pool import PredictionPool
+
+    accepted = PredictionPool.__init__.__code__.co_varnames
+    assert set(command.POOL_OPTIONS) <= set(accepted)
 
 
 # --- the benchmark ----------------------------------------------------------------------------

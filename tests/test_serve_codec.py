@@ -308,3 +308,111 @@ def test_model_identity_follows_tf_serving_layouts(tmp_path):
     assert model_identity(str(link))[1:] == ("my_model", "1")
     handle = "https://tfhub.dev/google/universal-sentence-encoder/4"
     assert model_identity(handle) == (handle, "universal-sentence-encoder", "4")
+
+
+# --- malformed bodies are 400s, never crashes ----------------------------------------------------
+def _deep(depth: int, leaf: str = "1") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+@pytest.mark.parametrize(
+    "raw, signature, message",
+    [
+        (b"[" * 100_000, IMAGES, "nested too deeply"),  # json's RecursionError
+        (('{"instances": ' + _deep(900) + "}").encode(), IMAGES, "at most 64 levels"),
+        (('{"instances": ' + _deep(900, '"a"') + "}").encode(), TEXT, "at most 64 levels"),
+        (b'{"instances": [' + b"9" * 5000 + b"]}", IMAGES, "JSON Parse error"),  # 4300 digits
+    ],
+)
+def test_deep_and_huge_json_is_400(raw, signature, message):
+    with pytest.raises(RequestError) as caught:
+        codec.parse_predict(codec.loads(raw), signature)
+    assert caught.value.status == 400 and message in caught.value.message, caught.value.message
+
+
+@pytest.mark.parametrize(
+    "shape, data, message",
+    [
+        ([2**40, 2**40], [], "holds 1208925819614629174706176 values"),  # int64 wraps to 0
+        ([2**62, 4], [1.0], "holds 18446744073709551616 values"),
+        ([0, 2**62, 4], [], "cannot use 'shape'"),
+        ([1] * 65, [1.0], "at most 64 sizes"),
+        ([1], json.loads(_deep(900)), "nested more than 64 levels"),
+    ],
+)
+def test_v2_huge_shapes_and_deep_data_are_400(shape, data, message):
+    body = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": data}]}
+    signature = SignatureInfo(
+        inputs=(TensorInfo("x", "float32", None),),
+        outputs=(TensorInfo("y", "float32", None),),
+        single_output="y",
+    )
+    with pytest.raises(RequestError) as caught:
+        v2.parse_infer(body, signature)
+    assert caught.value.status == 400 and message in caught.value.message, caught.value.message
+
+
+def test_show_survives_values_too_deep_to_encode():
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert "nested too deeply" in codec.show(deep)
+
+
+# --- the parse budget and gzip -------------------------------------------------------------------
+def test_parse_budget_waits_in_order_grows_without_waiting_and_gives_back():
+    import asyncio
+
+    from pool.serve.limits import ParseBudget, Reservation
+
+    async def scenario() -> None:
+        budget = ParseBudget(100)
+        first = Reservation(budget)
+        assert await first.take(80, 1)
+        second = Reservation(budget)
+        waiting = asyncio.ensure_future(second.take(50, 5))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # 80 + 50 > 100: it waits
+        assert not await Reservation(budget).take(10, 0.1)  # fits, but queued behind: times out
+        first.release()
+        assert await waiting and budget.used == 50
+        assert second.grow_to(90) and budget.used == 90
+        assert not second.grow_to(101) and budget.used == 90  # growing never waits
+        second.release()
+        assert budget.used == 0
+        assert not await Reservation(budget).take(101, 1)  # can never fit
+        holder = Reservation(budget)
+        assert await holder.take(100, 1)
+        cancelled = asyncio.ensure_future(Reservation(budget).take(10, 5))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()  # a request cancelled while it waits leaves nothing behind
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        holder.release()
+        assert budget.used == 0
+
+    asyncio.run(scenario())
+
+
+def test_gunzip_in_steps_checks_the_limit_and_the_budget():
+    import gzip
+
+    from pool.serve.app import GUNZIP_STEP, gunzip
+    from pool.serve.limits import ParseBudget, Reservation
+
+    data = os.urandom(1000) * (3 * GUNZIP_STEP // 1000)  # several steps
+    packed = gzip.compress(data)
+    assert gunzip(packed, len(data)) == data
+    exact = b"x" * (2 * GUNZIP_STEP)  # a multiple of the step: the last step is full
+    assert gunzip(gzip.compress(exact), len(exact)) == exact
+    with pytest.raises(RequestError) as caught:
+        gunzip(packed, len(data) - 1)
+    assert caught.value.status == 413 and "once decompressed" in caught.value.message
+    reservation = Reservation(ParseBudget(GUNZIP_STEP))
+    with pytest.raises(RequestError) as caught:
+        gunzip(packed, len(data), reservation)
+    assert caught.value.status == 503 and "max_parse_bytes" in caught.value.message
+    reservation.release()
+    for bad, message in [(packed[:-20], "truncated"), (b"", "truncated"), (b"nope", "not gzip")]:
+        with pytest.raises(RequestError, match=message):
+            gunzip(bad, len(data))

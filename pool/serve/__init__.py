@@ -9,9 +9,12 @@
                    server.serve: bind, start the pool, run uvicorn, drain on SIGTERM
 
 Modules: ``codec`` (TF Serving's REST JSON, status and metadata; NumPy only), ``v2`` (the Open
-Inference Protocol), ``metrics`` (prometheus-client), ``app`` (the Starlette application, the
-entry point for mounting into an existing Starlette/FastAPI app), ``server`` (uvicorn, signals,
-draining), ``command`` (the ``serve`` subcommand). An edge of the package: the core never
+Inference Protocol), ``metrics`` (prometheus-client), ``limits`` (the parse budget: bytes of
+request bodies parsed at once; the limits' defaults), ``app`` (the Starlette application, the
+entry point for mounting into an existing Starlette/FastAPI app; admission, body reading,
+parsing off the event loop), ``server`` (uvicorn, signals, draining, the checks made before
+any worker starts), ``command`` (the ``serve`` subcommand and the pool options of a command
+line). An edge of the package: the core never
 imports it. Importing ``pool.serve`` imports no web framework; :func:`create_app` and
 :func:`serve` import Starlette and uvicorn when first used. See docs/serving.md.
 """

@@ -1,7 +1,10 @@
 """``create_app(pool, model_name)``: a Starlette (ASGI) application around a running pool.
 
     client ──HTTP──▶ uvicorn ──▶ app (event loop)                      parent process
-                                  │ read body (≤ max_body_bytes), JSON, codec / v2
+                                  │ admit: ≤ max_concurrent_requests predictions, else 503
+                                  │ reserve the body's bytes in the parse budget (limits.py)
+                                  │ read body (≤ max_body_bytes, within body_timeout, else 408)
+                                  │ gunzip, JSON, codec / v2 ─ in a thread when large
                                   │ future = pool.submit(inputs)  ── validates, queues
                                   │ await future | deadline | client disconnect
                                   ▼                                      │
@@ -12,7 +15,12 @@ requests waiting at the same moment into model calls (``max_batch_rows``,
 ``batch_timeout_micros``). A request whose deadline passes, or whose client disconnects, has
 its future cancelled, which drops it from the pool's queue if no worker has taken it yet.
 Overload is refused at once: the pool raises ``QueueFullError`` past ``max_queued_requests``
-and the client gets 503 with ``Retry-After``.
+and the client gets 503 with ``Retry-After``, as does a prediction arriving while
+``max_concurrent_requests`` are in progress. What one client can make the server hold is
+bounded: its body (``max_body_bytes``, read within ``body_timeout``), the memory parsing it
+takes (``max_parse_bytes`` of bodies are parsed at once; others wait before being read), and
+its time on the event loop (large bodies are decompressed, parsed and encoded in threads). A
+request cancelled by the shutdown's drain timeout gets a 503 (not uvicorn's plain-text 500).
 
 Routes (TensorFlow Serving REST, the Open Inference Protocol, Prometheus)::
 
@@ -29,17 +37,19 @@ own it). ``app.state.serving`` (:class:`ServingState`) is the served model's ide
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -53,13 +63,23 @@ from ..errors import (
 )
 from . import codec, v2
 from .codec import RequestError
+from .limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_REQUEST_TIMEOUT,
+    ParseBudget,
+    Reservation,
+)
 from .metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("pool.serve")
 access_log = logging.getLogger("pool.serve.access")
 
-#: Bodies larger than this are parsed (and answers encoded) in a worker thread, so that one
-#: large request does not stall every other request on the event loop.
+#: Bodies larger than this are parsed (and their inputs submitted, answers encoded) in a worker
+#: thread, so that one large request does not stall every other request on the event loop;
+#: smaller ones stay on the loop, where a thread hop would cost more than the work
+#: (docs/serving.md, "Limits"). gzip bodies are always decompressed in a thread.
 INLINE_BYTES = 64 << 10
 #: ...and outputs with more values than this are encoded in a thread.
 INLINE_VALUES = 64 << 10
@@ -77,6 +97,7 @@ _V1 = re.compile(
     r"(?::(?P<verb>[A-Za-z]+)|/(?P<metadata>metadata))?"
 )
 _V2 = re.compile(r"(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>ready|infer))?")
+_Parsed = TypeVar("_Parsed")
 
 
 @dataclass
@@ -88,8 +109,12 @@ class ServingState:
     signature_name: str
     request_timeout: float | None
     max_body_bytes: int
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    max_parse_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     draining: bool = False
     in_flight: int = 0
+    predicting: int = 0  # predictions admitted and not yet answered (max_concurrent_requests)
     cancelled: int = 0  # requests abandoned when a drain timed out (their tasks cancelled)
 
 
@@ -102,15 +127,23 @@ def create_app(
     model_name: str,
     *,
     model_version: int | str = 1,
-    request_timeout: float | None = 30.0,
-    max_body_bytes: int = 64 << 20,
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+    max_parse_bytes: int | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> Starlette:
     """A Starlette app serving ``pool``'s model as ``model_name`` (TF Serving REST API, the Open
     Inference Protocol and Prometheus metrics; see the module docstring and docs/serving.md).
 
     ``pool`` is a :class:`pool.PredictionPool` (started now or later; the app does not start or
     stop it). ``request_timeout``: seconds from a request's arrival to its answer, else 504
-    (``None``: no deadline). ``max_body_bytes``: larger bodies get 413."""
+    (``None``: no deadline). ``max_body_bytes``: larger bodies get 413 (after decompression).
+    ``max_concurrent_requests``: predictions in progress at once; more get 503 at once.
+    ``max_parse_bytes``: bytes of request bodies read and parsed at once (default:
+    ``max_body_bytes``); other requests wait before their body is read, until their deadline,
+    then get 503. ``body_timeout``: seconds to receive a body once its reading starts, else
+    408 and the connection is closed."""
     if not isinstance(model_name, str) or not model_name or re.search(r"[/:\s]", model_name):
         raise ValueError(
             f"model_name must be a non-empty name without '/', ':' or spaces, got {model_name!r}"
@@ -126,12 +159,28 @@ def create_app(
         or max_body_bytes < 1
     ):
         raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+    _positive_int("max_concurrent_requests", max_concurrent_requests)
+    if max_parse_bytes is None:
+        max_parse_bytes = max_body_bytes
+    _positive_int("max_parse_bytes", max_parse_bytes)
+    if max_parse_bytes < max_body_bytes:
+        raise ValueError(
+            f"max_parse_bytes must be >= max_body_bytes ({max_body_bytes}): a body of the "
+            f"largest size allowed must fit the parse budget, got {max_parse_bytes}"
+        )
+    if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)):
+        raise ValueError(f"body_timeout must be > 0 seconds, got {body_timeout!r}")
+    if not body_timeout > 0:
+        raise ValueError(f"body_timeout must be > 0 seconds, got {body_timeout!r}")
     state = ServingState(
         model_name=model_name,
         version=version,
         signature_name=pool.signature_name,
         request_timeout=request_timeout,
         max_body_bytes=max_body_bytes,
+        max_concurrent_requests=max_concurrent_requests,
+        max_parse_bytes=max_parse_bytes,
+        body_timeout=float(body_timeout),
     )
     handlers = _Handlers(pool, state, Metrics(pool))
     routes = [
@@ -151,14 +200,23 @@ def create_app(
     return app
 
 
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 async def _http_exception(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", "")
     return _json_error(status, f"{detail}: {request.method} {request.url.path}")
 
 
-def _json_error(status: int, message: str) -> Response:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+def _json_error(status: int, message: str, close: bool = False) -> Response:
+    """TF Serving's error body; 503 with ``Retry-After``; ``close``: close the connection after
+    the answer (the rest of the request body is not read)."""
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
+    if close:
+        headers["Connection"] = "close"
     return Response(codec.error_body(message), status, headers, "application/json")
 
 
@@ -171,6 +229,7 @@ class _Handlers:
     def __init__(self, pool: Any, state: ServingState, metrics: Metrics) -> None:
         self.pool = pool
         self.state = state
+        self._budget = ParseBudget(state.max_parse_bytes)
         self._metrics = metrics
         self.metrics_registry = metrics.registry
 
@@ -202,9 +261,8 @@ class _Handlers:
                 response = self._metadata() if metadata else self._status()
             else:
                 raise RequestError(f"Malformed request: {request.method} /v1/{rest}")
-        except asyncio.CancelledError:
-            self.state.cancelled += 1
-            raise
+        except asyncio.CancelledError:  # the drain timed out: answer 503, not uvicorn's 500
+            response = self._cancelled(request)
         except Exception as exc:
             response = self._failure(exc, request)
         finally:
@@ -266,68 +324,126 @@ class _Handlers:
         )
 
     async def _predict(self, request: Request, started: float) -> tuple[Response, int]:
-        self._admit()
-        body = await self._body(request)
-        signature = self._signature()
-        parse = _parse_v1
-        if len(body) > INLINE_BYTES:
-            parsed = await run_in_threadpool(parse, body, self.state.signature_name, signature)
-        else:
-            parsed = parse(body, self.state.signature_name, signature)
-        result = await self._call(request, parsed.inputs, started)
-        outputs = codec.named_outputs(result, signature)
-        if sum(a.size for a in outputs.values()) > INLINE_VALUES:
-            content = await run_in_threadpool(codec.encode_predict, outputs, parsed.columnar)
-        else:
-            content = codec.encode_predict(outputs, parsed.columnar)
-        return _json(content), parsed.rows
+        with self._admitted():
+            signature = self._signature()
+            served = self.state.signature_name
+            parsed = await self._parse(request, started, _parse_v1, served, signature)
+            result = await self._call(request, parsed.inputs, started)
+            outputs = codec.named_outputs(result, signature)
+            if sum(a.size for a in outputs.values()) > INLINE_VALUES:
+                content = await run_in_threadpool(codec.encode_predict, outputs, parsed.columnar)
+            else:
+                content = codec.encode_predict(outputs, parsed.columnar)
+            return _json(content), parsed.rows
 
-    # --- the pool call, its deadline and its client ----------------------------------------
-    async def _body(self, request: Request) -> bytes:
-        limit = self.state.max_body_bytes
+    # --- admission, the body and its parsing ------------------------------------------------
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Admit a prediction, or refuse it at once with 503: the server is draining, or
+        ``max_concurrent_requests`` predictions are in progress already."""
+        state = self.state
+        if state.draining:
+            raise RequestError("the server is shutting down; retry on another replica", 503)
+        if state.predicting >= state.max_concurrent_requests:
+            raise RequestError(
+                f"server overloaded: {state.predicting} requests in progress "
+                f"(max_concurrent_requests={state.max_concurrent_requests}); retry later",
+                503,
+            )
+        state.predicting += 1
+        try:
+            yield
+        finally:
+            state.predicting -= 1
+
+    async def _parse(
+        self, request: Request, started: float, parse: Callable[..., _Parsed], *args: Any
+    ) -> _Parsed:
+        """Read the body and ``parse(body, *args)`` it within the parse budget: gunzip always,
+        and parsing when the body is large, run in a thread."""
+        state = self.state
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("identity", "gzip"):
             raise RequestError(
                 f"unsupported Content-Encoding {encoding!r}: expected gzip or none", 415
             )
-        declared = request.headers.get("content-length")
-        too_large = declared is not None and declared.isdigit() and int(declared) > limit
-        chunks: list[bytes] = []
-        size = 0
+        reservation = Reservation(self._budget)
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    too_large = True
-                    if size > 4 * limit:  # stop reading a runaway body; the connection closes
-                        break
-                    continue
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise _ClientGone from None
-        if too_large:
+            body = await self._body(request, started, reservation)
+            if encoding == "gzip":
+                return await run_in_threadpool(
+                    _gunzip_and_parse, body, state.max_body_bytes, reservation, parse, *args
+                )
+            if len(body) > INLINE_BYTES:
+                return await run_in_threadpool(parse, body, *args)
+            return parse(body, *args)
+        finally:
+            reservation.release()
+
+    async def _body(self, request: Request, started: float, reservation: Reservation) -> bytearray:
+        """The request body, read once its declared size fits the parse budget (waiting until
+        the request's deadline for it, else 503), within ``body_timeout`` (else 408)."""
+        state = self.state
+        limit = state.max_body_bytes
+        header = request.headers.get("content-length")
+        declared = int(header) if header is not None and header.isdigit() else None
+        if declared is not None and declared > limit:
             raise RequestError(
                 f"request body too large: expected at most {limit} bytes (max_body_bytes), "
-                f"got {declared if declared is not None else f'more than {limit}'}",
+                f"got {declared}",
                 413,
             )
-        body = b"".join(chunks)
-        return _gunzip(body, limit) if encoding == "gzip" else body
+        if declared:
+            timeout = state.request_timeout
+            wait = state.body_timeout if timeout is None else timeout - _since(started)
+            if not await reservation.take(declared, max(0.0, wait)):
+                raise self._busy()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + state.body_timeout
+        body = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(request.receive(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                raise RequestError(
+                    f"request body not received within {state.body_timeout:g} s (body_timeout): "
+                    f"got {len(body)} of {header if declared is not None else 'an unknown'} bytes",
+                    408,
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            body += message.get("body", b"")
+            if len(body) > limit:  # a chunked body with no declared size
+                raise RequestError(
+                    f"request body too large: expected at most {limit} bytes (max_body_bytes), "
+                    f"got more than {limit}",
+                    413,
+                )
+            if not reservation.grow_to(len(body)):
+                raise self._busy()
+            if not message.get("more_body", False):
+                return body  # not copied into bytes: json reads a bytearray as well
 
-    def _admit(self) -> None:
-        """Refuse a prediction that arrives once draining began (those already in flight run)."""
-        if self.state.draining:
-            raise RequestError("the server is shutting down; retry on another replica", 503)
+    def _busy(self) -> RequestError:
+        budget = self._budget
+        return RequestError(
+            f"server busy: {budget.used} bytes of request bodies are being parsed "
+            f"(max_parse_bytes={budget.limit}); retry later",
+            503,
+        )
 
     async def _call(self, request: Request, inputs: dict, started: float) -> Any:
         try:
-            future = self.pool.submit(inputs)  # validates; may raise QueueFullError at once
+            if sum(a.nbytes for a in inputs.values()) > INLINE_BYTES:  # validated, copied
+                future = await run_in_threadpool(self.pool.submit, inputs)
+            else:
+                future = self.pool.submit(inputs)  # validates; may raise QueueFullError at once
         except (ValueError, TypeError) as exc:  # the input does not fit the signature
             raise RequestError(str(exc)) from None
         waiter = asyncio.wrap_future(future)
         gone = asyncio.ensure_future(_disconnected(request))
         timeout = self.state.request_timeout
-        remaining = None if timeout is None else max(0.0, timeout - (time.perf_counter() - started))
+        remaining = None if timeout is None else max(0.0, timeout - _since(started))
         try:
             done, _ = await asyncio.wait(
                 {waiter, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
@@ -348,13 +464,34 @@ class _Handlers:
 
     # --- errors, logs, counters ------------------------------------------------------------
     def _failure(self, exc: Exception, request: Request) -> Response:
+        """The error answer for ``exc``, logged by whose fault it is: a server fault at ERROR
+        (with its traceback if unexpected), a deadline at WARNING, a client's mistake (4xx,
+        501) and a refusal under load (503) at INFO (they are counted in the metrics)."""
         status, message = _status_of(exc)
         path = request.scope["path"]
         if status == 500 and not isinstance(exc, PoolError):
             log.error("internal error on %s %s", request.method, path, exc_info=exc)
-        elif status >= 500 and status != 503:
+        elif status >= 500 and status not in (501, 503, 504):
             log.error("%s %s -> %d: %s", request.method, path, status, message)
-        return _json_error(status, message)
+        elif status == 504:
+            log.warning("%s %s -> %d: %s", request.method, path, status, message)
+        elif status != CLIENT_GONE:
+            log.info("%s %s -> %d: %s", request.method, path, status, message)
+        return _json_error(status, message, close=status == 408)
+
+    def _cancelled(self, request: Request) -> Response:
+        """The answer to a request whose task was cancelled: the shutdown's drain timeout
+        passed (uvicorn would answer a plain-text 500)."""
+        self.state.cancelled += 1
+        log.warning(
+            "%s %s -> 503: cancelled, the drain timeout passed", request.method, request.url.path
+        )
+        return _json_error(
+            503,
+            "the server is shutting down and could not finish this request within its drain "
+            "timeout; retry on another replica",
+            close=True,
+        )
 
     def _done(
         self, request: Request, api: str, status: int, started: float, rows: int | None
@@ -428,9 +565,8 @@ class _Handlers:
                 )
             else:
                 raise RequestError(f"{request.method} is not allowed on /v2/models/{rest}", 405)
-        except asyncio.CancelledError:
-            self.state.cancelled += 1
-            raise
+        except asyncio.CancelledError:  # the drain timed out: answer 503, not uvicorn's 500
+            response = self._cancelled(request)
         except Exception as exc:
             response = self._failure(exc, request)
         finally:
@@ -439,21 +575,20 @@ class _Handlers:
         return response
 
     async def _infer(self, request: Request, started: float) -> tuple[Response, int]:
-        self._admit()
-        body = await self._body(request)
-        signature = self._signature()
-        if len(body) > INLINE_BYTES:
-            inputs, names, request_id = await run_in_threadpool(_parse_v2, body, signature)
-        else:
-            inputs, names, request_id = _parse_v2(body, signature)
-        result = await self._call(request, inputs, started)
-        outputs = codec.named_outputs(result, signature)
-        state = self.state
-        content = v2.encode_infer(
-            state.model_name, state.version, request_id, outputs, signature, names
-        )
-        rows = next((len(a) for a in inputs.values() if a.ndim), 0)
-        return _json(content), rows
+        with self._admitted():
+            signature = self._signature()
+            inputs, names, request_id = await self._parse(request, started, _parse_v2, signature)
+            result = await self._call(request, inputs, started)
+            outputs = codec.named_outputs(result, signature)
+            state = self.state
+            encode = v2.encode_infer
+            arguments = (state.model_name, state.version, request_id, outputs, signature, names)
+            if sum(a.size for a in outputs.values()) > INLINE_VALUES:
+                content = await run_in_threadpool(encode, *arguments)
+            else:
+                content = encode(*arguments)
+            rows = next((len(a) for a in inputs.values() if a.ndim), 0)
+            return _json(content), rows
 
     # --- Prometheus -----------------------------------------------------------------------
     async def metrics(self, request: Request) -> Response:
@@ -461,7 +596,7 @@ class _Handlers:
         return Response(content, 200, media_type=CONTENT_TYPE)
 
 
-def _parse_v1(body: bytes, served: str, signature: Any) -> codec.PredictRequest:
+def _parse_v1(body: bytes | bytearray, served: str, signature: Any) -> codec.PredictRequest:
     payload = codec.loads(body)
     name = codec.signature_name(payload, served)
     if name != served:
@@ -473,28 +608,64 @@ def _parse_v1(body: bytes, served: str, signature: Any) -> codec.PredictRequest:
     return codec.parse_predict(payload, signature)
 
 
-def _parse_v2(body: bytes, signature: Any) -> tuple[dict, list[str] | None, str | None]:
+def _parse_v2(body: bytes | bytearray, signature: Any) -> tuple[dict, list[str] | None, str | None]:
     return v2.parse_infer(codec.loads(body), signature)
 
 
-def _gunzip(body: bytes, limit: int) -> bytes:
-    """A gzip-compressed body, decompressed to at most ``limit`` bytes (no zip bombs)."""
+def _gunzip_and_parse(
+    body: bytes | bytearray,
+    limit: int,
+    reservation: Reservation,
+    parse: Callable[..., _Parsed],
+    *args: Any,
+) -> _Parsed:
+    """Decompress a gzip body (in a worker thread) and parse it."""
+    return parse(gunzip(body, limit, reservation), *args)
+
+
+#: Bytes decompressed at a time (each step is checked against the limit and the parse budget).
+GUNZIP_STEP = 1 << 20
+
+
+def gunzip(
+    body: bytes | bytearray, limit: int, reservation: Reservation | None = None
+) -> bytearray:
+    """A gzip-compressed body, decompressed to at most ``limit`` bytes (no zip bombs), each
+    step taken from the parse budget through ``reservation`` (503 when it does not fit)."""
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = bytearray()
+    data = body
     try:
-        out = inflater.decompress(body, limit + 1)
+        while not inflater.eof:
+            piece = inflater.decompress(data, GUNZIP_STEP)
+            data = inflater.unconsumed_tail
+            out += piece
+            if len(out) > limit:
+                raise RequestError(
+                    f"request body too large: expected at most {limit} bytes (max_body_bytes) "
+                    "once decompressed",
+                    413,
+                )
+            if reservation is not None and not reservation.grow_to(len(out)):
+                budget = reservation.budget
+                raise RequestError(
+                    f"server busy: {budget.used} bytes of request bodies are being parsed "
+                    f"(max_parse_bytes={budget.limit}); retry later",
+                    503,
+                )
+            if not data and len(piece) < GUNZIP_STEP:
+                break  # all the input is consumed and nothing more is buffered
     except zlib.error as exc:
         raise RequestError(
             f"Content-Encoding is gzip, but the body is not gzip data ({exc})"
         ) from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise RequestError(
-            f"request body too large: expected at most {limit} bytes (max_body_bytes) once "
-            "decompressed",
-            413,
-        )
     if not inflater.eof:
         raise RequestError("Content-Encoding is gzip, but the gzip data is truncated")
     return out
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
 
 
 async def _disconnected(request: Request) -> None:

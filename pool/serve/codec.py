@@ -63,6 +63,9 @@ TF_DTYPES = {
 
 #: Bytes of a value shown in an error message, at most.
 _SHOWN = 80
+#: Most levels of nested lists an input value may have: NumPy's largest rank (TensorFlow's
+#: tensors of JSON requests never come near it). Deeper values are a 400, not a crash.
+MAX_RANK = 64
 
 
 class RequestError(Exception):
@@ -92,10 +95,12 @@ def show(value: Any) -> str:
         text = json.dumps(value)
     except (TypeError, ValueError):
         text = repr(value)
+    except RecursionError:  # a value nested deeper than the encoder goes
+        text = f"(an {type_name(value)} nested too deeply to show)"
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
-def loads(body: bytes) -> Any:
+def loads(body: bytes | bytearray) -> Any:
     """Parse a JSON body (NaN, Infinity and -Infinity accepted), or raise a 400."""
     if not body:
         raise RequestError("JSON Parse error: the document is empty; expected a JSON object")
@@ -107,6 +112,13 @@ def loads(body: bytes) -> Any:
         raise RequestError(
             f"JSON Parse error: {exc.msg} at offset {exc.pos}; expected a JSON object"
         ) from None
+    except RecursionError:  # json's parser refuses nesting deeper than the recursion limit
+        raise RequestError(
+            "JSON Parse error: the document is nested too deeply; expected at most "
+            f"{MAX_RANK} levels of arrays in an input value"
+        ) from None
+    except ValueError as exc:  # an integer of more than 4300 digits (sys.int_max_str_digits)
+        raise RequestError(f"JSON Parse error: {_first_line(exc)}") from None
 
 
 def signature_name(body: Any, default: str) -> str:
@@ -255,6 +267,7 @@ def to_array(name: str, value: Any, spec: TensorInfo | None, where: str) -> np.n
         return _strings(name, value, where)
     if spec is None and _holds_strings(value):
         return _strings(name, value, where)
+    _check_rank(name, value, where)
     try:
         array = np.asarray(value)
     except ValueError as exc:  # ragged nested lists
@@ -327,7 +340,7 @@ def _strings(name: str, value: Any, where: str) -> np.ndarray:
             f"input {name!r} in {where}: expected a list with one string per row, got a "
             f"single {type_name(value)} {show(value)}"
         )
-    shape = _shape(value)
+    shape = _check_rank(name, value, where)
     flat: list[str | bytes] = []
 
     def walk(item: Any, depth: int) -> None:
@@ -361,7 +374,18 @@ def _strings(name: str, value: Any, where: str) -> np.ndarray:
     return out.reshape(shape)
 
 
-def _shape(nested: list) -> tuple[int, ...]:
+def _check_rank(name: str, value: Any, where: str) -> tuple[int, ...]:
+    """The shape along ``value``'s first items, refused if deeper than :data:`MAX_RANK`."""
+    shape = _shape(value)
+    if len(shape) > MAX_RANK:
+        raise RequestError(
+            f"input {name!r} in {where}: expected at most {MAX_RANK} levels of nested lists, "
+            f"got {len(shape)}"
+        )
+    return shape
+
+
+def _shape(nested: Any) -> tuple[int, ...]:
     shape = []
     level: Any = nested
     while isinstance(level, list):

@@ -2,8 +2,13 @@
 
 Importing this module imports no web framework (``pool.cli`` builds its parser from here even
 when the ``serve`` extra is not installed). Exit status: 0 after a SIGTERM/SIGINT drain; 1 the
-model failed to load or the server failed; 2 bad arguments, a port that cannot be bound, or
-the extra missing.
+model failed to load or the server failed; 2 bad arguments, a local MODEL that is not a
+SavedModel or lacks ``--signature``, a port that cannot be bound, or the extra missing (all
+found before any worker starts).
+
+:func:`add_pool_options` and :func:`pool_options` define the :class:`pool.PredictionPool`
+options a command line passes through (threads, timeouts, batch sizes, recycling), once, for
+any command that starts a pool.
 """
 
 from __future__ import annotations
@@ -11,9 +16,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..argtypes import non_negative_int, positive_int, seconds
+from .limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_REQUEST_TIMEOUT,
+)
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -37,7 +49,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
             "(docs/serving.md). Needs pip install 'prediction-pool[serve]'."
         ),
         epilog="Exit status: 0 stopped by a signal after draining, 1 the model or server "
-        "failed, 2 bad arguments or the port cannot be bound.",
+        "failed, 2 bad arguments, a MODEL that is not a SavedModel or lacks --signature, or "
+        "the port cannot be bound (found before any worker starts), 143 SIGTERM while the "
+        "workers load.",
     )
     p.add_argument(
         "model",
@@ -69,17 +83,39 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         type=positive_int,
         help="requests waiting for a worker before new ones get 503 (default: unbounded)",
     )
-    p.add_argument(
+    limits = p.add_argument_group("limits (docs/serving.md, Limits)")
+    limits.add_argument(
         "--request-timeout",
         type=seconds,
-        default=30.0,
+        default=DEFAULT_REQUEST_TIMEOUT,
         help="seconds from a request's arrival to its answer, else 504 (default: 30)",
     )
-    p.add_argument(
+    limits.add_argument(
         "--max-body-bytes",
         type=positive_int,
-        default=64 << 20,
-        help="larger request bodies get 413 (default: 64 MiB)",
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="larger request bodies (once decompressed) get 413 (default: 64 MiB)",
+    )
+    limits.add_argument(
+        "--max-concurrent-requests",
+        type=positive_int,
+        default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+        help="predictions in progress at once; more get 503 at once (default: "
+        f"{DEFAULT_MAX_CONCURRENT_REQUESTS})",
+    )
+    limits.add_argument(
+        "--max-parse-bytes",
+        type=positive_int,
+        help="bytes of request bodies read and parsed at once, which bounds the memory "
+        "parsing takes (about 4-30x this); other requests wait before being read, until "
+        "their deadline, then get 503 (default: --max-body-bytes)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=seconds,
+        default=DEFAULT_BODY_TIMEOUT,
+        help="seconds to receive a request body once its reading starts, else 408 and the "
+        "connection is closed (default: 30)",
     )
     p.add_argument(
         "--drain-timeout",
@@ -95,7 +131,74 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="log start-up and shutdown (-v), and every request (-vv)",
     )
     p.add_argument("--log-json", action="store_true", help="write logs as one JSON object per line")
+    add_pool_options(p)
     return p
+
+
+#: ``PredictionPool`` keyword -> (option, type, help), for :func:`add_pool_options`.
+POOL_OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "threads_per_worker": (
+        "--threads-per-worker",
+        positive_int,
+        "threads each worker's model call uses (TensorFlow intra-op; default: 1; keep "
+        "workers x threads <= cores)",
+    ),
+    "inter_op_threads": (
+        "--inter-op-threads",
+        positive_int,
+        "TensorFlow inter-op threads per worker (default: 1)",
+    ),
+    "timeout": (
+        "--timeout",
+        seconds,
+        "seconds one model call may take before its worker is replaced and the shard "
+        "retried or failed (default: none)",
+    ),
+    "max_retries": (
+        "--max-retries",
+        non_negative_int,
+        "times a shard is re-run after its worker died or hung (default: 2)",
+    ),
+    "shard_size": (
+        "--shard-size",
+        positive_int,
+        "rows per shard: a larger request is split across workers (default: automatic)",
+    ),
+    "max_batch_bytes": (
+        "--max-batch-bytes",
+        positive_int,
+        "bytes of input per model call when requests are combined (default: 4 MiB)",
+    ),
+    "max_shards_per_worker": (
+        "--max-shards-per-worker",
+        positive_int,
+        "replace a worker after this many shards, to bound leaks (default: never)",
+    ),
+    "max_worker_memory": (
+        "--max-worker-memory",
+        positive_int,
+        "replace a worker whose resident memory passes this many bytes (default: never)",
+    ),
+    "start_timeout": (
+        "--start-timeout",
+        seconds,
+        "seconds the workers may take to load the model (default: 600)",
+    ),
+}
+
+
+def add_pool_options(parser: argparse.ArgumentParser) -> None:
+    """Add the :class:`pool.PredictionPool` options of :data:`POOL_OPTIONS` to ``parser``, in a
+    group of their own; each defaults to ``None``, meaning the pool's own default."""
+    group = parser.add_argument_group("pool (PredictionPool options, docs/guide.md)")
+    for keyword, (option, kind, text) in POOL_OPTIONS.items():
+        group.add_argument(option, dest=keyword, type=kind, help=text)
+
+
+def pool_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``PredictionPool`` keywords of :data:`POOL_OPTIONS` given on the command line."""
+    given = {k: getattr(args, k, None) for k in POOL_OPTIONS}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
             port=args.port,
             request_timeout=args.request_timeout,
             max_body_bytes=args.max_body_bytes,
+            max_concurrent_requests=args.max_concurrent_requests,
+            max_parse_bytes=args.max_parse_bytes,
+            body_timeout=args.body_timeout,
             drain_timeout=args.drain_timeout,
             on_ready=ready,
             workers=args.workers,
@@ -144,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch_rows=args.max_batch_rows,
             batch_timeout_micros=args.batch_timeout_micros,
             max_queued_requests=args.max_queued_requests,
+            **pool_options(args),
         )
     except server.BindError as exc:
         return _fail(EXIT_USAGE, str(exc))

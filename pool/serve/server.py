@@ -1,15 +1,17 @@
 """Run a served model: bind the port, start the pool, serve with uvicorn, drain on a signal.
 
-    serve(MODEL) ─ bind HOST:PORT (fails fast: port in use)   no connection is accepted yet
+    serve(MODEL) ─ check MODEL: a SavedModel with that signature  read from saved_model.pb,
+                                                              no worker, no TensorFlow
+                 ─ bind HOST:PORT (fails fast: port in use)   no connection is accepted yet
                  ─ PredictionPool(...).start()                every worker loads and warms up
                  ─ uvicorn serves create_app(pool)            AVAILABLE from the first request
       SIGTERM / SIGINT ─ draining: stop accepting, answer the requests in flight (at most
                          drain_timeout seconds, then cancel them), stop the workers, return 0
       a second SIGINT  ─ stop at once
 
-The port is bound before the model loads so that a busy port fails in milliseconds, not after
-the load; clients are refused (not queued) until the pool is ready, because the socket only
-starts listening then.
+The model path and signature are checked, and the port bound, before the model loads, so that
+these mistakes fail in milliseconds, not after the load; clients are refused (not queued) until
+the pool is ready, because the socket only starts listening then.
 """
 
 from __future__ import annotations
@@ -28,16 +30,21 @@ from typing import Any
 
 import uvicorn
 
+from ..etl import read_signatures
 from ..prediction_pool import PredictionPool
 from .app import create_app
+from .limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_REQUEST_TIMEOUT,
+)
 
 log = logging.getLogger("pool.serve")
 
 #: Defaults shared by :func:`serve` and the command line.
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8501
-DEFAULT_REQUEST_TIMEOUT = 30.0
-DEFAULT_MAX_BODY_BYTES = 64 << 20
 DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
@@ -66,6 +73,29 @@ def model_identity(model: str) -> tuple[str, str, str]:
     if resolved.name.isdigit():
         return model, _clean(resolved.parent.name), str(int(resolved.name))
     return model, _clean(resolved.name), "1"
+
+
+def check_model(path: str, signature: str = "serving_default") -> None:
+    """Refuse a local ``path`` that is not a SavedModel directory, or has no ``signature``,
+    with a ``ValueError`` naming what was expected and what was found, before any worker
+    starts. The signatures are read from ``saved_model.pb`` without TensorFlow, by the reader
+    ``python -m pool inspect`` and ``predict`` use; a TF Hub handle, or a file that reader
+    cannot describe, is left to the workers to load."""
+    if "://" in path:
+        return
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        reason = (
+            "no such directory"
+            if not os.path.isdir(path)
+            else "no saved_model.pb in it, nor numbered version directories holding one"
+        )
+        raise ValueError(f"model {path!r} is not a SavedModel directory ({reason})")
+    found = read_signatures(path)
+    if found is not None and signature not in found:
+        raise ValueError(
+            f"the model has no signature {signature!r}; it has {sorted(found)} "
+            "(python -m pool inspect MODEL lists them)"
+        )
 
 
 def _clean(name: str) -> str:
@@ -182,23 +212,43 @@ def serve(
     port: int = DEFAULT_PORT,
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+    max_parse_bytes: int | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     on_ready: Callable[[str, str, str], None] | None = None,
     **pool_options: Any,
 ) -> int:
     """Serve ``model`` until SIGTERM or SIGINT; return 0 once drained and stopped.
 
-    ``pool_options`` go to :class:`pool.PredictionPool` (``workers``, ``signature``,
-    ``max_batch_rows``, ``batch_timeout_micros``, ``max_queued_requests``...). ``on_ready(url,
-    name, version)`` is called once the workers are ready and the port listens.
-    Raises ``OSError`` if the address cannot be bound, :class:`pool.ModelLoadError` if the
+    ``request_timeout``, ``max_body_bytes``, ``max_concurrent_requests``, ``max_parse_bytes``
+    and ``body_timeout`` go to :func:`pool.serve.create_app`; ``pool_options`` to
+    :class:`pool.PredictionPool` (``workers``, ``signature``, ``threads_per_worker``,
+    ``timeout``, ``max_batch_rows``, ``max_batch_bytes``, ``batch_timeout_micros``,
+    ``max_queued_requests``...). ``on_ready(url, name, version)`` is called once the workers
+    are ready and the port listens. Raises ``ValueError`` for a bad option, a local ``model``
+    that is not a SavedModel or lacks the signature (before any worker starts), ``OSError``
+    (:class:`BindError`) if the address cannot be bound, :class:`pool.ModelLoadError` if the
     model does not load."""
     if drain_timeout is None or not drain_timeout > 0:
         raise ValueError(f"drain_timeout must be > 0 seconds, got {drain_timeout!r}")
     path, default_name, version = model_identity(model)
     name = model_name or default_name
+    # Every check that needs no worker, cheapest first: the options (the pool and the app
+    # validate theirs when built; neither starts anything), the model, the address.
+    pool = PredictionPool(path, **pool_options)
+    app = create_app(
+        pool,
+        name,
+        model_version=version,
+        request_timeout=request_timeout,
+        max_body_bytes=max_body_bytes,
+        max_concurrent_requests=max_concurrent_requests,
+        max_parse_bytes=max_parse_bytes,
+        body_timeout=body_timeout,
+    )
+    check_model(path, pool.signature_name)
     sock = bind(host, port)
-    pool: PredictionPool | None = None
     in_main = threading.current_thread() is threading.main_thread()
 
     def terminate(signum: int, frame: Any) -> None:
@@ -206,14 +256,6 @@ def serve(
 
     previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
     try:
-        pool = PredictionPool(path, **pool_options)
-        app = create_app(
-            pool,
-            name,
-            model_version=version,
-            request_timeout=request_timeout,
-            max_body_bytes=max_body_bytes,
-        )
         started = time.perf_counter()
         pool.start()
         if previous is not None:
@@ -244,8 +286,7 @@ def serve(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         sock.close()
-        if pool is not None:
-            pool.shutdown(kill=True)  # no-op after a clean stop
+        pool.shutdown(kill=True)  # no-op after a clean stop
 
 
 class JsonFormatter(logging.Formatter):

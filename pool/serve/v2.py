@@ -13,6 +13,7 @@ is not supported: tensors travel as JSON. Errors raise :class:`pool.serve.codec.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..messages import STRING, SignatureInfo, TensorInfo
-from .codec import RequestError, json_value, show, to_array, type_name
+from .codec import MAX_RANK, RequestError, json_value, show, to_array, type_name
 
 #: pool dtype name -> the protocol's tensor datatype.
 DATATYPES = {
@@ -137,33 +138,45 @@ def _tensor(name: str, tensor: Mapping[str, Any], spec: TensorInfo | None) -> np
             f"input {name!r}: expected a datatype among {sorted(DATATYPES.values())}, got "
             f"{show(given)}"
         )
+    if len(shape) > MAX_RANK:
+        raise RequestError(
+            f"input {name!r}: expected a 'shape' of at most {MAX_RANK} sizes, got {len(shape)}"
+        )
     data = tensor.get("data")
     if not isinstance(data, list):
         raise RequestError(f"input {name!r}: expected 'data' to be a list, got {type_name(data)}")
     dtype = spec.dtype if spec is not None else _numpy_name(str(given))
     array = to_array(name, _flatten(data), TensorInfo(name, dtype, None), f"{given} tensor")
-    size = int(np.prod(shape)) if shape else 1
+    size = math.prod(shape)  # exact: a huge declared shape must not wrap around as in int64
     if array.size != size:
         raise RequestError(
             f"input {name!r}: 'shape' {shape} holds {size} values, 'data' has {array.size}"
         )
-    return array.reshape(shape)
+    try:
+        return array.reshape(shape)
+    except (ValueError, OverflowError) as exc:  # e.g. [0, 2**62]: no values, too big a shape
+        raise RequestError(f"input {name!r}: cannot use 'shape' {shape}: {exc}") from None
 
 
 def _numpy_name(given: str) -> str:
     return next(k for k, v in DATATYPES.items() if v == given)
 
 
-def _flatten(data: list) -> list:
+def _flatten(data: list, depth: int = 0, out: list | None = None) -> list:
+    """Nested lists of values -> the values in row-major order (``data`` may be either);
+    at most :data:`MAX_RANK` levels deep, so a deeply nested body is a 400, not a crash."""
+    out = [] if out is None else out
     if not data or not isinstance(data[0], list):
         if any(isinstance(v, list) for v in data):
             raise RequestError("'data' mixes lists and values at one level")
-        return data
-    out: list = []
+        out.extend(data)
+        return out
+    if depth + 1 >= MAX_RANK:
+        raise RequestError(f"'data' is nested more than {MAX_RANK} levels deep")
     for item in data:
         if not isinstance(item, list):
             raise RequestError("'data' mixes lists and values at one level")
-        out.extend(_flatten(item))
+        _flatten(item, depth + 1, out)
     return out
 
 
