@@ -19,6 +19,12 @@ or outgrows its limits is replaced by a new process that loads the model once; w
 goes back to the front of the queue. Only the batch that was *running* is suspect: if it
 combined several shards they are re-run alone, without counting an attempt; a shard that
 kills its worker while running alone counts one, and fails after ``max_retries``.
+
+A replaced process is let go at once (socket and arena closed; reaped when its sentinel fires,
+killed if it lingers). A position whose new process cannot start or load stays DEAD and
+retries with backoff; while every position is DEAD, calls fail at once with the reason. The
+manager thread stops the workers and closes everything itself when the pool stops; an exit
+hook stops every pool still running before multiprocessing's own exit handler runs.
 """
 
 from __future__ import annotations
