@@ -263,8 +263,10 @@ class Dispatcher:
         self._selector.close()
 
     def _wake(self) -> None:
+        if os.getpid() != self.owner_pid:
+            return  # a forked child: the pipe is its parent's
         with self._wake_lock:
-            if self._woken or not self._pipe_open or os.getpid() != self.owner_pid:
+            if self._woken or not self._pipe_open:
                 return
             self._woken = True
             try:
@@ -476,9 +478,15 @@ class Dispatcher:
     def _start_in(self, slot: Slot) -> None:
         """Start a new process at ``slot``, keeping its counters. A failure to start (EMFILE,
         ENOMEM...) leaves the slot DEAD and retrying; it never stops the dispatcher."""
+        new = None
         try:
             new = self._spawn(slot.index)
+            self._watch(new, slot)
         except Exception as exc:
+            if new is not None:
+                self._unwatch(new)
+                new.kill()
+                new.close()
             self._slot_failed(
                 slot, f"could not start a worker process: {type(exc).__name__}: {exc}"
             )
@@ -492,7 +500,6 @@ class Dispatcher:
         slot.state = State.STARTING
         slot.timed_out = False
         slot.retry_at = None
-        self._watch(new, slot)
 
     def _release(self, process: WorkerProcess, graceful: bool) -> None:
         """Let go of a replaced process now: its socket and arena are closed at once; the

@@ -8,6 +8,7 @@ pinned to its own CPUs, and waits until every one has loaded the model.
 from __future__ import annotations
 
 import pickle
+import threading
 from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
@@ -111,4 +112,8 @@ class LocalBackend:
         """The pool was garbage-collected without ``shutdown()``: drain what is queued, then
         stop the workers and free everything, on the dispatcher's own thread (never blocks)."""
         if self._dispatcher is not None:
-            self._dispatcher.close(kill=False)
+            # Called by the garbage collector, maybe while this very thread holds one of the
+            # pool's locks: ask from a thread of its own, which takes them later.
+            threading.Thread(
+                target=self._dispatcher.close, args=(False,), name="pool-abandon", daemon=True
+            ).start()
