@@ -514,8 +514,13 @@ class Dispatcher:
         if not process.alive():
             process.close()
             return
+        try:
+            self._selector.register(process.sentinel_fd, selectors.EVENT_READ, process)
+        except (OSError, ValueError, KeyError):  # cannot watch it: do not leave it behind
+            process.kill()
+            process.close()
+            return
         self.retired[process] = time.monotonic() + (RETIRE_SECONDS if graceful else 5.0)
-        self._selector.register(process.sentinel_fd, selectors.EVENT_READ, process)
 
     def _reap(self, process: WorkerProcess) -> None:
         """A released process has exited (or is overdue: killed): free its last handles."""
