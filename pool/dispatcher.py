@@ -25,13 +25,21 @@ shard by shard, and a shard alone whose outputs do not fails with ``WorkerError`
 model and both counts. (An output with no batch axis, a 0-d array, passes through for a shard
 run alone: it cannot be split.) Shards' futures are :class:`pool.futures.PoolFuture`: a caller's
 callbacks run on the callback thread, so nothing this thread completes can block or end it.
+
+A replaced process is let go at once (socket and arena closed; reaped when its sentinel fires,
+killed if it lingers). A position whose new process cannot start or load stays DEAD and
+retries with backoff; while every position is DEAD, calls fail at once with the reason. The
+manager thread stops the workers and closes everything itself when the pool stops; an exit
+hook stops every pool still running before multiprocessing's own exit handler runs.
 """
 
 from __future__ import annotations
 
+import atexit
 import enum
 import itertools
 import logging
+import multiprocessing.util
 import os
 import selectors
 import threading
@@ -68,12 +76,50 @@ TICK_SECONDS = 0.05
 SMALL_MESSAGE_BYTES = 64 << 10
 #: The arena of a worker grows (when idle) up to this size; larger batches use the socket.
 MAX_ARENA_BYTES = 1 << 30
+#: A replaced worker that has not exited this long after being told to is killed.
+RETIRE_SECONDS = 10.0
+#: A worker position whose process could not start or load the model tries again after this
+#: long, doubling on each failure up to ``RETRY_MAX_SECONDS``.
+RETRY_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
+
+#: Dispatchers not yet stopped, stopped (workers killed) at interpreter exit.
+_live: set[Dispatcher] = set()
+_live_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _stop_all_at_exit() -> None:
+    """Kill the workers of every pool still running when the interpreter exits.
+
+    Registered after ``multiprocessing.util`` is imported, so it runs *before* multiprocessing's
+    own exit handler (``atexit`` runs last-registered first): that handler would send the
+    workers SIGTERM, which they ignore, then wait for them without a timeout."""
+    with _live_lock:
+        dispatchers = list(_live)
+    for dispatcher in dispatchers:
+        if dispatcher.owner_pid == os.getpid():  # never the pools of the process we forked from
+            try:
+                dispatcher.stop(kill=True)
+            except Exception:  # at exit: stop the others all the same
+                log.exception("could not stop a pool at interpreter exit")
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    with _live_lock:
+        if _exit_hook_registered:
+            return
+        _exit_hook_registered = True
+    assert multiprocessing.util  # imported above: its exit handler is registered before ours
+    atexit.register(_stop_all_at_exit)
 
 
 class State(enum.Enum):
-    """A worker position's life. Moves: STARTING→READY (loaded) or →DEAD (load failed);
-    READY→RETIRING (limits) →STARTING (replaced once idle); READY/RETIRING→STARTING (died or
-    timed out: replaced at once); any→DEAD while the pool shuts down."""
+    """A worker position's life. Moves: STARTING→READY (loaded) or →DEAD (could not start or
+    load; after start-up it tries again with backoff: DEAD→STARTING); READY→RETIRING (limits)
+    →STARTING (replaced once idle); READY/RETIRING→STARTING (died or timed out: replaced at
+    once); →DEAD instead of a replacement while the pool shuts down with nothing queued."""
 
     STARTING = "starting"
     READY = "ready"
@@ -102,7 +148,9 @@ class Slot:
     state: State = State.STARTING
     in_flight: deque[InFlight] = field(default_factory=deque)
     timed_out: bool = False
-    failure: str | None = None
+    failure: str | None = None  # why its last process could not start or load (until READY)
+    retry_at: float | None = None  # when a DEAD slot tries again
+    backoff: float = 0.0  # the last wait between tries
 
 
 class Dispatcher:
@@ -119,17 +167,33 @@ class Dispatcher:
         self._config_for = config_for
         batching = settings.batching
         self._arena_bytes = transport.REGIONS * 2 * batching.max_batch_bytes
+        self.owner_pid = os.getpid()  # a forked child must not use (or stop) this pool
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._woken = False
+        self._pipe_open = True
         self._wake_lock = threading.Lock()
         self.queue = BatchQueue(batching, self._wake)
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self.slots = [Slot(i, self._spawn(i)) for i in range(settings.workers)]
-        for slot in self.slots:
-            self._watch(slot.process, slot)
-        self.retired: list[WorkerProcess] = []  # replaced processes, exiting on their own
+        self.slots: list[Slot] = []
+        try:
+            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+            for i in range(settings.workers):  # e.g. worker k cannot be pickled: free 0..k-1
+                slot = Slot(i, self._spawn(i))
+                self.slots.append(slot)
+                self._watch(slot.process, slot)
+        except BaseException:
+            for slot in self.slots:
+                self._unwatch(slot.process)
+                slot.process.kill()
+                slot.process.close()
+            self._close_handles()
+            raise
+        # Replaced processes still exiting, each with the time by which it is killed; reaped
+        # (and forgotten) as soon as its sentinel fires.
+        self.retired: dict[WorkerProcess, float] = {}
+        #: Why no worker can take a call (every position failed to load), or ``None``.
+        self.unavailable: str | None = None
         self.batches_in_arena = 0
         self.batches_on_socket = 0
         self._batch_ids = itertools.count()
@@ -138,6 +202,9 @@ class Dispatcher:
         self._stop: bool | None = None  # None: running; False: drain then stop; True: kill
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pool-dispatcher", daemon=True)
+        _register_exit_hook()
+        with _live_lock:
+            _live.add(self)
         self._thread.start()
 
     # --- called from any thread -------------------------------------------------------------
@@ -152,38 +219,67 @@ class Dispatcher:
         self._started = True
         return [s.process.ready for s in self.slots if s.process.ready is not None]
 
+    def check_process(self) -> None:
+        """Raise ``PoolClosedError`` in a forked child: the pool's thread and workers belong
+        to the process that started it (the child only has copies of its handles)."""
+        if os.getpid() != self.owner_pid:
+            raise PoolClosedError(
+                f"this pool was started by process {self.owner_pid} and cannot be used in "
+                f"process {os.getpid()}, forked from it (a fork copies the pool's handles but "
+                "not its dispatcher thread or workers): start a new PredictionPool in the child"
+            )
+
     def submit(self, requests: list, bounded: bool = True, finish: Any = None) -> list:
+        self.check_process()
         if self._closed:
             raise PoolClosedError("the pool is shut down; start a new PredictionPool")
+        unavailable = self.unavailable
+        if unavailable is not None:
+            raise ModelLoadError(unavailable)
         return self.queue.put(requests, bounded, finish)
 
     def queued_requests(self) -> int:
         return self.queue.queued_calls()
 
-    def stop(self, kill: bool) -> None:
-        """Stop: after every queued shard is answered, or at once with ``kill``."""
+    def close(self, kill: bool) -> None:
+        """Ask the manager thread to stop (after draining the queue, or at once with
+        ``kill``) without waiting: it stops the workers and frees everything itself."""
+        if os.getpid() != self.owner_pid:
+            return  # a forked child: the pool is its parent's
         self._closed = True
         self.queue.close()
         self._stop = kill or bool(self._stop)
         self._wake()
-        self._thread.join()
-        for slot in self.slots:
-            slot.process.stop(timeout=0 if kill else 30)
-        for process in self.retired:
-            process.stop(timeout=0 if kill else 30)
+
+    def stop(self, kill: bool) -> None:
+        """Stop: after every queued shard is answered, or at once with ``kill``; return
+        once every worker is gone and every handle closed. Idempotent."""
+        if os.getpid() != self.owner_pid:
+            return
+        self.close(kill)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _close_handles(self) -> None:
+        with self._wake_lock:  # no _wake() can write to a closed (or reused) descriptor
+            if not self._pipe_open:
+                return
+            self._pipe_open = False
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
     def _wake(self) -> None:
+        if os.getpid() != self.owner_pid:
+            return  # a forked child: the pipe is its parent's
         with self._wake_lock:
-            if self._woken:
+            if self._woken or not self._pipe_open:
                 return
             self._woken = True
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass
 
     # --- the manager thread -----------------------------------------------------------------
     def _spawn(self, index: int) -> WorkerProcess:
@@ -193,6 +289,7 @@ class Dispatcher:
         try:
             while True:
                 self._wait_and_handle()
+                self._tend()
                 if self._stop is not None and (self._stop or self._idle()):
                     break
                 self._check_deadlines()
@@ -201,23 +298,51 @@ class Dispatcher:
             log.exception("pool dispatcher failed")
             self._closed = True
             self.queue.close()
-        self._fail_all(PoolClosedError("the pool was shut down before this shard ran"))
-        self._startup.set()
+        try:
+            self._fail_all(PoolClosedError("the pool was shut down before this shard ran"))
+            self._startup.set()
+        finally:
+            self._teardown(kill=bool(self._stop))
+
+    def _teardown(self, kill: bool) -> None:
+        """Stop every worker (idle ones are asked, the rest killed) and free every handle."""
+        try:
+            for slot in self.slots:
+                self._unwatch(slot.process)
+            for process in self.retired:
+                self._unwatch(process)
+            for slot in self.slots:
+                slot.process.ask_to_exit()
+            for slot in self.slots:
+                slot.process.stop(timeout=0 if kill else 30)
+            for process, deadline in self.retired.items():
+                if not kill:
+                    process.wait(max(0.0, deadline - time.monotonic()))
+                process.kill()
+                process.close()
+            self.retired.clear()
+        finally:
+            self._close_handles()
+            with _live_lock:
+                _live.discard(self)
 
     def _idle(self) -> bool:
         self.queue.collect()
         return not len(self.queue) and not any(s.in_flight for s in self.slots)
 
     def _watch(self, process: WorkerProcess, slot: Slot) -> None:
-        self._selector.register(process.conn.fileno(), selectors.EVENT_READ, (slot, process))
-        self._selector.register(process.sentinel, selectors.EVENT_READ, (slot, process))
+        self._selector.register(process.conn_fd, selectors.EVENT_READ, (slot, process))
+        self._selector.register(process.sentinel_fd, selectors.EVENT_READ, (slot, process))
 
     def _unwatch(self, process: WorkerProcess) -> None:
-        for fd in (process.conn.fileno(), process.sentinel):
+        """Stop watching ``process`` (before any of its descriptors is closed)."""
+        for fd in (process.conn_fd, process.sentinel_fd):
             try:
+                key = self._selector.get_key(fd)
+            except (KeyError, ValueError, RuntimeError):
+                continue
+            if key.data is process or (isinstance(key.data, tuple) and key.data[1] is process):
                 self._selector.unregister(fd)
-            except (KeyError, ValueError, OSError):
-                pass
 
     def _wait_and_handle(self) -> None:
         dead = []
@@ -228,6 +353,9 @@ class Dispatcher:
                     self._woken = False
                 self.queue.collect()
                 self.queue.purge_cancelled()
+                continue
+            if isinstance(key.data, WorkerProcess):  # a replaced process exited: reap it
+                self._reap(key.data)
                 continue
             slot, process = key.data
             if slot.process is not process or slot.state is State.DEAD:
@@ -244,9 +372,9 @@ class Dispatcher:
         timeouts = []
         if self._limits.timeout is not None and any(s.in_flight for s in self.slots):
             timeouts.append(TICK_SECONDS)
-        deadline = self.queue.next_deadline()
-        if deadline is not None:
-            timeouts.append(max(0.0, deadline - time.monotonic()))
+        for deadline in (self.queue.next_deadline(), self._next_lifecycle_deadline()):
+            if deadline is not None:
+                timeouts.append(max(0.0, deadline - time.monotonic()))
         return min(timeouts) if timeouts else None
 
     def _receive(self, slot: Slot) -> None:
@@ -272,9 +400,7 @@ class Dispatcher:
         elif isinstance(message, BatchFailed):
             self._on_failed(slot, message)
         elif isinstance(message, WorkerReady):
-            slot.process.mark_ready(message)
-            slot.state = State.READY
-            self._check_startup()
+            self._on_ready(slot, message)
         elif isinstance(message, LoadFailed):
             self._on_load_failure(
                 slot, f"worker {slot.process.stats.pid} could not load the model: {message.error}"
@@ -287,30 +413,92 @@ class Dispatcher:
         ):
             self._startup.set()
 
+    def _on_ready(self, slot: Slot, message: WorkerReady) -> None:
+        slot.process.mark_ready(message)
+        slot.state = State.READY
+        if slot.failure is not None:
+            log.info("worker %d (pid %d) loaded the model again", slot.index, message.pid)
+        slot.failure, slot.retry_at, slot.backoff = None, None, 0.0
+        self._check_startup()
+        self._check_available()
+
     def _on_load_failure(self, slot: Slot, reason: str) -> None:
-        slot.state = State.DEAD
-        self._unwatch(slot.process)
-        slot.process.kill()
+        self._release(slot.process, graceful=False)
         if not self._started:
+            slot.state = State.DEAD
             slot.failure = reason
             self._startup.set()
             return
-        log.error("a replacement worker could not load the model: %s", reason)
-        if all(s.state is State.DEAD for s in self.slots):
-            self._fail_all(ModelLoadError(f"no worker could reload the model: {reason}"))
+        self._slot_failed(slot, reason)
 
-    def _replace(self, slot: Slot) -> None:
-        old = slot.process
-        self._unwatch(old)
-        if self._closed:  # shutting down: the other workers finish what is queued
-            slot.state = State.DEAD
-            self.retired.append(old)
-            if all(s.state is State.DEAD for s in self.slots):
-                self._fail_all(PoolClosedError("every worker stopped while the pool shut down"))
+    def _slot_failed(self, slot: Slot, reason: str) -> None:
+        """The slot's new process could not start or load the model: leave it DEAD and try
+        again later (1 s, 2 s, 4 s ... up to a minute), unless the pool is shutting down."""
+        slot.state = State.DEAD
+        slot.failure = reason
+        if self._closed:
+            slot.retry_at = None
+            log.error("worker %d: %s", slot.index, reason)
+        else:
+            slot.backoff = min(RETRY_MAX_SECONDS, 2 * slot.backoff or RETRY_SECONDS)
+            slot.retry_at = time.monotonic() + slot.backoff
+            log.error("worker %d: %s; trying again in %.0f s", slot.index, reason, slot.backoff)
+        self._check_available()
+
+    def _check_available(self) -> None:
+        """Fail what waits, at once, when no worker can take it: every position failed to
+        start or load (later calls fail at submit until one loads), or, while shutting down,
+        every position is gone."""
+        failures = [s.failure for s in self.slots if s.failure is not None]
+        if self.slots and len(failures) == len(self.slots):
+            if self.unavailable is None:
+                self.unavailable = (
+                    f"no worker of the pool could load the model (every position is retrying "
+                    f"with backoff; calls fail at once until one loads): {failures[-1]}"
+                )
+                log.error("%s", self.unavailable)
+            self._fail_queued(ModelLoadError(self.unavailable))
             return
-        self.retired.append(old)
-        new = self._spawn(slot.index)
-        stats, previous = new.stats, old.stats
+        self.unavailable = None
+        if self._closed and all(s.state is State.DEAD for s in self.slots):
+            self._fail_queued(
+                ModelLoadError(f"no worker could load the model: {failures[-1]}")
+                if failures
+                else PoolClosedError("every worker stopped while the pool shut down")
+            )
+
+    def _fail_queued(self, exc: Exception) -> None:
+        for task in self.queue.drain():
+            _fail(task, exc)
+
+    def _replace(self, slot: Slot, graceful: bool = False) -> None:
+        """Let the slot's process go (told to exit once idle when ``graceful``, else killed)
+        and start a new one in its place: while shutting down, only if work still waits."""
+        self._release(slot.process, graceful)
+        self.queue.collect()
+        if self._closed and not len(self.queue):  # nothing left for a new worker to do
+            slot.state = State.DEAD
+            self._check_available()
+            return
+        self._start_in(slot)
+
+    def _start_in(self, slot: Slot) -> None:
+        """Start a new process at ``slot``, keeping its counters. A failure to start (EMFILE,
+        ENOMEM...) leaves the slot DEAD and retrying; it never stops the dispatcher."""
+        new = None
+        try:
+            new = self._spawn(slot.index)
+            self._watch(new, slot)
+        except Exception as exc:
+            if new is not None:
+                self._unwatch(new)
+                new.kill()
+                new.close()
+            self._slot_failed(
+                slot, f"could not start a worker process: {type(exc).__name__}: {exc}"
+            )
+            return
+        stats, previous = new.stats, slot.process.stats
         stats.restarts = previous.restarts + 1
         stats.retries = previous.retries
         stats.shards, stats.batches = previous.shards, previous.batches
@@ -318,7 +506,61 @@ class Dispatcher:
         slot.process = new
         slot.state = State.STARTING
         slot.timed_out = False
-        self._watch(new, slot)
+        slot.retry_at = None
+
+    def _release(self, process: WorkerProcess, graceful: bool) -> None:
+        """Let go of a replaced process now: its socket and arena are closed at once; the
+        process is reaped as soon as its sentinel fires, and killed if it is still there
+        ``RETIRE_SECONDS`` later (or at once unless ``graceful``)."""
+        self._unwatch(process)
+        if graceful:
+            process.ask_to_exit()
+        else:
+            process.kill()
+        process.release()
+        if not process.alive():
+            process.close()
+            return
+        try:
+            self._selector.register(process.sentinel_fd, selectors.EVENT_READ, process)
+        except (OSError, ValueError, KeyError):  # cannot watch it: do not leave it behind
+            process.kill()
+            process.close()
+            return
+        self.retired[process] = time.monotonic() + (RETIRE_SECONDS if graceful else 5.0)
+
+    def _reap(self, process: WorkerProcess) -> None:
+        """A released process has exited (or is overdue: killed): free its last handles."""
+        self._unwatch(process)
+        self.retired.pop(process, None)
+        process.kill()
+        process.close()
+
+    def _tend(self) -> None:
+        """Lifecycle chores of each loop turn: kill overdue retired processes, try DEAD slots
+        again when their backoff is over, fail what waits if no worker can take it."""
+        now = time.monotonic()
+        for process, deadline in list(self.retired.items()):
+            if now >= deadline:
+                log.warning("worker pid %d did not exit when told to; killing it", process.pid)
+                self._reap(process)
+        if not self._closed and self._started:
+            for slot in self.slots:
+                if slot.state is not State.DEAD or slot.failure is None:
+                    continue
+                if slot.retry_at is None:  # failed just as start-up ended: treat it as a retry
+                    slot.backoff = RETRY_SECONDS
+                    slot.retry_at = now + slot.backoff
+                elif now >= slot.retry_at:
+                    self._start_in(slot)
+        if self.unavailable is not None or self._closed:
+            self._check_available()
+
+    def _next_lifecycle_deadline(self) -> float | None:
+        deadlines = list(self.retired.values())
+        if not self._closed:
+            deadlines += [s.retry_at for s in self.slots if s.retry_at is not None]
+        return min(deadlines) if deadlines else None
 
     def _on_death(self, slot: Slot) -> None:
         """The slot's process died: requeue what it held (only the running batch is suspect)."""
@@ -326,12 +568,15 @@ class Dispatcher:
         old.kill()
         if slot.state is State.STARTING:
             code = old.process.exitcode
+            hint = (
+                ""
+                if self._started
+                else '. In a script, create the pool under `if __name__ == "__main__":`: with '
+                f"the {self._context.get_start_method()} start method every worker re-imports "
+                "the main module (docs/guide.md, 'Start methods')"
+            )
             self._on_load_failure(
-                slot,
-                f"a worker process exited while loading the model (exit code {code}). In a "
-                'script, create the pool under `if __name__ == "__main__":`: with the '
-                f"{self._context.get_start_method()} start method every worker re-imports the "
-                "main module (docs/guide.md, 'Start methods')",
+                slot, f"a worker process exited while loading the model (exit code {code}){hint}"
             )
             return
         if slot.state is State.DEAD:
@@ -451,7 +696,7 @@ class Dispatcher:
 
     def _maybe_retire(self, slot: Slot) -> None:
         limits, process = self._limits, slot.process
-        if slot.state is State.READY and not self._closed:
+        if slot.state is State.READY:  # also while shutting down: it must not keep room 0
             too_many = limits.max_shards_per_worker is not None and (
                 process.shards_done >= limits.max_shards_per_worker
             )
@@ -467,11 +712,7 @@ class Dispatcher:
                 )
                 slot.state = State.RETIRING
         if slot.state is State.RETIRING and not slot.in_flight:
-            try:
-                transport.send(process.conn, None)  # exits once idle; joined at shutdown
-            except OSError:
-                pass
-            self._replace(slot)
+            self._replace(slot, graceful=True)  # told to exit; reaped when its sentinel fires
 
     # --- dispatch ---------------------------------------------------------------------------
     def _pump(self) -> None:
@@ -573,11 +814,8 @@ class Dispatcher:
         tasks = self.queue.drain() + [t for s in self.slots for b in s.in_flight for t in b.tasks]
         for slot in self.slots:
             slot.in_flight.clear()
-        for task in tasks:
-            if not task.future.done():
-                if task.future.cancel():
-                    continue
-                _fail(task, exc)
+        for task in tasks:  # a PoolError, never CancelledError: the caller did not cancel
+            _fail(task, exc)
 
 
 def _pack(

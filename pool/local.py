@@ -7,6 +7,8 @@ pinned to its own CPUs, and waits until every one has loaded the model.
 
 from __future__ import annotations
 
+import pickle
+import threading
 from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
@@ -42,7 +44,16 @@ class LocalBackend:
                 return replace(config, cpus=cpus)
             return config
 
-        dispatcher = Dispatcher(settings, self._context, config_for)
+        try:
+            dispatcher = Dispatcher(settings, self._context, config_for)
+        except (pickle.PicklingError, AttributeError) as exc:  # the workers could not get it
+            if isinstance(exc, AttributeError) and "pickle" not in str(exc):
+                raise
+            raise TypeError(
+                "model must be a SavedModel path, a TF Hub handle or a factory the workers can "
+                f"import by name (a top-level function, not a lambda or a local function), got "
+                f"{settings.model!r}: {exc}"
+            ) from exc
         try:
             ready = dispatcher.wait_ready(settings.start_timeout)
         except BaseException:
@@ -54,6 +65,7 @@ class LocalBackend:
     def _running(self) -> Dispatcher:
         if self._dispatcher is None:
             raise RuntimeError("the local backend is not started")
+        self._dispatcher.check_process()  # PoolClosedError in a forked child
         return self._dispatcher
 
     def submit(
@@ -64,7 +76,7 @@ class LocalBackend:
     def stats(self) -> list[WorkerStats]:
         records = []
         for slot in self._running().slots:
-            record = replace(slot.process.stats)
+            record = replace(slot.process.stats, state=slot.state.value, error=slot.failure)
             record.rss_bytes = slot.process.rss_bytes()
             records.append(record)
         return records
@@ -92,5 +104,16 @@ class LocalBackend:
         }
 
     def shutdown(self, kill: bool) -> None:
+        """Stop the workers (a no-op in a forked child: they are its parent's)."""
         if self._dispatcher is not None:
             self._dispatcher.stop(kill=kill)
+
+    def abandon(self) -> None:
+        """The pool was garbage-collected without ``shutdown()``: drain what is queued, then
+        stop the workers and free everything, on the dispatcher's own thread (never blocks)."""
+        if self._dispatcher is not None:
+            # Called by the garbage collector, maybe while this very thread holds one of the
+            # pool's locks: ask from a thread of its own, which takes them later.
+            threading.Thread(
+                target=self._dispatcher.close, args=(False,), name="pool-abandon", daemon=True
+            ).start()

@@ -195,3 +195,7 @@ class WorkerStats:
     restarts: int = 0
     retries: int = 0
     cpus: tuple[int, ...] | None = field(default=None)
+    #: ``"starting"``, ``"ready"``, ``"retiring"`` or ``"dead"`` (could not start or load the
+    #: model: ``error`` says why; the position tries again with backoff).
+    state: str = "ready"
+    error: str | None = None

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import sharding
 from .backend import Backend, Batching, Limits, Settings, positive
-from .errors import PoolClosedError
+from .errors import PoolClosedError, PoolError
 from .futures import CALLBACKS, PoolFuture
 from .messages import ShardRequest, SignatureInfo, WorkerReady, WorkerStats
 from .process import allowed_cpus, default_workers, make_context
@@ -142,6 +143,7 @@ class PredictionPool:
         self._ready: list[WorkerReady] = []
         self._final_stats: list[WorkerStats] = []
         self._lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
         self.startup_seconds: float | None = None
 
     # --- options, as validated ---------------------------------------------------------------
@@ -205,6 +207,10 @@ class PredictionPool:
                 raise ModelLoadError("workers loaded models with different signatures")
             self._signature = self._ready[0].signature
             self._backend = backend
+            # Dropped without shutdown(): the workers drain and stop on their own. (At
+            # interpreter exit the dispatcher's own hook kills them, before multiprocessing's.)
+            self._finalizer = weakref.finalize(self, _abandon, backend)
+            self._finalizer.atexit = False
             self.startup_seconds = time.perf_counter() - started
             log.info(
                 "pool started: %d workers (%s, %d intra-op threads each) in %.2f s",
@@ -231,10 +237,15 @@ class PredictionPool:
             backend, self._backend = self._backend, None
             if backend is None:
                 return
+            if self._finalizer is not None:
+                self._finalizer.detach()
             try:
                 backend.shutdown(kill=kill)
             finally:
-                self._final_stats = [_without_rss(s) for s in backend.stats()]
+                try:
+                    self._final_stats = [_without_rss(s) for s in backend.stats()]
+                except PoolError:  # a forked child: the workers are its parent's
+                    self._final_stats = []
             # Callers' callbacks of the calls just answered or failed have run when this returns
             # (unless one blocks: then after CALLBACK_FLUSH_SECONDS, shutdown returns anyway).
             waits = not kill and not CALLBACKS.in_thread()  # a callback cannot wait for itself
@@ -416,6 +427,13 @@ class PredictionPool:
     def ready_info(self) -> list[WorkerReady]:
         """What each worker reported when the pool started (threads, CPUs, load time)."""
         return list(self._ready)
+
+
+def _abandon(backend: Backend) -> None:
+    """A started pool was garbage-collected without ``shutdown()``."""
+    abandon = getattr(backend, "abandon", None)
+    if abandon is not None:
+        abandon()
 
 
 def _without_rss(stats: WorkerStats) -> WorkerStats:

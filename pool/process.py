@@ -53,12 +53,20 @@ class WorkerProcess:
         self.index = index
         self.config = config
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(  # type: ignore[attr-defined]
-            target=worker.main, args=(config, child), name=f"pool-worker-{index}", daemon=True
-        )
-        self.process.start()
+        try:
+            self.process = context.Process(  # type: ignore[attr-defined]
+                target=worker.main, args=(config, child), name=f"pool-worker-{index}", daemon=True
+            )
+            self.process.start()
+        except BaseException:  # EMFILE, a factory that cannot be pickled...: leave nothing open
+            self.conn.close()
+            child.close()
+            raise
         self.pid: int = self.process.pid
         child.close()
+        # Kept so that the dispatcher can stop watching them after they are closed.
+        self.conn_fd: int = self.conn.fileno()
+        self.sentinel_fd: int = self.process.sentinel
         self.arena = transport.create(arena_bytes) if arena_bytes else None
         if self.arena is not None:
             try:
@@ -86,7 +94,7 @@ class WorkerProcess:
     def rss_bytes(self) -> int:
         try:
             return psutil.Process(self.pid).memory_info().rss if self.alive() else 0
-        except psutil.Error:
+        except (psutil.Error, OSError):  # gone, or no descriptor left to read /proc (EMFILE)
             return 0
 
     def alive(self) -> bool:
@@ -94,6 +102,11 @@ class WorkerProcess:
             return self.process.exitcode is None and self.process.is_alive()
         except ValueError:  # closed: it was reaped
             return False
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the process to exit (no-op once reaped)."""
+        if self.alive():
+            self.process.join(timeout)
 
     def kill(self) -> None:
         """Kill the worker process now (it may be mid-batch) and reap it."""
@@ -104,23 +117,34 @@ class WorkerProcess:
                 pass
             self.process.join(5)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Ask the worker to exit once idle, wait for it (then kill it), free everything."""
+    def ask_to_exit(self) -> None:
+        """Tell the worker to exit once idle (it reads ``None`` after what it holds)."""
         if self.alive():
             try:
                 transport.send(self.conn, None)
             except (OSError, ValueError):
                 pass
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the worker to exit once idle, wait for it (then kill it), free everything."""
+        if self.alive():
+            self.ask_to_exit()
             self.process.join(timeout)
         self.kill()
         self.close()
 
-    def close(self) -> None:
-        """Release the parent's socket end and arena (the process must be gone or going)."""
+    def release(self) -> None:
+        """Close the parent's socket end and arena; the process may still be exiting.
+        Idempotent."""
         self.conn.close()
         if self.arena is not None:
             self.arena.close()
             self.arena = None
+
+    def close(self) -> None:
+        """Release everything: socket end, arena, and (once it has exited) the process's own
+        handles. Idempotent."""
+        self.release()
         if not self.alive():
             try:
                 self.process.close()
