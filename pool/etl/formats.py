@@ -511,24 +511,49 @@ RECORD = "\x00pool:csv-record"
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 
 
+_FIELD_END = np.array([ord(","), ord("\n"), ord("\r"), ord('"')], np.uint8)
+
+
+def _quotes(b: np.ndarray, final: bool) -> np.ndarray | None:
+    """The positions of the quotes in ``b`` (which starts a record), or ``None`` when a quote
+    is not where a quoted field opens (at the start of a field, or right after the quote that
+    closes it: ``""``) or closes (before a delimiter, a line break or ``""``). Such a quote is
+    literal text to pyarrow, and counting quotes would split records wrongly."""
+    at = np.flatnonzero(b == 34)
+    opening, closing = at[0::2], at[1::2]
+    inner = opening[opening > 0]
+    if not np.isin(b[inner - 1], _FIELD_END).all():
+        return None
+    inner = closing[closing < len(b) - 1]
+    if not np.isin(b[inner + 1], _FIELD_END).all():
+        return None
+    if final and len(closing) < len(opening):
+        return None  # a quoted field never closed: let the csv module report it
+    return at
+
+
 def _spans(buf: bytes, final: bool) -> tuple[np.ndarray, np.ndarray, int]:
     """``(starts, stops, consumed)``: the records that end in ``buf``, where pyarrow's CSV
     reader splits them (a line break ``\\n``, ``\\r\\n`` or ``\\r`` outside a quoted field;
     empty lines are not records). ``stops`` exclude the line break; ``consumed`` is where the
     first record not known to be complete begins (all of ``buf`` when ``final``)."""
-    if b'"' not in buf:  # no quoting: every line break ends a record, found without Python
-        b = np.frombuffer(buf, np.uint8)
-        lf, cr = b == 10, b == 13
-        lone_cr = cr.copy()
-        lone_cr[:-1] &= ~lf[1:]
-        if len(b) and not final:
-            lone_cr[-1] = False  # a \r\n may be split across reads
-        ends = np.flatnonzero(lf | lone_cr)
+    b = np.frombuffer(buf, np.uint8)
+    quotes = _quotes(b, final)
+    if quotes is not None:  # found without Python: a line break after an even number of quotes
+        lf = np.flatnonzero(b == 10)
+        cr = np.flatnonzero(b == 13)
+        lf = lf[(np.searchsorted(quotes, lf) & 1) == 0]
+        cr = cr[(np.searchsorted(quotes, cr) & 1) == 0]
+        inside = cr < len(b) - 1
+        follows = np.zeros(len(cr), np.uint8)
+        follows[inside] = b[cr[inside] + 1]
+        lone_cr = cr[(follows != 10) & (inside | final)]  # a \r\n may span two reads
+        ends = np.union1d(lf, lone_cr).astype(np.int64)
         starts = np.concatenate(([0], ends + 1)).astype(np.int64)
         stops = np.concatenate((ends, [len(b)])).astype(np.int64)
-        after_cr = ends > 0
         crlf = np.zeros(len(ends), dtype=bool)
-        crlf[after_cr] = lf[ends[after_cr]] & cr[ends[after_cr] - 1]
+        after = ends > 0
+        crlf[after] = (b[ends[after]] == 10) & (b[ends[after] - 1] == 13)
         stops[:-1] -= crlf
         if not final:
             starts, stops = starts[:-1], stops[:-1]
@@ -562,10 +587,14 @@ def _spans(buf: bytes, final: bool) -> tuple[np.ndarray, np.ndarray, int]:
 def _bytes_of(buf: bytes, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
     """The bytes of ``buf`` in the spans ``[starts[i], stops[i])``, one after the other."""
     b = np.frombuffer(buf, np.uint8)
-    marks = np.zeros(len(b) + 1, np.int64)
-    marks[starts] += 1
-    marks[stops] -= 1
-    return b[np.cumsum(marks[:-1]) > 0]
+    gap_from = np.concatenate(([0], stops))  # the bytes between records: line breaks, empty
+    gap_to = np.concatenate((starts, [len(b)]))  # lines, what comes before and after
+    sizes = gap_to - gap_from
+    gap_from, sizes = gap_from[sizes > 0], sizes[sizes > 0]
+    first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    keep = np.ones(len(b), dtype=bool)
+    keep[np.repeat(gap_from - first, sizes) + np.arange(int(sizes.sum()))] = False
+    return b[keep]
 
 
 def _binary(data: np.ndarray, lengths: np.ndarray) -> Any:
