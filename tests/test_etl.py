@@ -23,6 +23,7 @@ from pool.etl import formats
 pd = pytest.importorskip("pandas")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
+pacsv = pytest.importorskip("pyarrow.csv")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -742,9 +743,8 @@ def test_integer_columns_feed_narrower_inputs_by_value(multi_pool, models, tmp_p
     assert_rows_equal(stacked(out.column("logits")), want["logits"])
 
     names = [f"a{i}" for i in range(4)] + [f"b{i}" for i in range(3)]
-    pacsv_module = pytest.importorskip("pyarrow.csv")
     flat = pa.table(dict(zip(names, [*a.T, *b.T], strict=True)))
-    pacsv_module.write_csv(flat, tmp_path / "in.csv")
+    pacsv.write_csv(flat, tmp_path / "in.csv")
     columns = {"a": names[:4], "b": names[4:]}
     etl.predict_file(multi_pool, tmp_path / "in.csv", tmp_path / "out.csv", columns=columns)
     with open(tmp_path / "out.csv", newline="") as f:
@@ -755,7 +755,7 @@ def test_integer_columns_feed_narrower_inputs_by_value(multi_pool, models, tmp_p
 
     b[1234, 1] = 2**31  # out of int32's range: refused, naming the file's row
     flat = pa.table(dict(zip(names, [*a.T, *b.T], strict=True)))
-    pacsv_module.write_csv(flat, tmp_path / "big.csv")
+    pacsv.write_csv(flat, tmp_path / "big.csv")
     with pytest.raises(
         etl.EtlError, match=r"columns \['b0', 'b1', 'b2'\] does not fit.*2147483648.*row 1234"
     ):
@@ -763,7 +763,7 @@ def test_integer_columns_feed_narrower_inputs_by_value(multi_pool, models, tmp_p
             multi_pool, tmp_path / "big.csv", tmp_path / "o.csv", columns=columns, chunk_rows=500
         )
     floats = flat.set_column(4, "b0", pa.array(b[:, 0] + 0.5))
-    pacsv_module.write_csv(floats, tmp_path / "floats.csv")
+    pacsv.write_csv(floats, tmp_path / "floats.csv")
     with pytest.raises(etl.EtlError, match=r"column 'b0' has type double.*int32\[None, 3\]"):
         etl.predict_file(multi_pool, tmp_path / "floats.csv", tmp_path / "o.csv", columns=columns)
 
@@ -825,3 +825,33 @@ def test_text_outputs_are_parquet_text_unless_a_value_is_not_utf8(echo_model, tm
         want = in_process(echo_model, np.asarray(words, dtype=object))
         assert out.column("echo").to_pylist() == list(want["echo"])
         assert out.column("upper").to_pylist() == list(want["upper"])
+
+
+def test_csv_records_are_split_where_pyarrow_splits_rows(tmp_path):
+    """Each record's own bytes, parsed alone by pyarrow, give its row: with quoted commas,
+    quotes, line breaks in fields, literal quotes inside unquoted fields, \\r\\n, \\r and empty
+    lines, whatever the read size."""
+    rng = np.random.default_rng(5)
+    values = ["x", "", '"q,u"', 'a""b', '"multi\nline"', '"cr\r\nlf"', "01234", 'x"y', '"a""b"']
+    values += ['"x"y', "2024-01-05"]
+    files = [b'\xef\xbb\xbfid,b\r\n1,2\r\n\r\n2,"a,b"\n\n3,"two\nlines"', b"a,b\n1,2\r3,4\r\n5,6"]
+    for _ in range(60):
+        rows = [f"{i},{values[rng.integers(len(values))]}" for i in range(rng.integers(0, 30))]
+        line_break = ["\n", "\r\n"][rng.integers(2)]
+        tail = ["", line_break][rng.integers(2)]
+        files.append(("a,b" + line_break + line_break.join(rows) + tail).encode())
+    path = tmp_path / "in.csv"
+    for data in files:
+        path.write_bytes(data)
+        names = pacsv.read_csv(path).schema.names
+        options = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+        want = pacsv.read_csv(path, convert_options=options).to_pylist()
+        for block in (1, 7, 1 << 20):
+            records = formats.CsvRecords(path, block=block)
+            got = records.take(len(want)).to_pylist()
+            assert records.exhausted()
+            records.close()
+            header = records.header.removeprefix(b"\xef\xbb\xbf")
+            for record, row in zip(got, want, strict=True):
+                alone = pacsv.read_csv(io.BytesIO(header + b"\n" + record), convert_options=options)
+                assert alone.to_pylist() == [row], (data, block, record)
