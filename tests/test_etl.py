@@ -815,6 +815,10 @@ def test_text_outputs_are_parquet_text_unless_a_value_is_not_utf8(echo_model, tm
         assert out.column("upper").to_pylist() == [w.decode() for w in want["upper"]]
         assert out.column("echo").to_pylist() == [w.decode() for w in want["echo"]]
         assert pd.read_parquet(tmp_path / "out.parquet")["upper"][1] == "WöRD 1"
+        etl.predict_file(pool, tmp_path / "in.parquet", tmp_path / "out.csv", chunk_rows=200)
+        with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f))
+        assert [r["upper"] for r in records] == [w.decode() for w in want["upper"]]
 
         words[450] = b"\xff\xfe not utf-8"  # in the third chunk: that output stays bytes
         pq.write_table(pa.table({"text": pa.array(words, pa.binary())}), tmp_path / "in2.parquet")
@@ -825,6 +829,9 @@ def test_text_outputs_are_parquet_text_unless_a_value_is_not_utf8(echo_model, tm
         want = in_process(echo_model, np.asarray(words, dtype=object))
         assert out.column("echo").to_pylist() == list(want["echo"])
         assert out.column("upper").to_pylist() == list(want["upper"])
+        with pytest.raises(etl.EtlError, match=r"column 'text' holds bytes that are not UTF-8"):
+            etl.predict_file(pool, tmp_path / "in2.parquet", tmp_path / "out2.csv")
+        assert not (tmp_path / "out2.csv").exists()
 
 
 def test_csv_records_are_split_where_pyarrow_splits_rows(tmp_path):

@@ -373,11 +373,37 @@ def _unified(schemas: Sequence[Any]) -> Any:
     return pa.schema(fields, metadata=first.metadata)
 
 
+def _as_text(kind: Any) -> Any:
+    """``kind`` with bytes replaced by text, inside lists too."""
+    pa = import_optional("pyarrow")
+    if pa.types.is_binary(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind):
+        return pa.large_string()
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(_as_text(kind.value_type), kind.list_size)
+    if pa.types.is_list(kind):
+        return pa.list_(_as_text(kind.value_type))
+    return kind
+
+
 def _csv_ready(table: Any) -> Any:
-    """List columns as JSON arrays (``[0.25, -1.5]``): CSV has no list type."""
+    """List columns as JSON arrays (``[0.25, -1.5]``): CSV has no list type. Bytes are written
+    as the text they encode; bytes that are not UTF-8 are an ``EtlError`` (CSV holds text)."""
     pa = import_optional("pyarrow")
     for index, field in enumerate(table.schema):
         kind = field.type
+        if _as_text(kind) != kind:
+            try:
+                table = table.set_column(
+                    index, field.name, table.column(index).cast(_as_text(kind))
+                )
+            except pa.ArrowInvalid:
+                raise EtlError(
+                    f"column {field.name!r} holds bytes that are not UTF-8 text, and a CSV file "
+                    "holds text: write Parquet (a binary column) instead"
+                ) from None
+            kind = table.schema.field(index).type
         if (
             pa.types.is_fixed_size_list(kind)
             or pa.types.is_list(kind)
