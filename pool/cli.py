@@ -10,7 +10,8 @@ stdout without starting workers, read from ``saved_model.pb`` without TensorFlow
 - 0: the output is complete;
 - 1: the job failed while running (the model failed to load or raised, an I/O error);
 - 2: the command cannot run as given (bad option, missing input, unknown column, a column that
-  does not fit the model, unwritable output, a resume that does not match), reported in one
+  does not fit the model, a value out of its input's range, an existing output without
+  ``--overwrite``, unwritable output, a resume that does not match), reported in one
   line ``error: ...``, before any worker starts where the check does not need the model;
 - 130 / 143: interrupted by Ctrl-C / SIGTERM; committed chunks are kept for ``--resume``.
 """
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__, etl
-from .argtypes import positive_int
+from .argtypes import non_negative_int, positive_int, seconds
 from .messages import STRING, SignatureInfo, TensorInfo
 from .serve import command as serve_command
 
@@ -71,6 +72,111 @@ def _pairs(values: Sequence[str] | None, option: str) -> Any:
         names = name.split(",")
         mapping[key] = names[0] if len(names) == 1 else names
     return mapping
+
+
+#: The pool's options on the command line: (flag, PredictionPool keyword, type, help). Each
+#: is passed to the pool only when given, so the pool's own defaults (and its refusal of
+#: local-only options on a cluster) stay the one source of truth.
+POOL_OPTIONS: tuple[tuple[str, str, Any, str, str], ...] = (
+    (
+        "--threads-per-worker",
+        "threads_per_worker",
+        positive_int,
+        "N",
+        "TensorFlow intra-op threads per worker (default: 1; keep workers x threads <= cores)",
+    ),
+    (
+        "--inter-op-threads",
+        "inter_op_threads",
+        positive_int,
+        "N",
+        "TensorFlow inter-op threads per worker (default: 1)",
+    ),
+    (
+        "--timeout",
+        "timeout",
+        seconds,
+        "SECONDS",
+        "seconds one model call may run; past it the worker is replaced and the shards retried "
+        "(default: none)",
+    ),
+    (
+        "--max-retries",
+        "max_retries",
+        non_negative_int,
+        "N",
+        "re-runs of a shard whose worker died or timed out (default: 2)",
+    ),
+    (
+        "--max-batch-rows",
+        "max_batch_rows",
+        positive_int,
+        "N",
+        "rows per model call when waiting shards are combined (default: 256)",
+    ),
+    (
+        "--max-batch-bytes",
+        "max_batch_bytes",
+        positive_int,
+        "BYTES",
+        "input bytes per combined model call (default: 4 MiB)",
+    ),
+    (
+        "--batch-timeout-micros",
+        "batch_timeout_micros",
+        non_negative_int,
+        "MICROS",
+        "wait this long for more shards before a smaller model call (default: 0)",
+    ),
+    (
+        "--max-worker-memory",
+        "max_worker_memory",
+        positive_int,
+        "BYTES",
+        "RSS past which a worker is replaced after its model call (default: no limit)",
+    ),
+    (
+        "--max-shards-per-worker",
+        "max_shards_per_worker",
+        positive_int,
+        "N",
+        "shards a worker answers before it is replaced (default: no limit)",
+    ),
+    (
+        "--start-timeout",
+        "start_timeout",
+        seconds,
+        "SECONDS",
+        "seconds the workers have to load the model (default: 600)",
+    ),
+)
+
+
+def add_pool_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """Add the pool's options (``POOL_OPTIONS``, and ``--pin-cpus``) to a command's parser;
+    ``skip`` names flags the command defines its own way. Read them back with
+    :func:`pool_options`."""
+    group = parser.add_argument_group("pool options (see PredictionPool in docs/guide.md)")
+    for flag, dest, kind, metavar, text in POOL_OPTIONS:
+        if flag not in skip:
+            group.add_argument(flag, dest=f"pool_{dest}", type=kind, metavar=metavar, help=text)
+    if "--pin-cpus" not in skip:
+        group.add_argument(
+            "--pin-cpus",
+            dest="pool_pin_cpus",
+            action=argparse.BooleanOptionalAction,
+            help="pin each worker to its own cores (default: where the OS allows it)",
+        )
+
+
+def pool_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The pool options given on the command line, as ``PredictionPool`` keywords."""
+    prefix = "pool_"
+    return {
+        name[len(prefix) :]: value
+        for name, value in vars(args).items()
+        if name.startswith(prefix) and value is not None
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,11 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue an interrupted job into the same OUTPUT"
     )
     predict.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT if it exists (else: exit 2)"
+    )
+    predict.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
         help="no progress bar (it is shown only when stderr is a terminal)",
     )
+    add_pool_options(predict)
     verbosity = predict.add_mutually_exclusive_group()
     verbosity.add_argument(
         "--verbose", "-v", action="count", default=0, help="log progress (-vv: and tracebacks)"
@@ -185,12 +295,14 @@ def _predict(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         max_in_flight=args.max_in_flight,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=args.progress and not args.quiet,
         input_format=args.input_format,
         output_format=args.output_format,
         signature=args.signature,
         model_output=args.model_output,
         **({"cluster": args.cluster} if args.cluster else {}),
+        **pool_options(args),
     )
     if not args.quiet:
         resumed = f", {report.resumed_chunks} chunk(s) resumed" if report.resumed_chunks else ""
@@ -331,6 +443,25 @@ def _per_row(t: TensorInfo) -> str:
     return f"{dims} {what}s per row: a nested list column (Parquet) or a .npy array"
 
 
+def _column_of(t: TensorInfo) -> str:
+    """What column of a Parquet or CSV output this output becomes."""
+    if t.shape is None:
+        return ""
+    rest = list(t.shape[1:])
+    if rest[-1:] == [1]:  # a trailing axis of size 1 is dropped
+        rest = rest[:-1]
+        dropped = " (its axis of size 1 dropped)"
+    else:
+        dropped = ""
+    what = "text" if t.dtype == STRING else "number"
+    if not rest:
+        return f"a {what} column{dropped}"
+    if len(rest) == 1:
+        size = f"of {rest[0]} " if rest[0] is not None else "of "
+        return f"a list column {size}{what}s (CSV: a JSON array){dropped}"
+    return f"a nested list column (CSV: a JSON array){dropped}"
+
+
 def _inspect_text(model: str, source: str, signatures: dict[str, SignatureInfo | None]) -> str:
     how = (
         "read from saved_model.pb, without TensorFlow"
@@ -355,7 +486,7 @@ def _inspect_text(model: str, source: str, signatures: dict[str, SignatureInfo |
                 continue
             width = max(len(t.describe()) for t in tensors)
             for t in tensors:
-                hint = _per_row(t) if side == "inputs" else ""
+                hint = _per_row(t) if side == "inputs" else _column_of(t)
                 lines.append(f"    {t.describe():<{width}}   {hint}".rstrip())
         inputs = [t.name for t in info.inputs or ()]
         if len(inputs) == 1:

@@ -117,23 +117,69 @@ def _check_strings(name: str, array: np.ndarray, expected: str) -> None:
 
 
 def _cast(name: str, array: np.ndarray, spec: TensorInfo, expected: str) -> np.ndarray:
-    want = spec.numpy_dtype
-    if array.dtype == want:
+    return cast_values(name, array, spec.numpy_dtype, expected)
+
+
+def cast_values(
+    name: str, array: np.ndarray, want: np.dtype, expected: str = "", first_row: int = 0
+) -> np.ndarray:
+    """``array`` as ``want``: the one casting rule for every way inputs arrive (Python API,
+    files, data frames, the server).
+
+    A cast NumPy calls safe is done as is. Otherwise, values are checked rather than types:
+
+    - integers into a narrower integer dtype (int64 -> int32, int -> uint8, ...) when every
+      value is in the target's range;
+    - integers into a float dtype when every value is exact there (magnitude at most 2**24
+      for float32, 2**53 for float64, 2**11 for float16);
+    - floats into a narrower float dtype (float64 -> float32), rounded to nearest as NumPy
+      does, when no finite value becomes infinite (NaN and infinities pass as they are;
+      ``check_finite`` is what refuses them).
+
+    A value that does not fit raises ``ValueError`` naming it and its row (counted from
+    ``first_row``); a dtype that never fits (text, float -> int, complex) raises ``TypeError``.
+    """
+    have = array.dtype
+    if have == want:
         return array
-    if array.dtype.kind in "OSU":
-        raise TypeError(
-            f"input {name!r}: expected {want.name}, got {array.dtype} values. "
-            f"Expected signature: {expected}"
-        )
-    # Safe casts, plus float -> narrower float (float64 images into a float32 model).
-    if np.can_cast(array.dtype, want, casting="safe") or (
-        array.dtype.kind == "f" and want.kind == "f"
-    ):
+    tail = f". Expected signature: {expected}" if expected else ""
+    if have.kind in "OSU":
+        raise TypeError(f"input {name!r}: expected {want.name}, got {have} values{tail}")
+    if np.can_cast(have, want, casting="safe"):
         return array.astype(want)
-    raise TypeError(
-        f"input {name!r}: expected {want.name}, got {array.dtype}, which cannot be cast safely "
-        f"to {want.name}. Expected signature: {expected}"
-    )
+    if have.kind in "iu" and want.kind in "iu":
+        info, own = np.iinfo(want), np.iinfo(have)
+        low, high = max(info.min, own.min), min(info.max, own.max)
+        bad = (array < np.asarray(low, have)) | (array > np.asarray(high, have))
+        rule = f"{want.name} values in [{info.min}, {info.max}]"
+        cast = None
+    elif have.kind in "iu" and want.kind == "f":
+        limit = 2 ** (np.finfo(want).nmant + 1)
+        bad = (array < -limit) | (array > limit) if have.kind == "i" else array > limit
+        rule = (
+            f"integers of magnitude at most 2**{np.finfo(want).nmant + 1}, which {want.name} "
+            "holds exactly"
+        )
+        cast = None
+    elif have.kind == "f" and want.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = array.astype(want)
+        bad = np.isinf(cast) & np.isfinite(array)
+        rule = f"{want.name} values, at most {np.finfo(want).max:.8g} in magnitude"
+    else:
+        raise TypeError(
+            f"input {name!r}: expected {want.name}, got {have}, which cannot be cast safely "
+            f"to {want.name}{tail}"
+        )
+    if bad.any():
+        per_row = bad.reshape(len(array), -1).any(axis=1) if array.ndim else bad.reshape(1)
+        rows = np.flatnonzero(per_row)
+        value = array[np.unravel_index(int(np.argmax(bad)), array.shape)].item()
+        raise ValueError(
+            f"input {name!r}: expected {rule}, got {value!r} ({have}) in row "
+            f"{first_row + int(rows[0])} ({len(rows)} row(s) out of range){tail}"
+        )
+    return array.astype(want) if cast is None else cast
 
 
 def prepare(
@@ -237,12 +283,14 @@ def gather(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def unwrap(outputs: dict[str, np.ndarray], signature: SignatureInfo) -> Any:
-    """A bare array for a single-output signature, else the dict."""
+    """A bare array for a single-output signature, else the dict, its keys in the signature's
+    order (by name) on every call, whatever order the model returned them in."""
     if signature.single_output is not None:
         return outputs[signature.single_output]
     if signature.outputs is None and list(outputs) == [DEFAULT_OUTPUT]:
         return outputs[DEFAULT_OUTPUT]
-    return outputs
+    declared = [t.name for t in signature.outputs or () if t.name in outputs]
+    return {name: outputs[name] for name in [*declared, *sorted(set(outputs) - set(declared))]}
 
 
 def describe_model(model: object) -> str:

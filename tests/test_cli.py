@@ -77,6 +77,9 @@ def check_output(models, path: Path, rows: int, column: str = "embedding") -> No
     for group in range(source.num_row_groups):
         table = source.read_row_group(group)
         ids = table.column("id").to_numpy()
+        if ids.dtype == object:  # from a CSV input: the id's text, as written
+            assert ids.tolist() == [str(i) for i in range(at, at + table.num_rows)]
+            ids = ids.astype(np.int64)
         np.testing.assert_array_equal(ids, np.arange(at, at + table.num_rows))
         want_text = texts(at + table.num_rows, at)
         assert table.column("text").to_pylist() == want_text
@@ -177,8 +180,8 @@ def test_inspect_shows_what_to_pass_to_column(models, capsys, no_workers):
         "    b: int32[None, 3]     3 int32 values per row: a list column of 3, or 3 columns: "
         "b=C1,C2,C3",
         "  outputs:",
-        "    logits: float32[None, 5]",
-        "    sum: float32[None, 1]",
+        "    logits: float32[None, 5]   a list column of 5 numbers (CSV: a JSON array)",
+        "    sum: float32[None, 1]      a number column (its axis of size 1 dropped)",
         "  predict: python -m pool predict MODEL -i IN -o OUT --column a=COLUMN --column b=COLUMN",
         "           (without --column: the columns named 'a' and 'b')",
         "",
@@ -195,7 +198,7 @@ def test_inspect_shows_what_to_pass_to_column(models, capsys, no_workers):
         "  inputs:",
         "    text: string[None]   one text per row: a string column",
         "  outputs:",
-        "    embedding: float32[None, 64]",
+        "    embedding: float32[None, 64]   a list column of 64 numbers (CSV: a JSON array)",
         "  predict: python -m pool predict MODEL -i IN -o OUT --column COLUMN",
         "           (without --column: the column named 'text', or the only column)",
     ]
@@ -497,4 +500,116 @@ def test_progress_bar_on_a_terminal_and_never_on_stdout(models, tmp_path):
     assert process.returncode == 0, text
     assert out == b""
     assert "rows/s" in text and "60.0k/60.0k" in text and "100%" in text, text
+    assert pq.read_schema(target).field("id").type == pa.string()  # not read by the model
     check_output(models, target, rows, column="vector")
+
+
+# --- issue 17: existing outputs, one --column among several inputs, the pool's options ---------
+
+
+def test_an_existing_output_needs_overwrite_and_one_column_leaves_the_rest_to_names(
+    models, tmp_path, capsys, monkeypatch
+):
+    rng = np.random.default_rng(11)
+    a = rng.normal(size=(300, 4)).astype(np.float32)
+    b = rng.integers(-50, 50, size=(300, 3))  # int64 into the int32 input
+    values = {"x": a, "b": b}
+    table = pa.table(
+        {
+            k: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+            for k, v in values.items()
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    (tmp_path / "out.csv").write_text("keep me\n")
+    argv = [
+        "predict",
+        models["multi_io"],
+        "-i",
+        tmp_path / "in.parquet",
+        "-o",
+        tmp_path / "out.csv",
+    ]
+    argv += ["--column", "a=x"]  # b: the column named b
+
+    def start(self):
+        raise AssertionError("a worker was started")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(PredictionPool, "start", start)
+        assert cli.main([str(v) for v in argv]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(
+        r"error: output '.*out\.csv' already exists; pass overwrite=True / --overwrite to "
+        r"replace it",
+        lines[0],
+    )
+    assert (tmp_path / "out.csv").read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out.csv"]
+
+    options = ["--overwrite", "--workers", "1", "--threads-per-worker", "1", "--timeout", "120"]
+    options += ["--max-retries", "1", "--max-batch-rows", "64", "--max-batch-bytes", "65536"]
+    done = subprocess.run(
+        command(*argv, *options, "--quiet"),
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    want = in_process(models["multi_io"], {"a": a, "b": b.astype(np.int32)})
+    out = pacsv.read_csv(tmp_path / "out.csv")
+    assert out.column_names == ["x", "b", "logits", "sum"]
+    assert out.schema.field("sum").type == pa.float64()  # a number column, not "[0.25]"
+    got_sum = out.column("sum").to_numpy().astype(np.float32)
+    np.testing.assert_allclose(got_sum[:, None], want["sum"], rtol=1e-6)
+    logits = np.array([json.loads(v) for v in out.column("logits").to_pylist()], np.float32)
+    np.testing.assert_allclose(logits, want["logits"], rtol=1e-6)
+
+
+def test_predict_passes_the_pools_options(monkeypatch, tmp_path, capsys):
+    seen: dict = {}
+
+    def predict_file(model, input, output, **kwargs):
+        seen.update(kwargs)
+        raise cli.etl.EtlError("stop here")
+
+    monkeypatch.setattr(cli.etl, "predict_file", predict_file)
+    argv = ["predict", "m", "-i", "in.parquet", "-o", "out.parquet", "--threads-per-worker", "2"]
+    argv += ["--inter-op-threads", "2", "--timeout", "2.5", "--max-retries", "0"]
+    argv += ["--max-batch-rows", "32", "--max-batch-bytes", "1000", "--batch-timeout-micros", "5"]
+    argv += ["--max-worker-memory", "1000000", "--max-shards-per-worker", "9"]
+    argv += ["--start-timeout", "30", "--no-pin-cpus"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "error: stop here\n"
+    assert {k: seen[k] for k in seen if k not in ("columns", "output_column")} == {
+        "workers": None,
+        "shard_size": None,
+        "chunk_rows": None,
+        "max_in_flight": None,
+        "resume": False,
+        "overwrite": False,
+        "progress": True,
+        "input_format": None,
+        "output_format": None,
+        "signature": "serving_default",
+        "model_output": None,
+        "threads_per_worker": 2,
+        "inter_op_threads": 2,
+        "timeout": 2.5,
+        "max_retries": 0,
+        "max_batch_rows": 32,
+        "max_batch_bytes": 1000,
+        "batch_timeout_micros": 5,
+        "max_worker_memory": 1_000_000,
+        "max_shards_per_worker": 9,
+        "start_timeout": 30.0,
+        "pin_cpus": False,
+    }
+    seen.clear()
+    assert cli.main(["predict", "m", "-i", "in.parquet", "-o", "out.parquet"]) == 2
+    assert "threads_per_worker" not in seen and "pin_cpus" not in seen  # the pool's defaults
+    capsys.readouterr()
+    assert cli.main([*argv[:6], "--timeout", "0"]) == 2
+    assert "argument --timeout: expected seconds > 0, got '0'" in capsys.readouterr().err

@@ -379,7 +379,8 @@ def test_dask_dataframe_helper_several_inputs_and_outputs(client, models):
         assert list(lazy.columns) == ["a", "b", "logits", "total"]
         out = client.compute(lazy).result(timeout=120)
     want = in_process(models["multi_io"], {"a": a, "b": b})
-    assert_rows_equal(np.stack(list(out["total"])), want["sum"])
+    assert out["total"].dtype == np.float32  # [N, 1]: a number column
+    assert_rows_equal(out["total"].to_numpy()[:, None], want["sum"])
     assert_rows_equal(np.stack(list(out["logits"])), want["logits"])
 
 
@@ -536,3 +537,26 @@ def test_the_client_never_imports_tensorflow(cluster, models):
 def test_pin_cpus_is_refused_with_a_cluster(models):
     with pytest.raises(ValueError, match="pin_cpus does not apply with cluster="):
         PredictionPool(models["small_cnn"], cluster="tcp://127.0.0.1:1", pin_cpus=True)
+
+
+def test_map_partitions_computes_on_a_pool_given_the_cluster_object(cluster):
+    """``cluster=LocalCluster`` is the same as ``cluster=client``: a plain ``.compute()`` of
+    ``map_partitions`` runs on the pool's cluster (its client is the default one while the pool
+    runs, there being no other), and stops doing so when the pool shuts down."""
+    local, _ = cluster
+    with pytest.raises(ValueError):
+        distributed.default_client()  # the module's client is not the default one
+    x = np.arange(40, dtype=np.float64)
+    ddf = dd.from_pandas(pd.DataFrame({"x": x}), npartitions=4)
+    meta = pd.DataFrame({"x": x[:0], "doubled": x[:0]})
+    with PredictionPool(factories.plain_double, cluster=local) as pool:
+        lazy = pool_cluster.map_partitions(
+            ddf, pool, columns="x", output_column="doubled", meta=meta
+        )
+        out = lazy.compute()
+        assert distributed.default_client() is pool.backend.client
+    want = factories.plain_double()(x)  # the model in-process
+    np.testing.assert_array_equal(out["x"].to_numpy(), x)
+    np.testing.assert_array_equal(out["doubled"].to_numpy(), want)
+    with pytest.raises(ValueError):
+        distributed.default_client()  # closed with the pool: no default left behind

@@ -23,6 +23,7 @@ from pool.etl import formats
 pd = pytest.importorskip("pandas")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
+pacsv = pytest.importorskip("pyarrow.csv")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -202,8 +203,10 @@ def test_frame_errors_name_the_column(text_pool, multi_pool):
         etl.predict(text_pool, np.array(["a"], dtype=object), columns="text")
     with pytest.raises(etl.EtlError, match=r"has 2 inputs.*columns=\{'a'"):
         etl.predict(multi_pool, pd.DataFrame({"x": [[0.0] * 4]}), columns="x")
-    with pytest.raises(etl.EtlError, match=r"unknown inputs \['c'\], unmapped inputs \['b'\]"):
+    with pytest.raises(etl.EtlError, match=r"names inputs the model does not have: \['c'\]"):
         etl.predict(multi_pool, pd.DataFrame({"x": [[0.0] * 4]}), columns={"a": "x", "c": "x"})
+    with pytest.raises(etl.EtlError, match=r"no column for the model's input 'b'"):
+        etl.predict(multi_pool, pd.DataFrame({"x": [[0.0] * 4]}), columns={"a": "x"})
     ragged = pa.table({"a": [[0.0] * 4, [0.0] * 3], "b": [[1, 2, 3], [1, 2, 3]]})
     with pytest.raises(etl.EtlError, match=r"column 'a' holds lists of different lengths"):
         etl.predict(multi_pool, ragged)
@@ -266,7 +269,8 @@ def test_map_batches_several_outputs(multi_pool, models):
     ]
     out = pd.concat(etl.map_batches(multi_pool, frames, output_column={"sum": "total"}))
     assert list(out.columns) == ["a", "b", "logits", "total"]
-    assert_rows_equal(stacked(out["total"]), want["sum"])
+    assert out["total"].dtype == np.float32  # [N, 1]: a column of numbers, not of arrays
+    assert_rows_equal(out["total"].to_numpy()[:, None], want["sum"])
     assert_rows_equal(stacked(out["logits"]), want["logits"])
     with pytest.raises(etl.EtlError, match=r"has 2 outputs \['logits', 'sum'\]"):
         list(etl.map_batches(multi_pool, frames, output_column="x"))
@@ -408,7 +412,8 @@ def test_multi_io_files(multi_pool, models, tmp_path):
     out = pq.read_table(tmp_path / "out.parquet")
     assert out.column_names == ["x", "b", "logits", "sum"]
     assert_rows_equal(stacked(out.column("logits")), want["logits"])
-    assert_rows_equal(stacked(out.column("sum")), want["sum"])
+    assert out.schema.field("sum").type == pa.float32()  # [N, 1]: a number column
+    assert_rows_equal(out.column("sum").to_numpy()[:, None], want["sum"])
     with pytest.raises(etl.EtlError, match=r"a \.npy output holds one array.*\['logits', 'sum'\]"):
         etl.predict_file(
             multi_pool, tmp_path / "in.parquet", tmp_path / "o.npy", columns={"a": "x", "b": "b"}
@@ -641,3 +646,219 @@ def test_the_complete_etl_script_in_the_docs_works(text_pool, models, tmp_path, 
     want = embeddings(models, source.column("text").to_pylist())
     assert_rows_equal(stacked(out.column("embedding")), want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "reviews.parquet"]
+
+
+# --- issue 17: data kept as it is, inputs cast by value, one column per output -----------------
+
+
+def test_csv_columns_the_model_does_not_read_are_kept_byte_for_byte(text_pool, models, tmp_path):
+    rows = texts(2500)
+    rows[3] = 'said "hi", then left'
+    rows[4] = "two\r\nlines"
+    lines = [b"id,zip,when,flag,price,text,note"]
+    for i, text in enumerate(rows):
+        quoted = '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
+        flag = "true" if i % 2 else "FALSE"
+        line = f'{i:05d},0{i % 7}123,2024-01-{i % 28 + 1:02d},{flag},{i}.50,{quoted},"plain"'
+        lines.append(line.encode())
+    (tmp_path / "in.csv").write_bytes(b"\r\n".join(lines) + b"\r\n")
+    want = embeddings(models, rows)
+
+    etl.predict_file(
+        text_pool, tmp_path / "in.csv", tmp_path / "out.csv", chunk_rows=1000, shard_size=256
+    )
+    out = (tmp_path / "out.csv").read_bytes()
+    assert out.startswith(lines[0] + b",embedding\r\n")
+    at = 0
+    for line in lines:  # each input record's own bytes, then its prediction
+        assert out.startswith(line + b",", at), (line, out[at : at + len(line) + 20])
+        at = out.index(b"\r\n", at + len(line)) + 2
+    assert at == len(out)
+    records = list(csv.reader(io.StringIO(out.decode(), newline="")))[1:]
+    assert [r[5] for r in records] == rows
+    assert_rows_equal(np.array([json.loads(r[-1]) for r in records], np.float32), want)
+
+    etl.predict_file(text_pool, tmp_path / "in.csv", tmp_path / "out.parquet", chunk_rows=1000)
+    table = pq.read_table(tmp_path / "out.parquet")
+    for column in ("id", "zip", "when", "flag", "price", "note"):
+        assert table.schema.field(column).type == pa.string(), column  # the text, as written
+    assert table.column("id").to_pylist()[:2] == ["00000", "00001"]
+    assert table.column("zip").to_pylist()[:2] == ["00123", "01123"]
+    assert table.column("when").to_pylist()[0] == "2024-01-01"
+    assert table.column("flag").to_pylist()[:2] == ["FALSE", "true"]
+    assert table.column("price").to_pylist()[:2] == ["0.50", "1.50"]
+    assert table.column("text").to_pylist() == rows
+    assert_rows_equal(stacked(table.column("embedding")), want)
+
+
+def test_an_existing_output_is_refused_unless_overwrite_or_the_same_jobs_resume(
+    text_pool, models, tmp_path
+):
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    pq.write_table(pa.table({"text": texts(100)}), source)
+    output.write_bytes(b"someone else's file")
+    with pytest.raises(
+        etl.EtlError, match=r"output '.*out\.parquet' already exists; pass overwrite=True"
+    ):
+        etl.predict_file(text_pool, source, output)
+    assert output.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out.parquet"]
+    etl.predict_file(text_pool, source, output, overwrite=True)
+    assert_rows_equal(
+        stacked(pq.read_table(output).column("embedding")), embeddings(models, texts(100))
+    )
+
+    # A job that overwrites, stopped by a bad row after two committed chunks...
+    rows: list[str | None] = list(texts(6000))
+    rows[5000] = None
+    pq.write_table(pa.table({"text": rows}), source, row_group_size=1000)
+    first = output.read_bytes()
+    job = dict(chunk_rows=2048, shard_size=512)
+    with pytest.raises(etl.EtlError, match=r"null value\(s\), the first at row 5000"):
+        etl.predict_file(text_pool, source, output, overwrite=True, **job)
+    staging = tmp_path / ".out.parquet.partial"
+    committed = sorted(p.name for p in staging.glob("part-*"))
+    assert len(committed) == 2 and output.read_bytes() == first
+    # ...is refused without overwrite (its chunks kept), and resumed without it.
+    with pytest.raises(etl.EtlError, match=r"already exists"):
+        etl.predict_file(text_pool, source, output, **job)
+    assert sorted(p.name for p in staging.glob("part-*")) == committed
+    with pytest.raises(etl.EtlError, match=r"null value\(s\), the first at row 5000"):
+        etl.predict_file(text_pool, source, output, resume=True, **job)
+
+
+def test_integer_columns_feed_narrower_inputs_by_value(multi_pool, models, tmp_path):
+    rng = np.random.default_rng(17)
+    a = rng.integers(-1000, 1000, size=(1500, 4))  # int64: into the float32 input, exact
+    b = rng.integers(-(2**31), 2**31, size=(1500, 3))  # int64 in int32's range
+    want = in_process(models["multi_io"], {"a": a.astype(np.float32), "b": b.astype(np.int32)})
+    parquet = pa.table({"a": etl.arrow_column(a), "b": etl.arrow_column(b)})
+    assert parquet.schema.field("b").type == pa.list_(pa.int64(), 3)
+    pq.write_table(parquet, tmp_path / "in.parquet", row_group_size=400)
+    etl.predict_file(multi_pool, tmp_path / "in.parquet", tmp_path / "out.parquet")
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out.schema.field("b").type == pa.list_(pa.int64(), 3)  # the input's type, kept
+    assert out.schema.field("sum").type == pa.float32()
+    assert_rows_equal(out.column("sum").to_numpy()[:, None], want["sum"])
+    assert_rows_equal(stacked(out.column("logits")), want["logits"])
+
+    names = [f"a{i}" for i in range(4)] + [f"b{i}" for i in range(3)]
+    flat = pa.table(dict(zip(names, [*a.T, *b.T], strict=True)))
+    pacsv.write_csv(flat, tmp_path / "in.csv")
+    columns = {"a": names[:4], "b": names[4:]}
+    etl.predict_file(multi_pool, tmp_path / "in.csv", tmp_path / "out.csv", columns=columns)
+    with open(tmp_path / "out.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    assert [[int(r[n]) for n in names] for r in records] == np.hstack([a, b]).tolist()
+    got_sum = np.array([float(r["sum"]) for r in records], np.float32)  # a number, not "[x]"
+    assert_rows_equal(got_sum[:, None], want["sum"])
+
+    b[1234, 1] = 2**31  # out of int32's range: refused, naming the file's row
+    flat = pa.table(dict(zip(names, [*a.T, *b.T], strict=True)))
+    pacsv.write_csv(flat, tmp_path / "big.csv")
+    with pytest.raises(
+        etl.EtlError, match=r"columns \['b0', 'b1', 'b2'\] does not fit.*2147483648.*row 1234"
+    ):
+        etl.predict_file(
+            multi_pool, tmp_path / "big.csv", tmp_path / "o.csv", columns=columns, chunk_rows=500
+        )
+    floats = flat.set_column(4, "b0", pa.array(b[:, 0] + 0.5))
+    pacsv.write_csv(floats, tmp_path / "floats.csv")
+    with pytest.raises(etl.EtlError, match=r"column 'b0' has type double.*int32\[None, 3\]"):
+        etl.predict_file(multi_pool, tmp_path / "floats.csv", tmp_path / "o.csv", columns=columns)
+
+
+def test_inputs_not_named_in_columns_fall_back_to_their_columns(multi_pool, models, tmp_path):
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(50, 4)).astype(np.float32)
+    b = rng.integers(0, 9, size=(50, 3)).astype(np.int32)
+    want = in_process(models["multi_io"], {"a": a, "b": b})
+    frame = pd.DataFrame({"x": list(a), "b": list(b)})
+    assert_rows_equal(etl.predict(multi_pool, frame, columns={"a": "x"}), want)
+    table = pa.table({"x": etl.arrow_column(a), "b": etl.arrow_column(b)})
+    pq.write_table(table, tmp_path / "in.parquet")
+    etl.predict_file(
+        multi_pool, tmp_path / "in.parquet", tmp_path / "o.parquet", columns={"a": "x"}
+    )
+    assert_rows_equal(
+        stacked(pq.read_table(tmp_path / "o.parquet").column("logits")), want["logits"]
+    )
+
+
+@pytest.fixture(scope="module")
+def echo_model(tmp_path_factory) -> str:
+    """A SavedModel with text outputs: ``text`` string [N] -> ``echo`` (the same bytes) and
+    ``upper`` (tf.strings.upper), string [N]."""
+    import tensorflow as tf
+
+    module = tf.Module()
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def serve(text):
+        return {"echo": tf.identity(text), "upper": tf.strings.upper(text)}
+
+    path = str(tmp_path_factory.mktemp("echo") / "model")
+    tf.saved_model.save(module, path, signatures={"serving_default": serve})
+    return path
+
+
+def test_text_outputs_are_parquet_text_unless_a_value_is_not_utf8(echo_model, tmp_path):
+    words = [f"wörd {i}".encode() for i in range(600)]
+    pq.write_table(pa.table({"text": pa.array(words, pa.binary())}), tmp_path / "in.parquet")
+    with PredictionPool(echo_model, workers=1) as pool:
+        etl.predict_file(pool, tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=200)
+        out = pq.read_table(tmp_path / "out.parquet")
+        assert out.schema.field("text").type == pa.binary()  # the input's type, kept
+        assert out.schema.field("echo").type == pa.string()
+        assert out.schema.field("upper").type == pa.string()
+        want = in_process(echo_model, np.asarray(words, dtype=object))
+        assert out.column("upper").to_pylist() == [w.decode() for w in want["upper"]]
+        assert out.column("echo").to_pylist() == [w.decode() for w in want["echo"]]
+        assert pd.read_parquet(tmp_path / "out.parquet")["upper"][1] == "WöRD 1"
+        etl.predict_file(pool, tmp_path / "in.parquet", tmp_path / "out.csv", chunk_rows=200)
+        with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f))
+        assert [r["upper"] for r in records] == [w.decode() for w in want["upper"]]
+
+        words[450] = b"\xff\xfe not utf-8"  # in the third chunk: that output stays bytes
+        pq.write_table(pa.table({"text": pa.array(words, pa.binary())}), tmp_path / "in2.parquet")
+        etl.predict_file(pool, tmp_path / "in2.parquet", tmp_path / "out2.parquet", chunk_rows=200)
+        out = pq.read_table(tmp_path / "out2.parquet")
+        assert out.schema.field("echo").type == pa.binary()
+        assert out.schema.field("upper").type == pa.binary()
+        want = in_process(echo_model, np.asarray(words, dtype=object))
+        assert out.column("echo").to_pylist() == list(want["echo"])
+        assert out.column("upper").to_pylist() == list(want["upper"])
+        with pytest.raises(etl.EtlError, match=r"column 'text' holds bytes that are not UTF-8"):
+            etl.predict_file(pool, tmp_path / "in2.parquet", tmp_path / "out2.csv")
+        assert not (tmp_path / "out2.csv").exists()
+
+
+def test_csv_records_are_split_where_pyarrow_splits_rows(tmp_path):
+    """Each record's own bytes, parsed alone by pyarrow, give its row: with quoted commas,
+    quotes, line breaks in fields, literal quotes inside unquoted fields, \\r\\n, \\r and empty
+    lines, whatever the read size."""
+    rng = np.random.default_rng(5)
+    values = ["x", "", '"q,u"', 'a""b', '"multi\nline"', '"cr\r\nlf"', "01234", 'x"y', '"a""b"']
+    values += ['"x"y', "2024-01-05"]
+    files = [b'\xef\xbb\xbfid,b\r\n1,2\r\n\r\n2,"a,b"\n\n3,"two\nlines"', b"a,b\n1,2\r3,4\r\n5,6"]
+    for _ in range(60):
+        rows = [f"{i},{values[rng.integers(len(values))]}" for i in range(rng.integers(0, 30))]
+        line_break = ["\n", "\r\n"][rng.integers(2)]
+        tail = ["", line_break][rng.integers(2)]
+        files.append(("a,b" + line_break + line_break.join(rows) + tail).encode())
+    path = tmp_path / "in.csv"
+    for data in files:
+        path.write_bytes(data)
+        names = pacsv.read_csv(path).schema.names
+        options = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+        want = pacsv.read_csv(path, convert_options=options).to_pylist()
+        for block in (1, 7, 1 << 20):
+            records = formats.CsvRecords(path, block=block)
+            got = records.take(len(want)).to_pylist()
+            assert records.exhausted()
+            records.close()
+            header = records.header.removeprefix(b"\xef\xbb\xbf")
+            for record, row in zip(got, want, strict=True):
+                alone = pacsv.read_csv(io.BytesIO(header + b"\n" + record), convert_options=options)
+                assert alone.to_pylist() == [row], (data, block, record)

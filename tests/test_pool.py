@@ -639,3 +639,62 @@ def test_shutdown_returns_once_the_callbacks_of_answered_calls_have_run():
         for future in futures:
             future.add_done_callback(slow_callback)
     assert ran == ["pool-callbacks"] * 3  # shutdown drained the calls, then their callbacks
+
+
+# --- casting by value (issue 17 item 3, issue 19) ----------------------------------------------
+def test_python_integers_reach_an_int32_input_and_out_of_range_rows_are_named(multi_pool, models):
+    a = [[0.5, -1.0, 2.0, 0.25], [1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]]
+    b = [[1, 2, 3], [-7, 0, 2_147_483_647], [4, 5, 6]]  # Python ints: int64 arrays
+    want = in_process(
+        models["multi_io"], {"a": np.asarray(a, np.float32), "b": np.asarray(b, np.int32)}
+    )
+    assert_rows_equal(multi_pool.predict({"a": a, "b": b}), want)
+    unsigned = np.abs(np.asarray(b)).astype(np.uint64)
+    want_unsigned = in_process(
+        models["multi_io"], {"a": np.asarray(a, np.float32), "b": unsigned.astype(np.int32)}
+    )
+    assert_rows_equal(multi_pool.predict({"a": a, "b": unsigned}), want_unsigned)
+    ints = [[1, 2, 3, 4], [-5, 0, 16_777_216, 7]]  # integers into the float32 input: exact
+    want = in_process(
+        models["multi_io"], {"a": np.asarray(ints, np.float32), "b": np.asarray(b[:2], np.int32)}
+    )
+    assert_rows_equal(multi_pool.predict({"a": ints, "b": b[:2]}), want)
+    with pytest.raises(
+        ValueError,
+        match=r"int32 values in \[-2147483648, 2147483647\], got "
+        r"2147483648 \(int64\) in row 2",
+    ):
+        multi_pool.predict({"a": a, "b": [[1, 2, 3], [4, 5, 6], [7, 2**31, -(2**31) - 1]]})
+    with pytest.raises(ValueError, match=r"input 'a'.*got 16777217 \(int64\) in row 1"):
+        multi_pool.predict({"a": [[0, 0, 0, 0], [16_777_217, 0, 0, 0]], "b": b[:2]})
+    with pytest.raises(TypeError, match=r"expected int32, got float64, which cannot be cast"):
+        multi_pool.predict({"a": a, "b": np.asarray(b, np.float64)})
+
+
+def test_float64_beyond_float32_is_refused_with_its_row_not_made_infinite(models):
+    """Up to float32's largest value (and what rounds to it), float64 casts as before; a finite
+    value that float32 would make infinite is an error naming its row."""
+    top = float(np.finfo(np.float32).max)
+    fits = np.array(
+        [[top, -top, np.nextafter(top, np.inf), 1e-300], [1.5, np.nan, np.inf, -np.inf]]
+    )
+    with PredictionPool(models["multi_io"], workers=1, signature="scaled") as pool:
+        got = pool.predict(fits)
+        want = in_process(models["multi_io"], {"a": fits.astype(np.float32)}, "scaled")["scaled"]
+        assert_rows_equal(got, want)
+        assert np.isinf(got[0, :3]).all() and np.isinf(want[0, :3]).all()  # doubled: inf in TF
+        too_big = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [0.0, -3.5e38, 0, 0]])
+        with pytest.raises(ValueError, match=r"input 'a'.*got -3\.5e\+38 \(float64\) in row 2"):
+            pool.predict(too_big)
+        with pytest.raises(ValueError, match=r"in row 0"):
+            pool.predict([[1e39, 0.0, 0.0, 0.0]])
+
+
+def test_dict_outputs_come_in_the_signatures_order(multi_pool):
+    x = {"a": np.zeros((5, 4), np.float32), "b": np.zeros((5, 3), np.int32)}
+    names = [t.name for t in multi_pool.signature.outputs]
+    assert names == ["logits", "sum"]
+    for rows in (1, 2, 5):
+        part = {k: v[:rows] for k, v in x.items()}
+        assert list(multi_pool.predict(part, shard_size=2)) == names
+        assert list(multi_pool.submit(part).result()) == names

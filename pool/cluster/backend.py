@@ -37,7 +37,7 @@ from functools import partial
 from typing import Any
 
 import psutil
-from distributed import Client
+from distributed import Client, default_client
 from distributed.scheduler import KilledWorker
 
 from ..backend import Settings
@@ -59,11 +59,16 @@ MAX_SUSPECT_ROUNDS = 5
 
 def connect(cluster: Any) -> tuple[Client, bool]:
     """``(client, owned)`` for ``cluster=``: a Client as given (not owned), or a new Client to a
-    scheduler address or a cluster object (owned: closed by the pool's shutdown)."""
+    scheduler address or a cluster object (owned: closed by the pool's shutdown).
+
+    A new Client becomes the process's default Dask client when there is none, as
+    ``Client(cluster)`` would: ``map_partitions(...).compute()`` then runs on the pool's
+    cluster, as it does with ``cluster=client``. It stops being the default when the pool
+    shuts down (the Client is closed); an existing default client is left as it is."""
     if isinstance(cluster, Client):
         return cluster, False
     if isinstance(cluster, str) or hasattr(cluster, "scheduler_address"):
-        return Client(cluster, set_as_default=False), True
+        return Client(cluster, set_as_default=_default_client() is None), True
     if hasattr(cluster, "get_client"):
         return cluster.get_client(), False
     raise TypeError(
@@ -71,6 +76,13 @@ def connect(cluster: Any) -> tuple[Client, bool]:
         "'tcp://10.0.0.5:8786', or a cluster object (LocalCluster, KubeCluster, ...), "
         f"got {type(cluster).__name__}"
     )
+
+
+def _default_client() -> Client | None:
+    try:
+        return default_client()
+    except ValueError:  # no default client
+        return None
 
 
 def check_options(settings: Settings) -> None:

@@ -17,13 +17,15 @@ In memory (:func:`predict`, :func:`submit`, :func:`map_batches`; any :class:`Pre
     DataFrame / Series / RecordBatch / Table / Arrow array
       ▼ to_inputs             columns -> {model input: ndarray}, each checked against its input
       ▼ pool.submit / imap    NumPy only; at most max_in_flight shards ahead, in input order
-      ▼ with_predictions      one new column per output (vectors: list / fixed-size-list column)
+      ▼ with_predictions      one new column per output (vectors: list / fixed-size-list column;
+                              [N, 1]: a number column; UTF-8 bytes: text)
     each batch, with its predictions, in input order
 
 A file job (:func:`predict_file` and ``python -m pool predict``)::
 
     files.predict_file        check arguments; peek_signature checks columns before any worker
-      ▼ formats.open_source   Parquet row groups / CSV blocks / .npy memory map, a batch at a time
+      ▼ formats.open_source   Parquet row groups / CSV blocks (+ each record's own bytes for a
+                              CSV output) / .npy memory map, a batch at a time
       ▼ files._pieces         <= shard_size rows each, never across a chunk boundary
       ▼ PredictionPool.imap   (files._Job._stream)
       ▼ chunk_rows output rows ──Staging.commit──▶ .OUT.partial/part-000007-65536.parquet

@@ -205,6 +205,19 @@ class _Job:
             c for name, source in sources.items() if name in text for c in source_columns(source)
         ]
 
+    def _text_columns(self, sources: Mapping[str, Any], signature: SignatureInfo) -> list[str]:
+        """The CSV columns read as text: all but those feeding a numeric input, so a column
+        the model does not read keeps its text (``01234`` stays ``01234``, dates stay as
+        written) in a CSV or Parquet output."""
+        specs = {t.name: t for t in signature.inputs or ()}
+        numeric = {
+            column
+            for name, source in sources.items()
+            if specs.get(name) is None or specs[name].dtype != STRING
+            for column in source_columns(source)
+        }
+        return [c for c in self.source.schema.names if c not in numeric]
+
     def run(
         self,
         pool: PredictionPool,
@@ -215,7 +228,7 @@ class _Job:
         started = time.perf_counter()
         signature = pool.signature
         sources, named = self.check(signature)
-        strings = self._string_columns(sources, signature)
+        strings = self._text_columns(sources, signature)
         sample = next(self.source.batches(0, SAMPLE_ROWS, strings), None)
         if sample is not None:
             try:
@@ -295,8 +308,17 @@ class _Job:
         """Predict rows ``start..`` and commit them chunk by chunk; return (chunks, end row)."""
         window: deque[tuple[int, Any]] = deque()
 
+        keep_text = self.source.format == "csv" and self.sink.format == "csv"
+        if keep_text:
+            self.sink.keep_text(*self.source.text_header())
+
         def feed() -> Iterator[dict[str, np.ndarray]]:
-            pieces = _pieces(self.source.batches(start, shard, strings), start, shard, chunk_rows)
+            batches = (
+                self.source.batches(start, shard, strings, records=True)
+                if keep_text
+                else self.source.batches(start, shard, strings)
+            )
+            pieces = _pieces(batches, start, shard, chunk_rows)
             for row, piece in pieces:
                 try:
                     arrays = to_inputs(piece, signature, sources, first_row=row)
@@ -352,6 +374,8 @@ class _Job:
     ) -> None:
         pa = import_optional("pyarrow")
         empty = pa.RecordBatch.from_pylist([], schema=self.source.schema)
+        if self.source.format == "csv" and self.sink.format == "csv":
+            self.sink.keep_text(*self.source.text_header())
         values = outputs_by_name(pool.predict(to_inputs(empty, signature, sources)), signature)
         names = named or output_columns(list(values), self.output_column, empty.schema.names)
         self.staging.commit(0, 0, [empty], [{names[k]: v for k, v in values.items()}])
@@ -400,6 +424,7 @@ def predict_file(
     chunk_rows: int | None = None,
     max_in_flight: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = False,
     input_format: str | None = None,
     output_format: str | None = None,
@@ -413,13 +438,18 @@ def predict_file(
     ``pool_options``, once the arguments are checked, and shut down at the end) or a running
     :class:`PredictionPool`. Parquet and CSV outputs hold the input's columns, rows and order
     plus one column per model output (named by ``output_column``; vectors are fixed-size lists
-    in Parquet and JSON arrays in CSV); a ``.npy`` output holds the predictions only.
+    in Parquet and JSON arrays in CSV, a trailing axis of size 1 is dropped so ``[N, 1]`` is a
+    number column); a ``.npy`` output holds the predictions only. Columns the model does not
+    read are kept as they are: from a CSV input, read as text (a CSV output keeps each input
+    record's bytes).
 
     The output is committed ``chunk_rows`` rows at a time into ``.OUT.partial/`` and appears
     at ``output`` only complete, by an atomic rename. After a crash or Ctrl-C, ``resume=True``
     continues from the last committed chunk (see :mod:`pool.etl.staging`). Without ``resume``, an
-    earlier run's committed chunks are discarded. Memory stays bounded by ``chunk_rows`` plus
-    ``max_in_flight`` shards of ``shard_size`` rows, whatever the size of the input.
+    earlier run's committed chunks are discarded. An existing ``output`` is an ``EtlError``
+    unless ``overwrite=True`` or ``resume=True`` continues the job that was writing it. Memory
+    stays bounded by ``chunk_rows`` plus ``max_in_flight`` shards of ``shard_size`` rows,
+    whatever the size of the input.
 
     Raises ``EtlError`` for a missing input, an unknown column, a column whose type does not fit
     the model, or an unwritable output; all but the type check happen before any worker starts
@@ -487,6 +517,11 @@ def predict_file(
             previous = staging.read_manifest() if resume else None
             if previous is not None:
                 _check_resumable(previous, identity, chunk_rows, output_path)
+            elif output_path.exists() and not overwrite:
+                raise EtlError(
+                    f"output {str(output_path)!r} already exists; pass overwrite=True / "
+                    "--overwrite to replace it"
+                )
             else:
                 if resume:
                     log.info("nothing to resume for %s: starting from the first row", output_path)

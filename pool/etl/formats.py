@@ -4,8 +4,11 @@ chunk, assembled into the output), and the check of a file's column types agains
 from __future__ import annotations
 
 import bisect
+import csv
+import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -15,7 +18,7 @@ import numpy as np
 
 from ..messages import DEFAULT_INPUT, STRING, SignatureInfo, TensorInfo
 from .common import Columns, EtlError, import_optional, return_free_memory
-from .frames import arrow_column, source_columns, with_predictions
+from .frames import arrow_column, source_columns, squeezed, with_predictions
 
 #: File formats, by file name suffix.
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".npy": "npy"}
@@ -109,23 +112,50 @@ class CsvSource:
         except (_arrow_error(), OSError) as exc:
             raise EtlError(f"{self.path}: cannot read CSV ({exc})") from None
 
-    def batches(self, start: int, batch_rows: int, strings: Sequence[str] = ()) -> Iterator[Any]:
+    def batches(
+        self, start: int, batch_rows: int, strings: Sequence[str] = (), records: bool = False
+    ) -> Iterator[Any]:
+        """Record batches from row ``start``; the columns ``strings`` are read as text (the
+        others as pyarrow infers them). With ``records``, each batch carries one more column,
+        ``RECORD``: each row's own bytes in the file, for a CSV output that keeps them."""
         pa = import_optional("pyarrow")
         reader = self._open({name: pa.string() for name in strings})
+        text = CsvRecords(self.path) if records else None
 
         def read() -> Iterator[Any]:
             while True:
                 try:
-                    yield reader.read_next_batch()
+                    batch = reader.read_next_batch()
                 except StopIteration:
+                    if text is not None and not text.exhausted():
+                        raise EtlError(
+                            f"{self.path}: the CSV text holds more records than the rows read "
+                            "(unusual quoting?); write Parquet instead"
+                        ) from None
                     return
                 except _arrow_error() as exc:
                     raise EtlError(f"{self.path}: cannot read CSV ({exc})") from None
+                if text is not None:
+                    batch = pa.RecordBatch.from_arrays(
+                        [*batch.columns, text.take(batch.num_rows)],
+                        names=[*batch.schema.names, RECORD],
+                    )
+                yield batch
 
         try:
             yield from _skip_rows(read(), start)
         finally:
             reader.close()
+            if text is not None:
+                text.close()
+
+    def text_header(self) -> tuple[bytes, bytes]:
+        """The header's own bytes and its line break (``\\r\\n`` or ``\\n``)."""
+        text = CsvRecords(self.path)
+        try:
+            return text.header, text.line_break
+        finally:
+            text.close()
 
     def count_rows(self) -> int:
         """Rows of the file (one fast parsing pass over the first column only)."""
@@ -206,8 +236,13 @@ def open_source(path: Path, fmt: str, columns: Columns) -> Any:
     return NpySource(path, name)
 
 
-def _type_problem(field: Any, spec: TensorInfo) -> str | None:
-    """Why an Arrow column of this type cannot feed ``spec``, or ``None`` if it can."""
+def _type_problem(field: Any, spec: TensorInfo, shown: TensorInfo | None = None) -> str | None:
+    """Why an Arrow column of this type cannot feed ``spec``, or ``None`` if it can.
+
+    Types only: integers into a narrower integer or a float input, and floats into a narrower
+    float input, pass here; their values are checked row by row when the rows are read
+    (:func:`pool.sharding.cast_values`). ``shown`` is the input named in messages (the whole
+    input when ``spec`` is one of several side-by-side columns)."""
     pa = import_optional("pyarrow")
     kind, depth, widths = field.type, 0, []
     while True:
@@ -222,7 +257,7 @@ def _type_problem(field: Any, spec: TensorInfo) -> str | None:
         else:
             break
     given = f"{field.name!r} has type {field.type}"
-    wanted = f"the model's input {spec.describe()}"
+    wanted = f"the model's input {(shown or spec).describe()}"
     if spec.dtype == STRING:
         textual = (
             pa.types.is_string(kind)
@@ -239,7 +274,8 @@ def _type_problem(field: Any, spec: TensorInfo) -> str | None:
         if not numeric:
             return f"column {given}, but {wanted} expects {spec.dtype} numbers"
         have, want = np.dtype(kind.to_pandas_dtype()), spec.numpy_dtype
-        if not (np.can_cast(have, want, casting="safe") or (have.kind == want.kind == "f")):
+        by_value = (have.kind in "iu" and want.kind in "iuf") or (have.kind == want.kind == "f")
+        if not (np.can_cast(have, want, casting="safe") or by_value):
             return f"column {given}, which cannot be cast safely to {spec.dtype} for {wanted}"
     if spec.shape is not None and depth != len(spec.shape) - 1:
         return (
@@ -259,11 +295,11 @@ def check_column_types(schema: Any, sources: Mapping[str, Any], signature: Signa
     specs = {t.name: t for t in signature.inputs}
     for name, source in sources.items():
         names = source_columns(source)
-        spec = specs[name]
+        spec = shown = specs[name]
         if len(names) > 1 and spec.shape is not None:  # side-by-side scalars: check one scalar
             spec = TensorInfo(spec.name, spec.dtype, spec.shape[:-1])
         for column in names:
-            problem = _type_problem(schema.field(column), spec)
+            problem = _type_problem(schema.field(column), spec, shown)
             if problem:
                 raise EtlError(problem)
 
@@ -290,12 +326,12 @@ class ParquetSink:
 
     def assemble(self, parts: Sequence[Path], target: Path, total_rows: int) -> None:
         pq = import_optional("pyarrow.parquet")
+        schema = _unified([pq.read_schema(part) for part in parts])
         writer = None
         try:
             for part in parts:  # one chunk in memory at a time, released before the next
                 with pq.ParquetFile(part, pre_buffer=False) as source:
                     if writer is None:
-                        schema = source.schema_arrow
                         writer = pq.ParquetWriter(target, schema)
                     for group in range(source.num_row_groups):
                         table = source.read_row_group(group, use_threads=False)
@@ -309,11 +345,65 @@ class ParquetSink:
                 writer.close()
 
 
+def _as_binary(kind: Any) -> Any:
+    """``kind`` with text replaced by bytes, inside lists too."""
+    pa = import_optional("pyarrow")
+    if pa.types.is_string(kind):
+        return pa.binary()
+    if pa.types.is_large_string(kind):
+        return pa.large_binary()
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(_as_binary(kind.value_type), kind.list_size)
+    if pa.types.is_list(kind):
+        return pa.list_(_as_binary(kind.value_type))
+    return kind
+
+
+def _unified(schemas: Sequence[Any]) -> Any:
+    """The output's schema: the first part's, except that a text output which is bytes in any
+    part (a value that is not UTF-8) is bytes in all."""
+    pa = import_optional("pyarrow")
+    first = schemas[0]
+    fields = []
+    for index, field in enumerate(first):
+        kinds = {schema.field(index).type for schema in schemas if len(schema) == len(first)}
+        if len(kinds) > 1 and len({_as_binary(k) for k in kinds}) == 1:
+            field = field.with_type(_as_binary(field.type))
+        fields.append(field)
+    return pa.schema(fields, metadata=first.metadata)
+
+
+def _as_text(kind: Any) -> Any:
+    """``kind`` with bytes replaced by text, inside lists too."""
+    pa = import_optional("pyarrow")
+    if pa.types.is_binary(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind):
+        return pa.large_string()
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(_as_text(kind.value_type), kind.list_size)
+    if pa.types.is_list(kind):
+        return pa.list_(_as_text(kind.value_type))
+    return kind
+
+
 def _csv_ready(table: Any) -> Any:
-    """List columns as JSON arrays (``[0.25, -1.5]``): CSV has no list type."""
+    """List columns as JSON arrays (``[0.25, -1.5]``): CSV has no list type. Bytes are written
+    as the text they encode; bytes that are not UTF-8 are an ``EtlError`` (CSV holds text)."""
     pa = import_optional("pyarrow")
     for index, field in enumerate(table.schema):
         kind = field.type
+        if _as_text(kind) != kind:
+            try:
+                table = table.set_column(
+                    index, field.name, table.column(index).cast(_as_text(kind))
+                )
+            except pa.ArrowInvalid:
+                raise EtlError(
+                    f"column {field.name!r} holds bytes that are not UTF-8 text, and a CSV file "
+                    "holds text: write Parquet (a binary column) instead"
+                ) from None
+            kind = table.schema.field(index).type
         if (
             pa.types.is_fixed_size_list(kind)
             or pa.types.is_list(kind)
@@ -332,20 +422,72 @@ def _csv_header(names: Sequence[str]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _csv_line(names: Sequence[str]) -> bytes:
+    """One CSV line of ``names``, quoted only where needed, without a line break."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(names)
+    return out.getvalue().encode()
+
+
 class CsvSink:
-    """Each chunk a CSV part with its header; assembled as one header plus every part's rows."""
+    """Each chunk a CSV part with its header; assembled as one header plus every part's rows.
+
+    From a CSV input (``keep_text``), each row is the input record's own bytes followed by the
+    predictions, so the input's columns are kept byte for byte (quoting, number formats, line
+    breaks); otherwise the rows are written by pyarrow."""
 
     format = "csv"
     suffix = ".csv"
 
+    def __init__(self) -> None:
+        self.header: bytes | None = None
+        self.line_break = b"\n"
+
+    def keep_text(self, header: bytes, line_break: bytes) -> None:
+        self.header, self.line_break = header, line_break
+
     def write_part(self, pieces: Sequence[Any], outputs: Sequence[Any], path: Path) -> None:
         pacsv = import_optional("pyarrow.csv")
-        pacsv.write_csv(_csv_ready(_output_table(pieces, outputs)), path)
+        if self.header is None:
+            pacsv.write_csv(_csv_ready(_output_table(pieces, outputs)), path)
+            return
+        pa = import_optional("pyarrow")
+        pc = import_optional("pyarrow.compute")
+        names = list(outputs[0])
+        with open(path, "wb") as out:
+            out.write(self.header + b"," + _csv_line(names) + self.line_break)
+            for piece, predictions in zip(pieces, outputs, strict=True):
+                if not piece.num_rows:
+                    continue
+                table = pa.table(
+                    {name: arrow_column(squeezed(predictions[name])) for name in names}
+                )
+                written = pa.BufferOutputStream()
+                options = pacsv.WriteOptions(include_header=False)
+                pacsv.write_csv(_csv_ready(table), written, options)
+                buf = written.getvalue().to_pybytes()
+                starts, stops, _ = _spans(buf, True)
+                if len(starts) != piece.num_rows:
+                    raise EtlError(
+                        f"{len(starts)} CSV lines of predictions for {piece.num_rows} rows"
+                    )
+                binary = pa.large_binary()
+                rows = pc.binary_join_element_wise(  # record + "," + predictions
+                    piece.column(RECORD),
+                    _binary(_bytes_of(buf, starts, stops), stops - starts),
+                    pa.scalar(b",", binary),
+                )
+                rows = pc.binary_join_element_wise(  # + the line break (+ nothing)
+                    rows, pa.scalar(b"", binary), pa.scalar(self.line_break, binary)
+                )
+                out.write(_values_bytes(rows))
 
     def assemble(self, parts: Sequence[Path], target: Path, total_rows: int) -> None:
-        pacsv = import_optional("pyarrow.csv")
-        with pacsv.open_csv(parts[0]) as reader:
-            header = _csv_header(reader.schema.names)
+        first = CsvRecords(parts[0])
+        try:
+            header = first.header + first.line_break
+        finally:
+            first.close()
         with open(target, "wb") as out:
             out.write(header)
             for part in parts:
@@ -385,3 +527,176 @@ class NpySink:
 
 
 SINKS = {"parquet": ParquetSink, "csv": CsvSink, "npy": NpySink}
+
+
+# --- CSV text kept as it is ---------------------------------------------------------------------
+
+#: The column that carries each CSV record's own text from a CSV source to a CSV sink.
+RECORD = "\x00pool:csv-record"
+
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+_FIELD_END = np.array([ord(","), ord("\n"), ord("\r"), ord('"')], np.uint8)
+
+
+def _quotes(b: np.ndarray, final: bool) -> np.ndarray | None:
+    """The positions of the quotes in ``b`` (which starts a record), or ``None`` when a quote
+    is not where a quoted field opens (at the start of a field, or right after the quote that
+    closes it: ``""``) or closes (before a delimiter, a line break or ``""``). Such a quote is
+    literal text to pyarrow, and counting quotes would split records wrongly."""
+    at = np.flatnonzero(b == 34)
+    opening, closing = at[0::2], at[1::2]
+    inner = opening[opening > 0]
+    if not np.isin(b[inner - 1], _FIELD_END).all():
+        return None
+    inner = closing[closing < len(b) - 1]
+    if not np.isin(b[inner + 1], _FIELD_END).all():
+        return None
+    if final and len(closing) < len(opening):
+        return None  # a quoted field never closed: let the csv module report it
+    return at
+
+
+def _spans(buf: bytes, final: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(starts, stops, consumed)``: the records that end in ``buf``, where pyarrow's CSV
+    reader splits them (a line break ``\\n``, ``\\r\\n`` or ``\\r`` outside a quoted field;
+    empty lines are not records). ``stops`` exclude the line break; ``consumed`` is where the
+    first record not known to be complete begins (all of ``buf`` when ``final``)."""
+    b = np.frombuffer(buf, np.uint8)
+    quotes = _quotes(b, final)
+    if quotes is not None:  # found without Python: a line break after an even number of quotes
+        lf = np.flatnonzero(b == 10)
+        cr = np.flatnonzero(b == 13)
+        lf = lf[(np.searchsorted(quotes, lf) & 1) == 0]
+        cr = cr[(np.searchsorted(quotes, cr) & 1) == 0]
+        inside = cr < len(b) - 1
+        follows = np.zeros(len(cr), np.uint8)
+        follows[inside] = b[cr[inside] + 1]
+        lone_cr = cr[(follows != 10) & (inside | final)]  # a \r\n may span two reads
+        ends = np.union1d(lf, lone_cr).astype(np.int64)
+        starts = np.concatenate(([0], ends + 1)).astype(np.int64)
+        stops = np.concatenate((ends, [len(b)])).astype(np.int64)
+        crlf = np.zeros(len(ends), dtype=bool)
+        after = ends > 0
+        crlf[after] = (b[ends[after]] == 10) & (b[ends[after] - 1] == 13)
+        stops[:-1] -= crlf
+        if not final:
+            starts, stops = starts[:-1], stops[:-1]
+        keep = stops > starts
+        consumed = len(b) if final else (int(ends[-1]) + 1 if len(ends) else 0)
+        return starts[keep], stops[keep], consumed
+    # Quotes: Python's csv module splits records as pyarrow does (a quote opens a quoted field
+    # only at the start of a field; "" inside one is a quote). latin-1 keeps byte offsets.
+    lines = [(m.start(), m.end(), m.group()) for m in _LINE.finditer(buf.decode("latin-1"))]
+    reader = csv.reader(line for _, _, line in lines)
+    found: list[tuple[int, int]] = []
+    done = 0  # lines that belong to complete records
+    try:
+        for fields in reader:
+            if not final and reader.line_num == len(lines):
+                break  # the last line read may continue (an open quote, \r then \n)
+            first, last = lines[done], lines[reader.line_num - 1]
+            done = reader.line_num
+            if fields:
+                text = last[2]
+                cut = 2 if text.endswith("\r\n") else 1 if text.endswith(("\r", "\n")) else 0
+                found.append((first[0], last[1] - cut))
+    except csv.Error:
+        if final:
+            raise
+    consumed = len(buf) if final else (lines[done][0] if done < len(lines) else len(buf))
+    spans = np.array(found, np.int64).reshape(-1, 2)
+    return spans[:, 0], spans[:, 1], consumed
+
+
+def _bytes_of(buf: bytes, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The bytes of ``buf`` in the spans ``[starts[i], stops[i])``, one after the other."""
+    b = np.frombuffer(buf, np.uint8)
+    gap_from = np.concatenate(([0], stops))  # the bytes between records: line breaks, empty
+    gap_to = np.concatenate((starts, [len(b)]))  # lines, what comes before and after
+    sizes = gap_to - gap_from
+    gap_from, sizes = gap_from[sizes > 0], sizes[sizes > 0]
+    first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    keep = np.ones(len(b), dtype=bool)
+    keep[np.repeat(gap_from - first, sizes) + np.arange(int(sizes.sum()))] = False
+    return b[keep]
+
+
+def _binary(data: np.ndarray, lengths: np.ndarray) -> Any:
+    """An Arrow ``large_binary`` array of consecutive values of ``lengths`` bytes in ``data``."""
+    pa = import_optional("pyarrow")
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data[: int(offsets[-1])])]
+    return pa.Array.from_buffers(pa.large_binary(), len(lengths), buffers)
+
+
+def _values_bytes(column: Any) -> memoryview:
+    """The bytes of every value of a ``large_binary`` array, one after the other."""
+    offsets = np.frombuffer(column.buffers()[1], np.int64)[column.offset :]
+    first, last = int(offsets[0]), int(offsets[len(column)])
+    return memoryview(column.buffers()[2])[first:last]
+
+
+class CsvRecords:
+    """A CSV file's records as their own bytes (without the line break), in file order: what
+    lets a CSV output keep every input column byte for byte. ``header`` is the first record,
+    ``line_break`` the header's line break (``\\n`` unless it is ``\\r\\n``)."""
+
+    def __init__(self, path: Path, block: int = 1 << 20) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._block = block
+        self._buf = b""
+        self._eof = False
+        self._data = np.empty(0, np.uint8)  # records read and not taken: their bytes...
+        self._lengths = np.empty(0, np.int64)  # ...and lengths
+        self.line_break = b"\n"
+        self._started = False
+        self._read()
+        while not len(self._lengths) and not self._eof:
+            self._read()
+        self.header = self.take(1)[0].as_py() if len(self._lengths) else b""
+
+    def _read(self) -> None:
+        chunk = self._file.read(self._block)
+        self._eof = not chunk
+        buf = self._buf + chunk
+        try:
+            starts, stops, consumed = _spans(buf, self._eof)
+        except csv.Error as exc:
+            raise EtlError(f"{self.path}: cannot read CSV ({exc})") from None
+        if len(starts):
+            if not self._started:  # the header: its line break is the output's
+                self._started = True
+                self.line_break = b"\r\n" if buf[stops[0] : stops[0] + 2] == b"\r\n" else b"\n"
+            self._data = np.concatenate((self._data, _bytes_of(buf, starts, stops)))
+            self._lengths = np.concatenate((self._lengths, stops - starts))
+        self._buf = buf[consumed:]
+
+    def take(self, n: int) -> Any:
+        """The next ``n`` records as an Arrow binary array; ``EtlError`` if the file has fewer."""
+        while len(self._lengths) < n and not self._eof:
+            self._read()
+        if len(self._lengths) < n:
+            raise EtlError(
+                f"{self.path}: {n - len(self._lengths)} row(s) read from the CSV file have no "
+                "record of their own in its text (unusual quoting?); write Parquet instead"
+            )
+        taken = _binary(self._data, self._lengths[:n])
+        size = int(self._lengths[:n].sum())
+        self._data, self._lengths = self._data[size:], self._lengths[n:]
+        return taken
+
+    def skip(self, n: int) -> None:
+        while n > 0:
+            n -= len(self.take(min(n, 1 << 16)))
+
+    def exhausted(self) -> bool:
+        while not len(self._lengths) and not self._eof:
+            self._read()
+        return not len(self._lengths)
+
+    def close(self) -> None:
+        self._file.close()

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import sharding
-from ..messages import DEFAULT_INPUT, DEFAULT_OUTPUT, SignatureInfo, TensorInfo
+from ..messages import DEFAULT_INPUT, DEFAULT_OUTPUT, STRING, SignatureInfo, TensorInfo
 from .common import Columns, EtlError, OutputColumns, import_optional
 from .progress import progress_bar
 
@@ -88,8 +88,8 @@ def resolve_columns(
 ) -> dict[str, str | Sequence[str]]:
     """Decide which column (or list of columns) feeds each model input; raise ``EtlError``.
 
-    Without ``columns``, an input is fed by the column of the same name, and a single-input
-    model by the only column of a one-column table.
+    An input that ``columns`` does not map (or every input, without ``columns``) is fed by the
+    column of the same name; a single-input model by the only column of a one-column table.
     """
     inputs = input_names(signature)
     expected = signature.describe_inputs()
@@ -115,12 +115,22 @@ def resolve_columns(
         mapping = {str(k): v for k, v in columns.items()}
         if inputs is not None:
             unknown = sorted(set(mapping) - set(inputs))
-            missing = sorted(set(inputs) - set(mapping))
-            if unknown or missing:
+            if unknown:
                 raise EtlError(
-                    f"columns= must map every model input {expected} to a column: "
-                    f"unknown inputs {unknown}, unmapped inputs {missing}"
+                    f"columns= names inputs the model does not have: {unknown}; its inputs "
+                    f"are {expected}"
                 )
+            for name in inputs:  # an input not mapped is fed by the column of its name
+                if name not in mapping and name in available:
+                    mapping[name] = name
+            missing = [name for name in inputs if name not in mapping]
+            if missing:
+                raise EtlError(
+                    f"no column for the model's input {missing[0]!r}: columns= does not map "
+                    f"it and the data has no column of that name (inputs {expected}; columns "
+                    f"{list(available)})"
+                )
+            mapping = {name: mapping[name] for name in inputs}
     else:
         if inputs is not None and len(inputs) != 1:
             raise EtlError(
@@ -232,16 +242,23 @@ def _gather(frame: Any, source: Any, spec: TensorInfo | None, first_row: int) ->
 
 
 def _checked(
-    arrays: dict[str, np.ndarray], sources: Mapping[str, Any], signature: SignatureInfo
+    arrays: dict[str, np.ndarray],
+    sources: Mapping[str, Any],
+    signature: SignatureInfo,
+    first_row: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Validate each input on its own, so the error names the column that does not fit."""
+    """Validate each input on its own, so the error names the column that does not fit (and,
+    for a value out of the input's range, its row counted from ``first_row``)."""
     if signature.inputs is None:
         return arrays
     specs = {t.name: t for t in signature.inputs}
     checked = {}
     for name, array in arrays.items():
-        alone = SignatureInfo(inputs=(specs[name],), outputs=None, single_output=None)
+        spec = specs[name]
+        alone = SignatureInfo(inputs=(spec,), outputs=None, single_output=None)
         try:
+            if spec.dtype != STRING and array.dtype.kind in "biuf":
+                array = sharding.cast_values(name, array, spec.numpy_dtype, first_row=first_row)
             prepared, _ = sharding.prepare({name: array}, alone)
         except (TypeError, ValueError) as exc:
             raise type(exc)(
@@ -327,7 +344,7 @@ def to_inputs(
         label = getattr(data, "name", None) or name
         sources = {name: label}
         arrays = {name: _column_to_numpy(data, _label(label), specs.get(name), first_row)}
-    return _checked(arrays, sources, signature)
+    return _checked(arrays, sources, signature, first_row)
 
 
 # --- predictions back into frames ------------------------------------------------------------
@@ -381,15 +398,33 @@ def output_columns(
 
 
 def arrow_column(values: np.ndarray) -> Any:
-    """An Arrow array for a NumPy batch: ``[N]`` plain, ``[N, d, ...]`` nested fixed-size lists."""
+    """An Arrow array for a NumPy batch: ``[N]`` plain, ``[N, d, ...]`` nested fixed-size lists.
+
+    Bytes become ``string`` (text) when every value decodes as UTF-8, else stay ``binary``."""
     pa = import_optional("pyarrow")
     values = np.ascontiguousarray(values)
-    if values.ndim <= 1:
-        return pa.array(values)
     column = pa.array(values.reshape(-1))
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        try:
+            column = column.cast(
+                pa.string() if pa.types.is_binary(column.type) else pa.large_string()
+            )
+        except pa.ArrowInvalid:  # not UTF-8: keep the bytes as they are
+            pass
+    if values.ndim <= 1:
+        return column
     for width in reversed(values.shape[1:]):
         column = pa.FixedSizeListArray.from_arrays(column, width)
     return column
+
+
+def squeezed(values: np.ndarray) -> np.ndarray:
+    """An output as its column holds it: a trailing axis of size 1 is dropped, so an ``[N, 1]``
+    output (a regressor, a binary classifier) is a column of numbers, not of one-element lists.
+    """
+    if values.ndim >= 2 and values.shape[-1] == 1:
+        return values.reshape(values.shape[:-1])
+    return values
 
 
 def _pandas_column(values: np.ndarray, index: Any) -> Any:
@@ -403,16 +438,18 @@ def _pandas_column(values: np.ndarray, index: Any) -> Any:
 
 
 def with_predictions(frame: Any, columns: Mapping[str, np.ndarray]) -> Any:
-    """A copy of ``frame`` (DataFrame, RecordBatch or Table) with ``columns`` appended."""
+    """A copy of ``frame`` (DataFrame, RecordBatch or Table) with ``columns`` appended.
+
+    Each output becomes one column (see :func:`squeezed`: ``[N, 1]`` is a number column)."""
     if type(frame).__module__.startswith("pandas"):
         out = frame.copy(deep=False)
         for name, values in columns.items():
-            out[name] = _pandas_column(values, frame.index)
+            out[name] = _pandas_column(squeezed(values), frame.index)
         return out
     pa = import_optional("pyarrow")
     arrays, schema = list(frame.columns), frame.schema  # the schema keeps its metadata
     for name, values in columns.items():
-        arrays.append(arrow_column(values))
+        arrays.append(arrow_column(squeezed(values)))
         schema = schema.append(pa.field(name, arrays[-1].type))
     if isinstance(frame, pa.Table):
         return pa.Table.from_arrays(arrays, schema=schema)
