@@ -1015,8 +1015,8 @@ def test_bad_options_exit_2(tmp_path):
 
 
 def test_the_pool_options_of_the_python_api_are_options_of_serve():
+    from pool import argtypes
     from pool.cli import build_parser
-    from pool.serve import command
 
     args = build_parser().parse_args(
         [
@@ -1026,7 +1026,7 @@ def test_the_pool_options_of_the_python_api_are_options_of_serve():
             *("--max-worker-memory", "1000000000", "--start-timeout", "60"),
         ]
     )
-    assert command.pool_options(args) == {
+    assert argtypes.pool_options(args) == {
         "threads_per_worker": 2,
         "inter_op_threads": 3,
         "timeout": 1.5,
@@ -1037,11 +1037,11 @@ def test_the_pool_options_of_the_python_api_are_options_of_serve():
         "max_worker_memory": 1000000000,
         "start_timeout": 60.0,
     }
-    assert command.pool_options(build_parser().parse_args(["serve", "m"])) == {}
+    assert argtypes.pool_options(build_parser().parse_args(["serve", "m"])) == {}
     from pool import PredictionPool
 
     accepted = PredictionPool.__init__.__code__.co_varnames
-    assert set(command.POOL_OPTIONS) <= set(accepted)
+    assert {keyword for _, keyword, *_ in argtypes.POOL_OPTIONS} <= set(accepted)
 
 
 # --- the benchmark ----------------------------------------------------------------------------

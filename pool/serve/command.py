@@ -6,9 +6,8 @@ model failed to load or the server failed; 2 bad arguments, a local MODEL that i
 SavedModel or lacks ``--signature``, a port that cannot be bound, or the extra missing (all
 found before any worker starts).
 
-:func:`add_pool_options` and :func:`pool_options` define the :class:`pool.PredictionPool`
-options a command line passes through (threads, timeouts, batch sizes, recycling), once, for
-any command that starts a pool.
+The :class:`pool.PredictionPool` options (threads, timeouts, batch sizes, recycling) come from
+:func:`pool.argtypes.add_pool_options`, shared with ``predict``.
 """
 
 from __future__ import annotations
@@ -16,10 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from ..argtypes import non_negative_int, positive_int, seconds
+from ..argtypes import add_pool_options, non_negative_int, pool_options, positive_int, seconds
 from .limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
@@ -131,74 +129,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="log start-up and shutdown (-v), and every request (-vv)",
     )
     p.add_argument("--log-json", action="store_true", help="write logs as one JSON object per line")
-    add_pool_options(p)
+    add_pool_options(p, skip=("--max-batch-rows", "--batch-timeout-micros"))
     return p
-
-
-#: ``PredictionPool`` keyword -> (option, type, help), for :func:`add_pool_options`.
-POOL_OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "threads_per_worker": (
-        "--threads-per-worker",
-        positive_int,
-        "threads each worker's model call uses (TensorFlow intra-op; default: 1; keep "
-        "workers x threads <= cores)",
-    ),
-    "inter_op_threads": (
-        "--inter-op-threads",
-        positive_int,
-        "TensorFlow inter-op threads per worker (default: 1)",
-    ),
-    "timeout": (
-        "--timeout",
-        seconds,
-        "seconds one model call may take before its worker is replaced and the shard "
-        "retried or failed (default: none)",
-    ),
-    "max_retries": (
-        "--max-retries",
-        non_negative_int,
-        "times a shard is re-run after its worker died or hung (default: 2)",
-    ),
-    "shard_size": (
-        "--shard-size",
-        positive_int,
-        "rows per shard: a larger request is split across workers (default: automatic)",
-    ),
-    "max_batch_bytes": (
-        "--max-batch-bytes",
-        positive_int,
-        "bytes of input per model call when requests are combined (default: 4 MiB)",
-    ),
-    "max_shards_per_worker": (
-        "--max-shards-per-worker",
-        positive_int,
-        "replace a worker after this many shards, to bound leaks (default: never)",
-    ),
-    "max_worker_memory": (
-        "--max-worker-memory",
-        positive_int,
-        "replace a worker whose resident memory passes this many bytes (default: never)",
-    ),
-    "start_timeout": (
-        "--start-timeout",
-        seconds,
-        "seconds the workers may take to load the model (default: 600)",
-    ),
-}
-
-
-def add_pool_options(parser: argparse.ArgumentParser) -> None:
-    """Add the :class:`pool.PredictionPool` options of :data:`POOL_OPTIONS` to ``parser``, in a
-    group of their own; each defaults to ``None``, meaning the pool's own default."""
-    group = parser.add_argument_group("pool (PredictionPool options, docs/guide.md)")
-    for keyword, (option, kind, text) in POOL_OPTIONS.items():
-        group.add_argument(option, dest=keyword, type=kind, help=text)
-
-
-def pool_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``PredictionPool`` keywords of :data:`POOL_OPTIONS` given on the command line."""
-    given = {k: getattr(args, k, None) for k in POOL_OPTIONS}
-    return {k: v for k, v in given.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
