@@ -64,6 +64,10 @@ class Settings:
     start_timeout: float | None
     limits: Limits
     batching: Batching
+    #: ``pool.runtimes``: what runs the model (resolved in the parent before workers start)
+    runtime: str = "tensorflow"
+    precision: str = "f32"
+    runtime_tolerance: float | None = None
 
     def worker_config(
         self, model: ModelRef, parent_pid: int, parent_create_time: float

@@ -67,6 +67,10 @@ def load_model(config: WorkerConfig, loads: int = 1) -> tuple[Any, WorkerReady]:
     Shared by the local worker processes and the Dask worker plugin; raises on failure."""
     if config.cpus is not None:
         psutil.Process().cpu_affinity(list(config.cpus))
+    if config.runtime != "tensorflow":  # a converted model: TensorFlow is never imported
+        from . import runtimes
+
+        return runtimes.load_worker(config, loads)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(config.intra_op_threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = str(config.inter_op_threads)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
