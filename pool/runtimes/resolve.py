@@ -17,6 +17,7 @@ Conversion and timing run in a subprocess (:mod:`pool.runtimes.converter`) bound
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -191,42 +192,54 @@ def _info(manifest: dict[str, Any], limit: float) -> dict[str, Any]:
 def _entries(
     model: str, signature: str, runtimes: list[str], precision: str, root: Path, timeout: float
 ) -> dict[str, tuple[str, dict[str, Any]]]:
-    """The whole cache entry of each runtime, converting (once, under a lock) what is missing."""
+    """The whole cache entry of each runtime, converting what is missing: once (under each
+    entry's lock, taken in name order), all missing runtimes in one subprocess."""
+    names: dict[str, tuple[str, dict[str, Any]]] = {}
     found: dict[str, tuple[str, dict[str, Any]]] = {}
     for runtime in runtimes:
         fields = cache_module.key_fields(model, signature, runtime, precision)
         name = cache_module.entry_name(runtime, fields)
-        target = root / name
-        manifest = cache_module.valid_manifest(target)
-        if manifest is None:
-            with cache_module.locked(root, name):
-                manifest = cache_module.valid_manifest(target)  # another pool built it meanwhile
-                if manifest is None:
+        names[runtime] = (name, fields)
+        manifest = cache_module.valid_manifest(root / name)
+        if manifest is not None:
+            found[runtime] = (str(root / name), manifest)
+    missing = [r for r in runtimes if r not in found]
+    if missing:
+        with contextlib.ExitStack() as stack:
+            for runtime in sorted(missing, key=lambda r: names[r][0]):
+                stack.enter_context(cache_module.locked(root, names[runtime][0]))
+            todo = []
+            for runtime in missing:  # another pool may have built some meanwhile
+                target = root / names[runtime][0]
+                manifest = cache_module.valid_manifest(target)
+                if manifest is not None:
+                    found[runtime] = (str(target), manifest)
+                else:
                     if target.exists():
                         log.warning("rebuilding the broken cache entry %s", target)
-                    manifest = _convert(
-                        model, signature, runtime, precision, fields, root, name, timeout
-                    )
-        found[runtime] = (str(target), manifest)
-    return found
+                    todo.append(runtime)
+            if todo:
+                built = _convert(model, signature, precision, todo, names, root, timeout)
+                found.update({r: (str(root / names[r][0]), m) for r, m in built.items()})
+    return {r: found[r] for r in runtimes}
 
 
 def _convert(
     model: str,
     signature: str,
-    runtime: str,
     precision: str,
-    fields: dict[str, Any],
+    runtimes: list[str],
+    names: dict[str, tuple[str, dict[str, Any]]],
     root: Path,
-    name: str,
     timeout: float,
-) -> dict[str, Any]:
-    staged = cache_module.staging(root, name)
+) -> dict[str, dict[str, Any]]:
+    """Convert ``model`` to ``runtimes`` in one subprocess; commit each entry."""
+    staged = {r: cache_module.staging(root, names[r][0]) for r in runtimes}
     try:
         log.info(
             "converting %s for %s (signature %r, precision %s)",
             model,
-            runtime,
+            ", ".join(runtimes),
             signature,
             precision,
         )
@@ -234,31 +247,31 @@ def _convert(
             "model": model,
             "signature": signature,
             "precision": precision,
-            "convert": {runtime: str(staged)},
+            "convert": {r: str(path) for r, path in staged.items()},
         }
         result = run_converter(job, timeout)
-        entry = result["convert"][runtime]
-        if entry["error"]:  # keep no half-written artifact beside a failure
-            for child in staged.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-        manifest = cache_module.write_manifest(
-            staged,
-            {
-                "key": fields,
-                "signature": result["signature"],
-                "error": entry["error"],
-                "unconverted_ops": entry["unconverted_ops"],
-                "differences": entry.get("differences", {}),
-                "seconds": entry["seconds"],
-            },
-        )
-        cache_module.commit(staged, root / name)
-        return manifest
+        manifests = {}
+        for runtime, path in staged.items():
+            entry = result["convert"][runtime]
+            if entry["error"]:  # keep no half-written artifact beside a failure
+                shutil.rmtree(path)
+                path.mkdir()
+            manifests[runtime] = cache_module.write_manifest(
+                path,
+                {
+                    "key": names[runtime][1],
+                    "signature": result["signature"],
+                    "error": entry["error"],
+                    "unconverted_ops": entry["unconverted_ops"],
+                    "differences": entry.get("differences", {}),
+                    "seconds": entry["seconds"],
+                },
+            )
+            cache_module.commit(path, root / names[runtime][0])
+        return manifests
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        for path in staged.values():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _timings(
