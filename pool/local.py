@@ -92,6 +92,7 @@ class LocalBackend:
             "requested": resolution.requested,
             "precision": resolution.precision,
             "artifact": resolution.artifact,
+            "start_method": self._context.get_start_method(),
             **resolution.info,
         }
 

@@ -3,7 +3,8 @@
 ``main`` is the process's entry point. It ignores SIGINT (the parent owns Ctrl-C), watches for
 the parent's death, then :func:`load_model` pins the process to its CPUs, sizes TensorFlow's
 thread pools, imports :mod:`pool.model` (and so TensorFlow), loads the model exactly once and
-warms it up. It reports ``WorkerReady`` (or ``LoadFailed`` with the real reason) and then
+warms it up (a converted model, ``runtime=``, loads through :mod:`pool.runtimes` instead, with
+no TensorFlow). It reports ``WorkerReady`` (or ``LoadFailed`` with the real reason) and then
 answers one ``Batch`` after another until the parent sends ``None`` or goes away::
 
     recv Batch ──▶ inputs: views of the arena (no copy), or arrays carried in the message

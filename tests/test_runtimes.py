@@ -126,6 +126,7 @@ def test_a_converted_runtime_answers_every_row_like_tensorflow(runtime, model, m
         assert set(info["differences"]) == {t.name for t in pool.signature.outputs}
         assert all(d["max_rel"] <= TOLERANCES["f32"] for d in info["differences"].values())
         assert [r.runtime for r in pool.ready_info] == [runtime, runtime]
+        assert info["start_method"] == "spawn"  # never forked from the TensorFlow fork server
         assert all(no_tensorflow_in(pid) for pid in pool.worker_pids())
         got = pool.predict(inputs)
         assert_close(only(got), want)
@@ -266,9 +267,31 @@ def test_runtime_options_are_validated():
         PredictionPool("unused", runtime="onnxruntime", precision="bf16")
     with pytest.raises(ValueError, match="runtime_tolerance must be a positive number"):
         PredictionPool("unused", runtime="openvino", runtime_tolerance=0)
+    with pytest.raises(ValueError, match="does not apply with cluster= yet"):
+        PredictionPool("unused", runtime="auto", cluster="tcp://127.0.0.1:1")
 
 
 def test_a_factory_model_runs_only_on_tensorflow():
     with pytest.raises(ModelLoadError, match="a factory callable can only run on TensorFlow"):
         resolve(lambda: None, runtime="openvino")
     assert resolve(lambda: None, runtime="auto").runtime == "tensorflow"
+
+
+@pytest.mark.parametrize("runtime", [OPENVINO])
+def test_converting_ahead_of_time_fills_the_cache_a_pool_uses(runtime, models, runtime_cache):
+    import json
+    import subprocess
+    import sys
+
+    path = models["multi_io"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pool.runtimes", path, "--runtime", runtime],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        env={**os.environ, "POOL_RUNTIME_CACHE": str(runtime_cache)},
+    )
+    report = json.loads(done.stdout)
+    assert report["runtime"] == runtime and set(report["differences"]) == {"logits", "sum"}
+    assert resolve(path, runtime=runtime).artifact == report["artifact"]
