@@ -295,3 +295,44 @@ def test_converting_ahead_of_time_fills_the_cache_a_pool_uses(runtime, models, r
     report = json.loads(done.stdout)
     assert report["runtime"] == runtime and set(report["differences"]) == {"logits", "sum"}
     assert resolve(path, runtime=runtime).artifact == report["artifact"]
+
+
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_output_picks_one_output_of_a_converted_model(runtime, scaled):
+    inputs = sample("scaled", 6)
+    with PredictionPool(scaled, workers=1, runtime=runtime, output="logits") as pool:
+        got = pool.predict(inputs)
+    assert isinstance(got, np.ndarray)
+    assert_close(got, in_process(scaled, inputs)["logits"])
+
+
+@pytest.mark.parametrize("runtime", [OPENVINO])
+def test_bf16_only_when_asked_with_its_difference_reported(runtime, scaled):
+    f32 = resolve(scaled, runtime=runtime)
+    bf16 = resolve(scaled, runtime=runtime, precision="bf16")
+    assert bf16.artifact != f32.artifact  # precision is part of the key
+    worst_f32 = max(d["max_rel"] for d in f32.info["differences"].values())
+    worst_bf16 = max(d["max_rel"] for d in bf16.info["differences"].values())
+    assert worst_f32 <= TOLERANCES["f32"] and worst_bf16 <= TOLERANCES["bf16"]
+    assert bf16.info["tolerance"] == TOLERANCES["bf16"]
+    inputs = sample("scaled", 5)
+    with PredictionPool(scaled, workers=1, runtime=runtime, precision="bf16") as pool:
+        assert pool.runtime_info()["precision"] == "bf16"
+        got = pool.predict(inputs)
+    want = in_process(scaled, inputs)
+    for name in want:
+        scale = float(np.max(np.abs(want[name])))
+        assert_rows_equal(got[name], want[name], rtol=0, atol=TOLERANCES["bf16"] * scale)
+
+
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_concurrent_callers_combined_into_one_call_each_get_their_rows(runtime, scaled):
+    calls = [sample("scaled", n) for n in (1, 3, 2, 5, 1, 4, 2, 3)]
+    # a batch timeout makes the waiting shards combine: batch sizes vary from call to call
+    with PredictionPool(scaled, workers=1, runtime=runtime, batch_timeout_micros=200_000) as pool:
+        futures = [pool.submit(x) for x in calls]
+        results = [f.result() for f in futures]
+        stats = pool.stats()
+    assert sum(s.batches for s in stats) < sum(s.shards for s in stats)  # some combined
+    for got, x in zip(results, calls, strict=True):
+        assert_close(got, in_process(scaled, x))
