@@ -70,6 +70,7 @@ class LocalBackend:
             settings.runtime_tolerance,
             settings.shard_size,
             settings.start_timeout,
+            sample=settings.runtime_sample,
         )
         if self.runtime.runtime == "tensorflow":
             return config

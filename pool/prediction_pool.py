@@ -71,6 +71,7 @@ class PredictionPool:
         runtime: str = "tensorflow",
         precision: str = "f32",
         runtime_tolerance: float | None = None,
+        runtime_sample: Any = None,
     ) -> None:
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
@@ -140,6 +141,7 @@ class PredictionPool:
             runtime=runtime,
             precision=precision,
             runtime_tolerance=runtime_tolerance,
+            runtime_sample=runtime_sample,
         )
         self._cluster = cluster
         self._max_in_flight = (

@@ -54,10 +54,10 @@ def runtime_cache(tmp_path_factory):
         os.environ["POOL_RUNTIME_CACHE"] = before
 
 
-def build_scaled(path: Path, seed: int = 0) -> str:
+def build_scaled(path: Path, seed: int = 0, side: int | None = 16) -> str:
     """A small convolutional model whose logits have a real scale (about ±10), so a tolerance
     relative to that scale means something: ``images`` [N, 16, 16, 3] -> ``logits`` [N, 5] and
-    ``features`` [N, 8]."""
+    ``features`` [N, 8]. ``side=None``: images of any size."""
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
@@ -66,7 +66,7 @@ def build_scaled(path: Path, seed: int = 0) -> str:
     module.dense = tf.Variable((rng.normal(size=(8, 5)) * 3).astype("float32"))
     module.bias = tf.Variable(rng.normal(size=(5,)).astype("float32"))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 3], tf.float32, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None, side, side, 3], tf.float32, name="images")])
     def serve(images):
         hidden = tf.nn.relu(tf.nn.conv2d(images, module.kernel, 1, "SAME"))
         features = tf.reduce_mean(hidden, axis=[1, 2])
@@ -336,3 +336,17 @@ def test_concurrent_callers_combined_into_one_call_each_get_their_rows(runtime, 
     assert sum(s.batches for s in stats) < sum(s.shards for s in stats)  # some combined
     for got, x in zip(results, calls, strict=True):
         assert_close(got, in_process(scaled, x))
+
+
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_a_model_without_fixed_shapes_verifies_on_the_users_sample(runtime, tmp_path):
+    path = build_scaled(tmp_path / "model", seed=4, side=None)  # images [N, ?, ?, 3]
+    with pytest.raises(ModelLoadError, match="cannot synthesise input images"):
+        resolve(path, runtime=runtime)
+    given = sample("scaled", 6)
+    inputs = sample("scaled", 7)
+    with PredictionPool(path, workers=1, runtime=runtime, runtime_sample=given) as pool:
+        info = pool.runtime_info()
+        got = pool.predict(inputs)
+    assert info["runtime"] == runtime and set(info["differences"]) == {"logits", "features"}
+    assert_close(got, in_process(path, inputs))

@@ -109,7 +109,10 @@ def synthetic_inputs(signature: SignatureInfo, rows: int, seed: int = 0) -> dict
     arrays: dict[str, np.ndarray] = {}
     for t in signature.inputs:
         if t.shape is None or any(d is None for d in t.shape[1:]):
-            raise ValueError(f"cannot synthesise input {t.describe()}: its shape is not fixed")
+            raise ValueError(
+                f"cannot synthesise input {t.describe()}: its shape is not fixed "
+                "(pass runtime_sample=)"
+            )
         shape = (rows, *(int(d) for d in t.shape[1:] if d is not None))
         dtype = t.numpy_dtype
         if t.dtype == STRING:

@@ -161,6 +161,26 @@ def _time(
     return {name: float(np.median(values)) for name, values in figures.items()}
 
 
+def load_sample(path: str, signature: SignatureInfo) -> dict[str, np.ndarray]:
+    """The user's sample inputs, by input name, cast to the signature's dtypes."""
+    with np.load(path, allow_pickle=True) as stored:  # written by the pool itself
+        arrays = {k: stored[k] for k in stored.files}
+    specs = {t.name: t for t in signature.inputs or ()}
+    if "array" in arrays:
+        if len(specs) != 1:
+            raise ValueError(
+                f"runtime_sample is one array, but the model takes {sorted(specs)}: pass a dict"
+            )
+        arrays = {next(iter(specs)): arrays["array"]}
+    else:
+        arrays = {k.removeprefix("input:"): v for k, v in arrays.items()}
+    if set(arrays) != set(specs):
+        raise ValueError(f"runtime_sample has inputs {sorted(arrays)}, the model {sorted(specs)}")
+    if len({len(v) for v in arrays.values()}) != 1:
+        raise ValueError("runtime_sample's inputs have different numbers of rows")
+    return {k: np.asarray(v, dtype=specs[k].numpy_dtype) for k, v in arrays.items()}
+
+
 def run(job: dict[str, Any]) -> dict[str, Any]:
     os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
@@ -173,8 +193,13 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     loaded = tf_model.wrap(saved, job["signature"], None)
     signature = loaded.signature
     result: dict[str, Any] = {"signature": signature_to_json(signature), "convert": {}}
+    sample_error = ""
     try:
-        samples = [synthetic_inputs(signature, rows, seed) for seed, rows in enumerate(VERIFY_ROWS)]
+        if job.get("sample"):
+            given = load_sample(job["sample"], signature)
+            samples = [{k: v[:1] for k, v in given.items()}, given]
+        else:
+            samples = [synthetic_inputs(signature, n, seed) for seed, n in enumerate(VERIFY_ROWS)]
     except ValueError as exc:
         samples = []
         sample_error = str(exc)
@@ -205,7 +230,12 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 if runtime == TENSORFLOW
                 else _open(runtime, artifact, signature, job["precision"])
             )
-        inputs = synthetic_inputs(signature, int(job["time_rows"]), seed=7)
+        rows = int(job["time_rows"])
+        if job.get("sample"):
+            given = load_sample(job["sample"], signature)
+            inputs = {k: np.take(v, np.arange(rows) % len(v), axis=0) for k, v in given.items()}
+        else:
+            inputs = synthetic_inputs(signature, rows, seed=7)
         result["rows_per_second"] = _time(calls, inputs)
         result["time_rows"] = int(job["time_rows"])
     return result

@@ -91,9 +91,11 @@ def resolve(
     shard_size: int | None = None,
     timeout: float | None = None,
     cache_dir: str | os.PathLike | None = None,
+    sample: Any = None,
 ) -> Resolution:
     """Decide what the workers run (see the module docstring). ``model`` is a local
-    SavedModel directory or a factory callable (which only TensorFlow can run)."""
+    SavedModel directory or a factory callable (which only TensorFlow can run). ``sample``:
+    inputs to verify (and time) with instead of synthesised ones, as ``predict`` takes them."""
     check_options(runtime, precision, tolerance)
     if runtime == TENSORFLOW:
         return Resolution(TENSORFLOW, runtime, precision)
@@ -117,7 +119,8 @@ def resolve(
         return _refuse(runtime, precision, "no converted runtime is installed")
     root = Path(cache_dir) if cache_dir is not None else cache_module.cache_root()
     bound = timeout if timeout is not None else CONVERT_TIMEOUT_SECONDS
-    entries = _entries(model, signature, wanted, precision, root, bound)
+    stored = store_sample(sample, root)
+    entries = _entries(model, signature, wanted, precision, root, bound, stored)
     verified: dict[str, tuple[str, dict[str, Any]]] = {}
     reasons: dict[str, str] = {}
     for name, (path, manifest) in entries.items():
@@ -134,7 +137,7 @@ def resolve(
     if not verified:
         return _refuse(runtime, precision, "; ".join(reasons.values()), reasons)
     rows = shard_size or DEFAULT_TIME_ROWS
-    timings = _timings(model, signature, verified, precision, rows, root, bound)
+    timings = _timings(model, signature, verified, precision, rows, root, bound, stored)
     choice = max(timings, key=lambda r: timings[r])
     detail = ", ".join(f"{r} {v:.1f}" for r, v in sorted(timings.items(), key=lambda x: -x[1]))
     log.info(
@@ -190,7 +193,13 @@ def _info(manifest: dict[str, Any], limit: float) -> dict[str, Any]:
 
 
 def _entries(
-    model: str, signature: str, runtimes: list[str], precision: str, root: Path, timeout: float
+    model: str,
+    signature: str,
+    runtimes: list[str],
+    precision: str,
+    root: Path,
+    timeout: float,
+    sample: tuple[str, str] | None,
 ) -> dict[str, tuple[str, dict[str, Any]]]:
     """The whole cache entry of each runtime, converting what is missing: once (under each
     entry's lock, taken in name order), all missing runtimes in one subprocess."""
@@ -198,6 +207,7 @@ def _entries(
     found: dict[str, tuple[str, dict[str, Any]]] = {}
     for runtime in runtimes:
         fields = cache_module.key_fields(model, signature, runtime, precision)
+        fields["sample"] = sample[0] if sample else None
         name = cache_module.entry_name(runtime, fields)
         names[runtime] = (name, fields)
         manifest = cache_module.valid_manifest(root / name)
@@ -219,7 +229,7 @@ def _entries(
                         log.warning("rebuilding the broken cache entry %s", target)
                     todo.append(runtime)
             if todo:
-                built = _convert(model, signature, precision, todo, names, root, timeout)
+                built = _convert(model, signature, precision, todo, names, root, timeout, sample)
                 found.update({r: (str(root / names[r][0]), m) for r, m in built.items()})
     return {r: found[r] for r in runtimes}
 
@@ -232,6 +242,7 @@ def _convert(
     names: dict[str, tuple[str, dict[str, Any]]],
     root: Path,
     timeout: float,
+    sample: tuple[str, str] | None,
 ) -> dict[str, dict[str, Any]]:
     """Convert ``model`` to ``runtimes`` in one subprocess; commit each entry."""
     staged = {r: cache_module.staging(root, names[r][0]) for r in runtimes}
@@ -248,6 +259,7 @@ def _convert(
             "signature": signature,
             "precision": precision,
             "convert": {r: str(path) for r, path in staged.items()},
+            "sample": sample[1] if sample else None,
         }
         result = run_converter(job, timeout)
         manifests = {}
@@ -282,6 +294,7 @@ def _timings(
     rows: int,
     root: Path,
     timeout: float,
+    sample: tuple[str, str] | None,
 ) -> dict[str, float]:
     """Rows/s of TensorFlow and each verified runtime (cached beside the artifacts)."""
     fields = {
@@ -292,6 +305,7 @@ def _timings(
         "cpu": cache_module.cpu_flags(),
         "candidates": {r: Path(p).name for r, (p, _) in sorted(verified.items())},
         "format": cache_module.FORMAT,
+        "sample": sample[0] if sample else None,
     }
     name = cache_module.entry_name("auto", fields)
     target = root / name
@@ -306,6 +320,7 @@ def _timings(
                     "precision": precision,
                     "time": {TENSORFLOW: None, **{r: p for r, (p, _) in verified.items()}},
                     "time_rows": rows,
+                    "sample": sample[1] if sample else None,
                 }
                 result = run_converter(job, timeout)
                 staged = cache_module.staging(root, name)
@@ -317,6 +332,36 @@ def _timings(
                 finally:
                     shutil.rmtree(staged, ignore_errors=True)
     return dict(manifest["rows_per_second"])
+
+
+def store_sample(sample: Any, root: Path) -> tuple[str, str] | None:
+    """Write the user's sample inputs into the cache once (``sample-<sha256>.npz``); return
+    their digest (part of every key they verify) and the file's path."""
+    if sample is None:
+        return None
+    import hashlib
+    import io
+
+    import numpy as np
+
+    if isinstance(sample, dict):
+        arrays = {f"input:{k}": np.asarray(v) for k, v in sample.items()}
+    else:
+        arrays = {"array": np.asarray(sample)}
+    if any(len(a.shape) == 0 or len(a) == 0 for a in arrays.values()):
+        raise ValueError("runtime_sample must hold at least one row of every input")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # object arrays pickled: our own file
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"sample-{digest[:32]}.npz"
+    if not path.exists():
+        staged = cache_module.staging(root, path.name)
+        (staged / "sample.npz").write_bytes(data)
+        os.replace(staged / "sample.npz", path)
+        shutil.rmtree(staged, ignore_errors=True)
+    return digest, str(path)
 
 
 def run_converter(job: dict[str, Any], timeout: float) -> dict[str, Any]:
