@@ -23,7 +23,10 @@ and the shared arena), ``sharding`` (validate, split, gather), ``batching`` (the
 combines), ``futures`` (callers' callbacks run on a callback thread, never on the
 dispatcher), ``dispatcher`` (scheduling, retries), ``process`` (one worker process),
 ``backend`` (the pool/workers seam and the validated settings), ``local`` (the local backend),
-``prediction_pool`` (lifecycle and public API). Edges, never imported by the core: ``etl``
+``prediction_pool`` (lifecycle and public API), ``runtimes`` (``runtime=``: OpenVINO / ONNX
+Runtime / ``auto`` behind one interface; conversion in a subprocess, a verified cache; workers
+of a converted model run ``runtimes.<name>`` instead of ``model.LoadedModel`` and never import
+TensorFlow). Edges, never imported by the core: ``etl``
 (data frames, file formats, staging, file jobs), ``cli`` (the command line), ``serve`` (the
 TF Serving-compatible HTTP server), ``cluster`` (the Dask backend). ``reference_models``
 builds the SavedModels used by tests, the demo and benchmarks.

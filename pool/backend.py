@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,6 +64,11 @@ class Settings:
     start_timeout: float | None
     limits: Limits
     batching: Batching
+    #: ``pool.runtimes``: what runs the model (resolved in the parent before workers start)
+    runtime: str = "tensorflow"
+    precision: str = "f32"
+    runtime_tolerance: float | None = None
+    runtime_sample: Any = field(default=None, compare=False)
 
     def worker_config(
         self, model: ModelRef, parent_pid: int, parent_create_time: float

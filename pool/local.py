@@ -7,6 +7,7 @@ pinned to its own CPUs, and waits until every one has loaded the model.
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 import threading
 from concurrent.futures import Future
@@ -20,6 +21,7 @@ from .backend import Settings, local_model_path
 from .dispatcher import Dispatcher
 from .messages import ShardRequest, WorkerConfig, WorkerReady, WorkerStats
 from .process import cpus_for, make_context
+from .runtimes.resolve import Resolution
 
 
 class LocalBackend:
@@ -27,6 +29,7 @@ class LocalBackend:
         self._settings = settings
         self._context = make_context(settings.start_method)
         self._dispatcher: Dispatcher | None = None
+        self.runtime: Resolution | None = None
 
     def start(self) -> list[WorkerReady]:
         settings = self._settings
@@ -37,6 +40,8 @@ class LocalBackend:
             model = model_module.resolve(model)
         me = psutil.Process()
         config = settings.worker_config(model, me.pid, me.create_time())
+        if settings.runtime != "tensorflow":
+            config = self._resolve_runtime(config)
 
         def config_for(index: int) -> WorkerConfig:
             if settings.pin_cpus and settings.allowed_cpus:
@@ -61,6 +66,47 @@ class LocalBackend:
             raise
         self._dispatcher = dispatcher
         return ready
+
+    def _resolve_runtime(self, config: WorkerConfig) -> WorkerConfig:
+        """Convert (or find in the cache) and verify the model for ``runtime=``; workers of a
+        converted model start with ``spawn``: the fork server has TensorFlow imported."""
+        from .runtimes.resolve import resolve
+
+        settings = self._settings
+        self.runtime = resolve(
+            config.model,
+            settings.signature,
+            settings.runtime,
+            settings.precision,
+            settings.runtime_tolerance,
+            settings.shard_size,
+            settings.start_timeout,
+            sample=settings.runtime_sample,
+        )
+        if self.runtime.runtime == "tensorflow":
+            return config
+        if self._context.get_start_method() != "spawn":
+            self._context = multiprocessing.get_context("spawn")
+        return replace(
+            config,
+            runtime=self.runtime.runtime,
+            precision=settings.precision,
+            artifact=self.runtime.artifact,
+        )
+
+    def runtime_info(self) -> dict[str, object]:
+        """What runs the model and what was measured on the way (docs/runtimes.md)."""
+        resolution = self.runtime
+        if resolution is None:
+            return {"runtime": "tensorflow", "requested": "tensorflow"}
+        return {
+            "runtime": resolution.runtime,
+            "requested": resolution.requested,
+            "precision": resolution.precision,
+            "artifact": resolution.artifact,
+            "start_method": self._context.get_start_method(),
+            **resolution.info,
+        }
 
     def _running(self) -> Dispatcher:
         if self._dispatcher is None:

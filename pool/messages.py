@@ -91,6 +91,10 @@ class WorkerConfig:
     warmup_rows: int
     parent_pid: int
     parent_create_time: float
+    #: the runtime that runs the model (``pool.runtimes``); converted runtimes load ``artifact``
+    runtime: str = "tensorflow"
+    precision: str = "f32"
+    artifact: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class WorkerReady:
     inter_op_threads: int
     cpus: tuple[int, ...] | None
     signature: SignatureInfo
+    runtime: str = "tensorflow"
 
 
 @dataclass(frozen=True)

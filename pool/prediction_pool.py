@@ -30,6 +30,7 @@ from .errors import PoolClosedError, PoolError
 from .futures import CALLBACKS, PoolFuture
 from .messages import ShardRequest, SignatureInfo, WorkerReady, WorkerStats
 from .process import allowed_cpus, default_workers, make_context
+from .runtimes.resolve import check_options as check_runtime_options
 
 log = logging.getLogger("pool")
 
@@ -72,6 +73,10 @@ class PredictionPool:
         batch_timeout_micros: int = 0,
         max_queued_requests: int | None = None,
         cluster: Any = None,
+        runtime: str = "tensorflow",
+        precision: str = "f32",
+        runtime_tolerance: float | None = None,
+        runtime_sample: Any = None,
     ) -> None:
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
@@ -96,6 +101,11 @@ class PredictionPool:
         if batch_timeout_micros < 0:
             raise ValueError(
                 f"batch_timeout_micros must be an int >= 0, got {batch_timeout_micros!r}"
+            )
+        check_runtime_options(runtime, precision, runtime_tolerance)
+        if runtime != "tensorflow" and cluster is not None:
+            raise ValueError(
+                f"runtime={runtime!r} does not apply with cluster= yet: use 'tensorflow'"
             )
         workers = None if workers is None else positive("workers", workers)
         if workers is None and cluster is None:
@@ -133,6 +143,10 @@ class PredictionPool:
                 if max_queued_requests is None
                 else positive("max_queued_requests", max_queued_requests),
             ),
+            runtime=runtime,
+            precision=precision,
+            runtime_tolerance=runtime_tolerance,
+            runtime_sample=runtime_sample,
         )
         self._cluster = cluster
         self._max_in_flight = (
@@ -415,6 +429,15 @@ class PredictionPool:
         backend, _ = self._running()
         info = getattr(backend, "transport_info", None)
         return info() if info is not None else {}
+
+    def runtime_info(self) -> dict[str, Any]:
+        """What runs the model: ``runtime`` (never ``"auto"``), ``requested``, and for a converted
+        runtime its ``artifact``, ``precision``, the measured ``differences`` to TensorFlow per
+        output (``max_abs``, ``max_rel``, ``scale``) and the ``tolerance``; with ``"auto"`` the
+        ``timings_rows_per_second`` it chose by, or the ``fallback`` reason (docs/runtimes.md)."""
+        backend, _ = self._running()
+        info = getattr(backend, "runtime_info", None)
+        return info() if info is not None else {"runtime": "tensorflow"}
 
     @property
     def backend(self) -> Backend:

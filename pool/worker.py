@@ -3,7 +3,8 @@
 ``main`` is the process's entry point. It ignores SIGINT (the parent owns Ctrl-C), watches for
 the parent's death, then :func:`load_model` pins the process to its CPUs, sizes TensorFlow's
 thread pools, imports :mod:`pool.model` (and so TensorFlow), loads the model exactly once and
-warms it up. It reports ``WorkerReady`` (or ``LoadFailed`` with the real reason) and then
+warms it up (a converted model, ``runtime=``, loads through :mod:`pool.runtimes` instead, with
+no TensorFlow). It reports ``WorkerReady`` (or ``LoadFailed`` with the real reason) and then
 answers one ``Batch`` after another until the parent sends ``None`` or goes away::
 
     recv Batch ──▶ inputs: views of the arena (no copy), or arrays carried in the message
@@ -67,6 +68,10 @@ def load_model(config: WorkerConfig, loads: int = 1) -> tuple[Any, WorkerReady]:
     Shared by the local worker processes and the Dask worker plugin; raises on failure."""
     if config.cpus is not None:
         psutil.Process().cpu_affinity(list(config.cpus))
+    if config.runtime != "tensorflow":  # a converted model: TensorFlow is never imported
+        from . import runtimes
+
+        return runtimes.load_worker(config, loads)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(config.intra_op_threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = str(config.inter_op_threads)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -23,8 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = Path(pool.__file__).resolve().parent
 EDGES = ("pool.etl", "pool.serve", "pool.cluster", "pool.cli", "pool.argtypes", "pool.__main__")
 TENSORFLOW = ("tensorflow", "tensorflow_hub", "tf_keras", "keras")
-TENSORFLOW_MODULES = ("pool.model", "pool.reference_models")
-OPTIONAL = ("pandas", "pyarrow", "tqdm", "distributed", "dask", "starlette", "uvicorn", "httpx")
+#: ``pool.runtimes.converter`` runs only as its own subprocess (the conversion to other runtimes).
+TENSORFLOW_MODULES = ("pool.model", "pool.reference_models", "pool.runtimes.converter")
+OPTIONAL = (
+    *("pandas", "pyarrow", "tqdm", "distributed", "dask", "starlette", "uvicorn", "httpx"),
+    *("openvino", "onnxruntime", "onnx", "tf2onnx"),
+)
 #: Documented standard-library names that happen to start with an underscore.
 STDLIB_UNDERSCORE = {"os._exit", "sys._getframe"}
 
