@@ -31,6 +31,7 @@ from . import __version__, etl
 from .argtypes import positive_int
 from .messages import STRING, SignatureInfo, TensorInfo
 from .serve import command as serve_command
+from .worker import TF_LOGS_VARIABLE
 
 log = logging.getLogger("pool")
 
@@ -144,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbosity = predict.add_mutually_exclusive_group()
     verbosity.add_argument(
-        "--verbose", "-v", action="count", default=0, help="log progress (-vv: and tracebacks)"
+        "--verbose",
+        "-v",
+        action="count",
+        default=0,
+        help="log progress (-vv: and tracebacks, and TensorFlow's start-up lines from workers)",
     )
     verbosity.add_argument("--quiet", "-q", action="store_true", help="print errors only")
     inspect = commands.add_parser(
@@ -225,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.addHandler(handler)
     previous_level = log.level
     log.setLevel(level)
+    # -vv: workers and the fork server show TensorFlow's C++ start-up lines (docs/guide.md)
+    tf_logs = args.verbose >= 2 and TF_LOGS_VARIABLE not in os.environ
+    if tf_logs:
+        os.environ[TF_LOGS_VARIABLE] = "1"
 
     def terminate(signum: int, frame: Any) -> None:
         raise _Terminated
@@ -249,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous_term)
         log.removeHandler(handler)
         log.setLevel(previous_level)
+        if tf_logs:
+            os.environ.pop(TF_LOGS_VARIABLE, None)
 
 
 def _interrupted(args: argparse.Namespace, how: str = "interrupted") -> str:

@@ -34,6 +34,12 @@ def configure_threads(intra_op_threads: int, inter_op_threads: int) -> tuple[int
     )
 
 
+def start_runtime() -> None:
+    """Start TensorFlow's runtime now (it probes for CUDA devices), after
+    :func:`configure_threads`, so that its start-up lines come at a known moment."""
+    tf.config.list_physical_devices()
+
+
 def resolve(handle: str) -> str:
     """Download a remote TF Hub handle into the TF Hub cache (once); return the local copy."""
     log.info("resolving %s into the TF Hub cache", handle)
