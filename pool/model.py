@@ -43,7 +43,14 @@ def start_runtime() -> None:
 def resolve(handle: str) -> str:
     """Download a remote TF Hub handle into the TF Hub cache (once); return the local copy."""
     log.info("resolving %s into the TF Hub cache", handle)
-    return hub.resolve(handle)
+    try:
+        return hub.resolve(handle)
+    except Exception as exc:  # URLError, HTTPError, a bad archive, a malformed handle...
+        raise ModelLoadError(
+            f"could not fetch the TF Hub handle {handle!r} into the TF Hub cache "
+            f"({os.environ.get('TFHUB_CACHE_DIR') or 'the default cache'}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _dtype_name(dtype: tf.DType) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 import threading
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from . import sharding
 from .backend import Backend, Batching, Limits, Settings, positive
 from .errors import PoolClosedError
 from .messages import ShardRequest, SignatureInfo, WorkerReady, WorkerStats
-from .process import allowed_cpus, default_workers, make_context
+from .process import allowed_cpus, bootstrapping_worker, default_workers, make_context
 
 log = logging.getLogger("pool")
 
@@ -95,6 +96,9 @@ class PredictionPool:
         workers = None if workers is None else positive("workers", workers)
         if workers is None and cluster is None:
             workers = default_workers()
+        if cluster is None:
+            check_factory(model)
+            warn_oversubscribed(workers or 1, threads_per_worker, cpus)
         self._settings = Settings(
             model=model,
             workers=workers or 0,
@@ -188,6 +192,11 @@ class PredictionPool:
 
     def start(self) -> PredictionPool:
         """Start every worker, load the model in all of them at once, and warm them up."""
+        if bootstrapping_worker():
+            # A script without the __main__ guard, re-imported by a worker: end the worker
+            # quietly (no multiprocessing traceback); the parent's start() raises
+            # ModelLoadError naming the guard.
+            raise SystemExit(1)
         with self._lock:
             if self._backend is not None:
                 return self
@@ -429,6 +438,37 @@ class CallFuture(Future):
         dropped = [p for p in reversed(self.parts) if p.cancel() or p.cancelled()]
         self.cancelling = False
         return super().cancel() if dropped else False
+
+
+def check_factory(model: Any) -> None:
+    """A factory must reach the workers by pickle: refuse one that cannot (a lambda, a function
+    defined inside another), naming the fix, before any worker starts."""
+    if isinstance(model, str):
+        return
+    try:
+        pickle.dumps(model)
+    except Exception as exc:  # PicklingError, AttributeError ("Can't pickle local object")
+        raise TypeError(
+            f"the model factory {model!r} cannot be sent to the worker processes "
+            f"({type(exc).__name__}: {exc}): use a function defined at the top level of a "
+            "module (or functools.partial of one), not a lambda or a nested function"
+        ) from None
+
+
+def warn_oversubscribed(workers: int, threads_per_worker: Any, cpus: list[int] | None) -> None:
+    """Log a warning when ``workers × threads_per_worker`` exceeds the CPUs this process may
+    use: the workers then compete for cores and each model call gets slower."""
+    available = len(cpus) if cpus else (os.cpu_count() or 1)
+    if not isinstance(threads_per_worker, int) or workers * threads_per_worker <= available:
+        return
+    log.warning(
+        "workers=%d x threads_per_worker=%d = %d threads on %d CPU(s): the workers will compete "
+        "for cores and run slower; keep workers x threads_per_worker <= CPUs (docs/guide.md)",
+        workers,
+        threads_per_worker,
+        workers * threads_per_worker,
+        available,
+    )
 
 
 def _combine(parts: list[Future], signature: SignatureInfo) -> Future:
