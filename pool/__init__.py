@@ -20,7 +20,8 @@ Core modules: ``model`` (the only one importing TensorFlow), ``worker`` (inside 
 processes), ``messages`` (what crosses the process boundary), ``transport`` (socket framing
 and the shared arena), ``sharding`` (validate, split, gather), ``batching`` (the queue and what
 combines), ``dispatcher`` (scheduling, retries), ``process`` (one worker process), ``backend``
-(the pool/workers seam and the validated settings), ``local`` (the local backend),
+(the pool/workers seam and the validated settings), ``savedmodel_pb`` (a local SavedModel's
+signatures from ``saved_model.pb``, without TensorFlow), ``local`` (the local backend),
 ``prediction_pool`` (lifecycle and public API). Edges, never imported by the core: ``etl``
 (data frames, file formats, staging, file jobs), ``cli`` (the command line), ``serve`` (the
 TF Serving-compatible HTTP server), ``cluster`` (the Dask backend). ``reference_models``
