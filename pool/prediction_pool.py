@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -34,6 +34,8 @@ log = logging.getLogger("pool")
 
 Model = str | os.PathLike | Callable[[], Callable]
 Prediction = np.ndarray | dict[str, np.ndarray]
+#: ``imap(progress=)``: ``False``, ``True`` (a tqdm bar) or a callable taking a row count.
+Progress = bool | Callable[[int], Any]
 
 
 class PredictionPool:
@@ -293,13 +295,104 @@ class PredictionPool:
         shard_size: int | None = None,
         max_in_flight: int | None = None,
         check_finite: bool = False,
+        progress: Progress = False,
     ) -> Iterator[Prediction]:
         """Predict each batch of ``batches``, yielding results in input order.
 
         At most ``max_in_flight`` shards are submitted ahead of the one being yielded (a batch
         is never split across that bound), so an endless generator runs in flat memory. If the
         iterable or one of its batches raises, every earlier result is yielded first.
+        ``progress``: ``True`` for a tqdm bar counting rows on stderr (when it is a terminal
+        and tqdm is installed), or a callable called with each result's row count as it is
+        yielded (``tqdm(total=n).update``, a logger...).
         """
+        results = self._imap_ordered(batches, shard_size, max_in_flight, check_finite)
+        yield from _counted(results, progress, lambda result: result)
+
+    def imap_unordered(
+        self,
+        batches: Iterable[Any],
+        *,
+        shard_size: int | None = None,
+        max_in_flight: int | None = None,
+        check_finite: bool = False,
+        progress: Progress = False,
+    ) -> Iterator[tuple[int, Prediction]]:
+        """Predict each batch of ``batches``, yielding ``(index, result)`` as each batch is
+        answered: ``index`` is the batch's position in ``batches`` (0-based), so a caller can
+        reorder or write results where they belong. A slow batch holds back none of the others.
+
+        Memory is bounded as in :meth:`imap`: at most ``max_in_flight`` shards are submitted
+        and not yet yielded (a batch is never split across that bound). If the iterable or
+        one of its batches raises, every batch submitted before is answered and yielded first;
+        if the model fails on a batch, its error is raised when that batch is answered and
+        the batches still waiting are cancelled. ``progress`` as in :meth:`imap`.
+        """
+        results = self._imap_unordered(batches, shard_size, max_in_flight, check_finite)
+        yield from _counted(results, progress, lambda pair: pair[1])
+
+    def _imap_unordered(
+        self,
+        batches: Iterable[Any],
+        shard_size: int | None,
+        max_in_flight: int | None,
+        check_finite: bool,
+    ) -> Iterator[tuple[int, Prediction]]:
+        backend, signature = self._running()
+        bound = (
+            self.max_in_flight
+            if max_in_flight is None
+            else positive("max_in_flight", max_in_flight)
+        )
+        pending: dict[Future, tuple[int, list[Future]]] = {}
+        in_flight = 0
+        iterator = iter(batches)
+        index = 0
+        failure: BaseException | None = None
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and failure is None and (in_flight < bound or not pending):
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    except BaseException as exc:  # answer what was submitted, then re-raise
+                        failure = exc
+                        break
+                    try:
+                        arrays, rows = sharding.prepare(batch, signature, check_finite)
+                    except (ValueError, TypeError) as exc:
+                        failure = exc
+                        break
+                    future, parts = self._dispatch(
+                        backend, signature, arrays, rows, shard_size, bounded=False
+                    )
+                    pending[future] = (index, parts)
+                    in_flight += len(parts)
+                    index += 1
+                if not pending:
+                    break
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: pending[f][0]):
+                    position, parts = pending.pop(future)
+                    in_flight -= len(parts)
+                    yield position, future.result()
+            if failure is not None:
+                raise failure
+        finally:  # the consumer stopped early or something failed: drop what was not asked for
+            for _, parts in pending.values():
+                for part in parts:
+                    part.cancel()
+
+    def _imap_ordered(
+        self,
+        batches: Iterable[Any],
+        shard_size: int | None,
+        max_in_flight: int | None,
+        check_finite: bool,
+    ) -> Iterator[Prediction]:
         backend, signature = self._running()
         bound = (
             self.max_in_flight
@@ -438,6 +531,48 @@ class CallFuture(Future):
         dropped = [p for p in reversed(self.parts) if p.cancel() or p.cancelled()]
         self.cancelling = False
         return super().cancel() if dropped else False
+
+
+def rows_of(result: Prediction) -> int:
+    """The rows of one result: its length, or the length of its first output."""
+    if isinstance(result, dict):
+        return len(next(iter(result.values()))) if result else 0
+    return len(result)
+
+
+def _counted(
+    results: Iterator[Any], progress: Progress, prediction: Callable[[Any], Prediction]
+) -> Iterator[Any]:
+    """Yield ``results``, reporting each one's rows to ``progress`` (see :meth:`imap`)."""
+    if progress is False or progress is None:
+        yield from results
+        return
+    bar: Any = None
+    if progress is True:
+        try:
+            from tqdm import tqdm  # optional: the ``etl`` extra, or ``pip install tqdm``
+        except ImportError:
+            log.warning(
+                "progress=True needs tqdm (pip install tqdm, or 'prediction-pool[etl]'); "
+                "showing no progress"
+            )
+            yield from results
+            return
+        bar = tqdm(unit=" rows", unit_scale=True, disable=None, mininterval=0.5)
+        update: Callable[[int], Any] = bar.update
+    elif callable(progress):
+        update = progress
+    else:
+        raise TypeError(
+            f"progress must be a bool or a callable taking a row count, got {progress!r}"
+        )
+    try:
+        for item in results:
+            update(rows_of(prediction(item)))
+            yield item
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def check_factory(model: Any) -> None:
