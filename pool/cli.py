@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
             "after a crash or Ctrl-C, --resume continues from the last committed chunk."
         ),
         epilog="Exit status: 0 done, 1 failed while running, 2 bad arguments or data, "
-        "130 interrupted. See docs/etl.md.",
+        "130 interrupted by Ctrl-C, 143 stopped by SIGTERM (committed chunks are kept for "
+        "--resume). See docs/etl.md.",
     )
     predict.add_argument("model", metavar="MODEL", help="SavedModel directory or TF Hub handle")
     predict.add_argument("--input", "-i", required=True, help="input file: .parquet, .csv, .npy")

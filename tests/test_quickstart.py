@@ -33,6 +33,20 @@ def test_readme_example_runs(models, tmp_path):
     assert len([line for line in lines if line.startswith("WorkerStats(")]) == 2
 
 
+def test_guide_quick_start_runs(models, tmp_path):
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    section = guide[guide.index("## Quick start") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "guide_quickstart.py"
+    script.write_text(code)
+    done = run_script(script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[:5] == ["(64, 10)", *["(16, 10)"] * 4], lines
+    assert sorted(lines[5:7]) == ["0 (8, 10)", "1 (32, 10)"], lines  # in completion order
+    assert lines[7:] == ["(8, 10)", "2"], lines
+
+
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_script_without_main_guard_gets_a_clear_error(models, tmp_path, method):
     script = tmp_path / "no_guard.py"
