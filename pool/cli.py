@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -180,6 +181,7 @@ def _predict(args: argparse.Namespace) -> int:
     output_column = _pairs(args.output_column, "--output-column")
     if isinstance(output_column, list):
         raise _UsageError("--output-column: give one NAME, or OUTPUT=NAME for each output")
+    started = time.perf_counter()
     report = etl.predict_file(
         args.model,
         args.input,
@@ -199,12 +201,38 @@ def _predict(args: argparse.Namespace) -> int:
         **({"cluster": args.cluster} if args.cluster else {}),
     )
     if not args.quiet:
-        resumed = f", {report.resumed_chunks} chunk(s) resumed" if report.resumed_chunks else ""
-        sys.stderr.write(
-            f"wrote {report.rows:,} rows to {report.output} in {report.seconds:.1f} s "
-            f"({report.rows_per_second:,.0f} rows/s{resumed})\n"
-        )
+        sys.stderr.write(_summary(report, time.perf_counter() - started) + "\n")
     return 0
+
+
+def _summary(report: Any, wall_seconds: float) -> str:
+    """One line: rows, output, wall time with start-up, and the rate once workers were ready."""
+    resumed = f"; {report.resumed_chunks} chunk(s) resumed" if report.resumed_chunks else ""
+    rate = (
+        f"{report.rows_per_second:,.0f} rows/s once the workers were ready"
+        if report.computed_rows
+        else "nothing left to compute"
+    )
+    return (
+        f"wrote {report.rows:,} rows to {report.output} in {wall_seconds:.1f} s, worker "
+        f"start-up included ({rate}{resumed})"
+    )
+
+
+def _kept_note(output: str) -> str:
+    """What a failed job left in ``.OUT.partial/``, for its error line ("" if nothing)."""
+    partial = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.partial")
+    try:
+        parts = [n for n in os.listdir(partial) if n.startswith("part-")]
+    except OSError:
+        return ""
+    if not parts:
+        return ""
+    return (
+        f"; {partial}/ keeps the {len(parts)} chunk(s) committed before the error: --resume "
+        "continues from them while the input and options are unchanged, a run without it "
+        "discards them"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,14 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         return _fail(EXIT_USAGE, f"{exc} (see --help)")
     except etl.EtlError as exc:
-        return _fail(EXIT_USAGE, str(exc))
+        return _fail(EXIT_USAGE, f"{exc}{_kept_note(args.output)}")
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, _interrupted(args))
     except _Terminated:
         return _fail(EXIT_TERMINATED, _interrupted(args, "terminated"))
     except Exception as exc:  # PoolError (model load, worker), OSError, ...: a runtime failure
         log.debug("the job failed", exc_info=True)
-        return _fail(EXIT_RUNTIME, f"{type(exc).__name__}: {exc}")
+        return _fail(EXIT_RUNTIME, f"{type(exc).__name__}: {exc}{_kept_note(args.output)}")
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)

@@ -154,6 +154,12 @@ def load_model(config: WorkerConfig, loads: int = 1) -> tuple[Any, WorkerReady]:
     return model, ready
 
 
+def one_line(exc: BaseException) -> str:
+    """``"Type: message"`` on one line: TensorFlow's messages span several lines ("Graph
+    execution error:", the node, the assertion); the full text stays in the traceback."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def call_model(model: Any, request: ShardRequest) -> ShardResult:
     """Call the model on one shard; a model failure becomes a ``WorkerError`` naming the rows."""
     started = time.perf_counter()
@@ -161,7 +167,7 @@ def call_model(model: Any, request: ShardRequest) -> ShardResult:
         outputs = model(request.inputs)
     except Exception as exc:
         raise WorkerError(
-            f"rows {request.start}:{request.stop}: the model raised {type(exc).__name__}: {exc}",
+            f"rows {request.start}:{request.stop}: the model raised {one_line(exc)}",
             traceback.format_exc(),
             type(exc).__name__,
         ) from None
@@ -180,7 +186,7 @@ def run_batch(model: Any, batch: Batch, arena: transport.Arena | None) -> BatchD
     except Exception as exc:
         return BatchFailed(
             batch.batch_id,
-            f"{type(exc).__name__}: {exc}",
+            one_line(exc),
             traceback.format_exc(),
             type(exc).__name__,
         )
