@@ -8,9 +8,12 @@ class PoolError(Exception):
 
 
 class ModelLoadError(PoolError):
-    """A worker could not load the model (missing path, not a SavedModel, unknown signature...).
+    """The model could not be loaded (missing path, not a SavedModel, unknown signature or
+    output, a TF Hub handle that could not be fetched, no Dask scheduler at the address...).
 
-    The message carries the worker's own exception and traceback text.
+    Mistakes the parent can see (a missing directory; a signature or output that
+    ``saved_model.pb`` does not have) are raised before any worker starts; otherwise the
+    message carries the worker's own exception and traceback text.
     """
 
 
