@@ -4,7 +4,7 @@ A :class:`PredictionPool` starts one worker process per core; each loads the mod
 once. Calls are validated, split into shards, combined with other callers' waiting shards into
 model calls, run on all cores and gathered in input order::
 
-    caller: pool.predict(x) / pool.imap(batches) / pool.submit(x)   (any number of threads)
+    caller: pool.predict(x) / pool.imap(batches) / pool.imap_unordered(batches) / pool.submit(x)
       │
       ▼  sharding.prepare      validate against the signature (NumPy only, in the caller)
       ▼  sharding.split        rows -> shards [(start, stop), ...], one Future each
