@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pool tests benchmarks scripts noxfile.py
 
-.PHONY: bench bench-requests bench-serving bench-quick test lint typecheck pythons format models clean
+.PHONY: bench bench-full bench-scaling bench-requests bench-serving bench-quick test lint typecheck pythons format models clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,22 @@ $(STAMP): pyproject.toml
 models: $(STAMP)
 	$(PY) -m pool.reference_models
 
-# The full run takes about 25 minutes on 2 cores: core scaling (~12), then requests (~13).
+# The answer in a few minutes (docs/benchmarks.md): core scaling on MobileNetV2 alone, 2 rounds,
+# then concurrent requests on the text model and the small CNN at 1 and 16 clients, one repeat
+# of 3 s windows. Every target these carry is printed; results go to benchmarks/results/short/.
+SHORT := benchmarks/results/short
 bench: $(STAMP) models
+	$(PY) benchmarks/core_scaling.py --workload image --rounds 2 --load-per-call-requests 2 \
+		--output-dir $(SHORT)
+	$(PY) benchmarks/concurrent_requests.py --workloads text_embedding,small_cnn --clients 1,16 \
+		--repeats 1 --seconds 3 --warmup-seconds 0.5 --output-dir $(SHORT)
+
+# The full runs behind docs/benchmarks.md, about 25 minutes on 2 cores: core scaling (~12 min),
+# then concurrent requests (~13 min); results go to benchmarks/results/.
+bench-full: bench-scaling bench-requests
+
+bench-scaling: $(STAMP) models
 	$(PY) benchmarks/core_scaling.py
-	$(PY) benchmarks/concurrent_requests.py
 
 bench-requests: $(STAMP) models
 	$(PY) benchmarks/concurrent_requests.py

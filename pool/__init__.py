@@ -4,7 +4,7 @@ A :class:`PredictionPool` starts one worker process per core; each loads the mod
 once. Calls are validated, split into shards, combined with other callers' waiting shards into
 model calls, run on all cores and gathered in input order::
 
-    caller: pool.predict(x) / pool.imap(batches) / pool.submit(x)   (any number of threads)
+    caller: pool.predict(x) / pool.imap(batches) / pool.imap_unordered(batches) / pool.submit(x)
       │
       ▼  sharding.prepare      validate against the signature (NumPy only, in the caller);
       │                        the arrays are a snapshot: the caller may reuse its buffers
@@ -22,11 +22,12 @@ processes), ``messages`` (what crosses the process boundary), ``transport`` (soc
 and the shared arena), ``sharding`` (validate, split, gather), ``batching`` (the queue and what
 combines), ``futures`` (callers' callbacks run on a callback thread, never on the
 dispatcher), ``dispatcher`` (scheduling, retries), ``process`` (one worker process),
-``backend`` (the pool/workers seam and the validated settings), ``local`` (the local backend),
-``prediction_pool`` (lifecycle and public API), ``runtimes`` (``runtime=``: OpenVINO / ONNX
-Runtime / ``auto`` behind one interface; conversion in a subprocess, a verified cache; workers
-of a converted model run ``runtimes.<name>`` instead of ``model.LoadedModel`` and never import
-TensorFlow). Edges, never imported by the core: ``etl``
+``backend`` (the pool/workers seam and the validated settings), ``savedmodel_pb`` (a local
+SavedModel's signatures from ``saved_model.pb``, without TensorFlow), ``local`` (the local
+backend), ``prediction_pool`` (lifecycle and public API), ``runtimes`` (``runtime=``: OpenVINO
+/ ONNX Runtime / ``auto`` behind one interface; conversion in a subprocess, a verified cache;
+workers of a converted model run ``runtimes.<name>`` instead of ``model.LoadedModel`` and never
+import TensorFlow). Edges, never imported by the core: ``etl``
 (data frames, file formats, staging, file jobs), ``cli`` (the command line), ``serve`` (the
 TF Serving-compatible HTTP server), ``cluster`` (the Dask backend). ``reference_models``
 builds the SavedModels used by tests, the demo and benchmarks.

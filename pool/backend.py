@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import ModelLoadError
 from .messages import ShardRequest, WorkerConfig, WorkerReady, WorkerStats
+from .savedmodel_pb import check_signature
 
 #: What ``PredictionPool(model)`` accepts: a SavedModel directory, a TF Hub handle, or a
 #: top-level factory callable.
@@ -87,17 +88,21 @@ class Settings:
         )
 
 
-def local_model_path(model: ModelRef) -> ModelRef:
+def local_model_path(
+    model: ModelRef, signature: str = "serving_default", output: str | None = None
+) -> ModelRef:
     """An absolute SavedModel directory, a factory as given, or a remote handle as given.
 
     A string that is neither a URL-like handle nor an existing directory fails here, in the
-    caller, before any worker starts."""
+    caller, before any worker starts; so does a signature or output that ``saved_model.pb``
+    shows the model does not have."""
     if not isinstance(model, str) or "://" in model:
         return model
     if not os.path.isdir(model):
         raise ModelLoadError(
             f"expected a SavedModel directory or a TF Hub handle, got {model!r}: no such directory"
         )
+    check_signature(model, signature, output)
     return os.path.abspath(model)
 
 

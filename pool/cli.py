@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -32,6 +33,7 @@ from . import __version__, etl
 from .argtypes import add_pool_options, pool_options, positive_int
 from .messages import STRING, SignatureInfo, TensorInfo
 from .serve import command as serve_command
+from .worker import TF_LOGS_VARIABLE
 
 log = logging.getLogger("pool")
 
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
             "after a crash or Ctrl-C, --resume continues from the last committed chunk."
         ),
         epilog="Exit status: 0 done, 1 failed while running, 2 bad arguments or data, "
-        "130 interrupted. See docs/etl.md.",
+        "130 interrupted by Ctrl-C, 143 stopped by SIGTERM (committed chunks are kept for "
+        "--resume). See docs/etl.md.",
     )
     predict.add_argument("model", metavar="MODEL", help="SavedModel directory or TF Hub handle")
     predict.add_argument("--input", "-i", required=True, help="input file: .parquet, .csv, .npy")
@@ -149,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_pool_options(predict, skip=("--shard-size",))
     verbosity = predict.add_mutually_exclusive_group()
     verbosity.add_argument(
-        "--verbose", "-v", action="count", default=0, help="log progress (-vv: and tracebacks)"
+        "--verbose",
+        "-v",
+        action="count",
+        default=0,
+        help="log progress (-vv: and tracebacks, and TensorFlow's start-up lines from workers)",
     )
     verbosity.add_argument("--quiet", "-q", action="store_true", help="print errors only")
     inspect = commands.add_parser(
@@ -179,6 +186,7 @@ def _predict(args: argparse.Namespace) -> int:
     output_column = _pairs(args.output_column, "--output-column")
     if isinstance(output_column, list):
         raise _UsageError("--output-column: give one NAME, or OUTPUT=NAME for each output")
+    started = time.perf_counter()
     report = etl.predict_file(
         args.model,
         args.input,
@@ -200,12 +208,38 @@ def _predict(args: argparse.Namespace) -> int:
         **pool_options(args),
     )
     if not args.quiet:
-        resumed = f", {report.resumed_chunks} chunk(s) resumed" if report.resumed_chunks else ""
-        sys.stderr.write(
-            f"wrote {report.rows:,} rows to {report.output} in {report.seconds:.1f} s "
-            f"({report.rows_per_second:,.0f} rows/s{resumed})\n"
-        )
+        sys.stderr.write(_summary(report, time.perf_counter() - started) + "\n")
     return 0
+
+
+def _summary(report: Any, wall_seconds: float) -> str:
+    """One line: rows, output, wall time with start-up, and the rate once workers were ready."""
+    resumed = f"; {report.resumed_chunks} chunk(s) resumed" if report.resumed_chunks else ""
+    rate = (
+        f"{report.rows_per_second:,.0f} rows/s once the workers were ready"
+        if report.computed_rows
+        else "nothing left to compute"
+    )
+    return (
+        f"wrote {report.rows:,} rows to {report.output} in {wall_seconds:.1f} s, worker "
+        f"start-up included ({rate}{resumed})"
+    )
+
+
+def _kept_note(output: str) -> str:
+    """What a failed job left in ``.OUT.partial/``, for its error line ("" if nothing)."""
+    partial = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.partial")
+    try:
+        parts = [n for n in os.listdir(partial) if n.startswith("part-")]
+    except OSError:
+        return ""
+    if not parts:
+        return ""
+    return (
+        f"; {partial}/ keeps the {len(parts)} chunk(s) committed before the error: --resume "
+        "continues from them while the input and options are unchanged, a run without it "
+        "discards them"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.addHandler(handler)
     previous_level = log.level
     log.setLevel(level)
+    # -vv: workers and the fork server show TensorFlow's C++ start-up lines (docs/guide.md)
+    tf_logs = args.verbose >= 2 and TF_LOGS_VARIABLE not in os.environ
+    if tf_logs:
+        os.environ[TF_LOGS_VARIABLE] = "1"
 
     def terminate(signum: int, frame: Any) -> None:
         raise _Terminated
@@ -243,19 +281,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         return _fail(EXIT_USAGE, f"{exc} (see --help)")
     except etl.EtlError as exc:
-        return _fail(EXIT_USAGE, str(exc))
+        return _fail(EXIT_USAGE, f"{exc}{_kept_note(args.output)}")
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, _interrupted(args))
     except _Terminated:
         return _fail(EXIT_TERMINATED, _interrupted(args, "terminated"))
     except Exception as exc:  # PoolError (model load, worker), OSError, ...: a runtime failure
         log.debug("the job failed", exc_info=True)
-        return _fail(EXIT_RUNTIME, f"{type(exc).__name__}: {exc}")
+        return _fail(EXIT_RUNTIME, f"{type(exc).__name__}: {exc}{_kept_note(args.output)}")
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
         log.removeHandler(handler)
         log.setLevel(previous_level)
+        if tf_logs:
+            os.environ.pop(TF_LOGS_VARIABLE, None)
 
 
 def _interrupted(args: argparse.Namespace, how: str = "interrupted") -> str:

@@ -8,30 +8,41 @@ class PoolError(Exception):
 
 
 class ModelLoadError(PoolError):
-    """A worker could not load the model (missing path, not a SavedModel, unknown signature...).
+    """The model could not be loaded (missing path, not a SavedModel, unknown signature or
+    output, a TF Hub handle that could not be fetched, no Dask scheduler at the address...).
 
-    The message carries the worker's own exception and traceback text.
+    Mistakes the parent can see (a missing directory; a signature or output that
+    ``saved_model.pb`` does not have) are raised before any worker starts; otherwise the
+    message carries the worker's own exception and traceback text.
     """
 
 
 class WorkerError(PoolError):
     """The model raised inside a worker while answering a shard.
 
-    ``str(error)`` names the rows of the shard and the worker's exception; ``remote_traceback``
-    holds the worker's formatted traceback; ``error_type`` the name of the exception's class
-    (e.g. ``"InvalidArgumentError"``), for callers that map errors to codes.
+    ``str(error)`` is the message alone: the rows of the shard and the worker's exception;
+    ``remote_traceback`` holds the worker's formatted traceback; ``error_type`` the name of the
+    exception's class (e.g. ``"InvalidArgumentError"``), for callers that map errors to codes.
+    The worker's traceback is also the error's ``__cause__``, so an uncaught ``WorkerError``
+    prints it above its own, as ``concurrent.futures.ProcessPoolExecutor`` does.
     """
 
     def __init__(self, message: str, remote_traceback: str = "", error_type: str = "") -> None:
         super().__init__(message, remote_traceback, error_type)
         self.remote_traceback = remote_traceback
         self.error_type = error_type
+        if remote_traceback:  # also after unpickling: pickle calls __init__ with the args
+            self.__cause__ = _RemoteTraceback(remote_traceback)
 
     def __str__(self) -> str:
-        message = self.args[0]
-        if self.remote_traceback:
-            return f"{message}\n\nWorker traceback:\n{self.remote_traceback}"
-        return message
+        return str(self.args[0])
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback text, shown as the cause of a :class:`WorkerError`."""
+
+    def __str__(self) -> str:
+        return f"\n\nWorker traceback:\n{self.args[0]}"
 
 
 class WorkerCrashedError(PoolError):

@@ -33,7 +33,7 @@ class LocalBackend:
 
     def start(self) -> list[WorkerReady]:
         settings = self._settings
-        model = local_model_path(settings.model)
+        model = local_model_path(settings.model, settings.signature, settings.output)
         if isinstance(model, str) and "://" in model:
             from . import model as model_module  # imports TensorFlow: remote handles only
 

@@ -34,10 +34,23 @@ def configure_threads(intra_op_threads: int, inter_op_threads: int) -> tuple[int
     )
 
 
+def start_runtime() -> None:
+    """Start TensorFlow's runtime now (it probes for CUDA devices), after
+    :func:`configure_threads`, so that its start-up lines come at a known moment."""
+    tf.config.list_physical_devices()
+
+
 def resolve(handle: str) -> str:
     """Download a remote TF Hub handle into the TF Hub cache (once); return the local copy."""
     log.info("resolving %s into the TF Hub cache", handle)
-    return hub.resolve(handle)
+    try:
+        return hub.resolve(handle)
+    except Exception as exc:  # URLError, HTTPError, a bad archive, a malformed handle...
+        raise ModelLoadError(
+            f"could not fetch the TF Hub handle {handle!r} into the TF Hub cache "
+            f"({os.environ.get('TFHUB_CACHE_DIR') or 'the default cache'}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _dtype_name(dtype: tf.DType) -> str:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -29,7 +30,7 @@ from .backend import Backend, Batching, Limits, Settings, positive
 from .errors import PoolClosedError, PoolError
 from .futures import CALLBACKS, PoolFuture
 from .messages import ShardRequest, SignatureInfo, WorkerReady, WorkerStats
-from .process import allowed_cpus, default_workers, make_context
+from .process import allowed_cpus, bootstrapping_worker, default_workers, make_context
 from .runtimes.resolve import check_options as check_runtime_options
 
 log = logging.getLogger("pool")
@@ -39,6 +40,8 @@ CALLBACK_FLUSH_SECONDS = 30.0
 
 Model = str | os.PathLike | Callable[[], Callable]
 Prediction = np.ndarray | dict[str, np.ndarray]
+#: ``imap(progress=)``: ``False``, ``True`` (a tqdm bar) or a callable taking a row count.
+Progress = bool | Callable[[int], Any]
 
 
 class PredictionPool:
@@ -110,6 +113,9 @@ class PredictionPool:
         workers = None if workers is None else positive("workers", workers)
         if workers is None and cluster is None:
             workers = default_workers()
+        if cluster is None:
+            check_factory(model)
+            warn_oversubscribed(workers or 1, threads_per_worker, cpus)
         self._settings = Settings(
             model=model,
             workers=workers or 0,
@@ -208,6 +214,11 @@ class PredictionPool:
 
     def start(self) -> PredictionPool:
         """Start every worker, load the model in all of them at once, and warm them up."""
+        if bootstrapping_worker():
+            # A script without the __main__ guard, re-imported by a worker: end the worker
+            # quietly (no multiprocessing traceback); the parent's start() raises
+            # ModelLoadError naming the guard.
+            raise SystemExit(1)
         with self._lock:
             if self._backend is not None:
                 return self
@@ -318,13 +329,104 @@ class PredictionPool:
         shard_size: int | None = None,
         max_in_flight: int | None = None,
         check_finite: bool = False,
+        progress: Progress = False,
     ) -> Iterator[Prediction]:
         """Predict each batch of ``batches``, yielding results in input order.
 
         At most ``max_in_flight`` shards are submitted ahead of the one being yielded (a batch
         is never split across that bound), so an endless generator runs in flat memory. If the
         iterable or one of its batches raises, every earlier result is yielded first.
+        ``progress``: ``True`` for a tqdm bar counting rows on stderr (when it is a terminal
+        and tqdm is installed), or a callable called with each result's row count as it is
+        yielded (``tqdm(total=n).update``, a logger...).
         """
+        results = self._imap_ordered(batches, shard_size, max_in_flight, check_finite)
+        yield from _counted(results, progress, lambda result: result)
+
+    def imap_unordered(
+        self,
+        batches: Iterable[Any],
+        *,
+        shard_size: int | None = None,
+        max_in_flight: int | None = None,
+        check_finite: bool = False,
+        progress: Progress = False,
+    ) -> Iterator[tuple[int, Prediction]]:
+        """Predict each batch of ``batches``, yielding ``(index, result)`` as each batch is
+        answered: ``index`` is the batch's position in ``batches`` (0-based), so a caller can
+        reorder or write results where they belong. A slow batch holds back none of the others.
+
+        Memory is bounded as in :meth:`imap`: at most ``max_in_flight`` shards are submitted
+        and not yet yielded (a batch is never split across that bound). If the iterable or
+        one of its batches raises, every batch submitted before is answered and yielded first;
+        if the model fails on a batch, its error is raised when that batch is answered and
+        the batches still waiting are cancelled. ``progress`` as in :meth:`imap`.
+        """
+        results = self._imap_unordered(batches, shard_size, max_in_flight, check_finite)
+        yield from _counted(results, progress, lambda pair: pair[1])
+
+    def _imap_unordered(
+        self,
+        batches: Iterable[Any],
+        shard_size: int | None,
+        max_in_flight: int | None,
+        check_finite: bool,
+    ) -> Iterator[tuple[int, Prediction]]:
+        backend, signature = self._running()
+        bound = (
+            self.max_in_flight
+            if max_in_flight is None
+            else positive("max_in_flight", max_in_flight)
+        )
+        pending: dict[Future, tuple[int, list[Future]]] = {}
+        in_flight = 0
+        iterator = iter(batches)
+        index = 0
+        failure: BaseException | None = None
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and failure is None and (in_flight < bound or not pending):
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    except BaseException as exc:  # answer what was submitted, then re-raise
+                        failure = exc
+                        break
+                    try:
+                        arrays, rows = sharding.prepare(batch, signature, check_finite)
+                    except (ValueError, TypeError) as exc:
+                        failure = exc
+                        break
+                    future, parts = self._dispatch(
+                        backend, signature, arrays, rows, shard_size, bounded=False
+                    )
+                    pending[future] = (index, parts)
+                    in_flight += len(parts)
+                    index += 1
+                if not pending:
+                    break
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: pending[f][0]):
+                    position, parts = pending.pop(future)
+                    in_flight -= len(parts)
+                    yield position, future.result()
+            if failure is not None:
+                raise failure
+        finally:  # the consumer stopped early or something failed: drop what was not asked for
+            for _, parts in pending.values():
+                for part in parts:
+                    part.cancel()
+
+    def _imap_ordered(
+        self,
+        batches: Iterable[Any],
+        shard_size: int | None,
+        max_in_flight: int | None,
+        check_finite: bool,
+    ) -> Iterator[Prediction]:
         backend, signature = self._running()
         bound = (
             self.max_in_flight
@@ -480,6 +582,79 @@ class CallFuture(PoolFuture):
         dropped = [p for p in reversed(self.parts) if p.cancel() or p.cancelled()]
         self.cancelling = False
         return super().cancel() if dropped else False
+
+
+def rows_of(result: Prediction) -> int:
+    """The rows of one result: its length, or the length of its first output."""
+    if isinstance(result, dict):
+        return len(next(iter(result.values()))) if result else 0
+    return len(result)
+
+
+def _counted(
+    results: Iterator[Any], progress: Progress, prediction: Callable[[Any], Prediction]
+) -> Iterator[Any]:
+    """Yield ``results``, reporting each one's rows to ``progress`` (see :meth:`imap`)."""
+    if progress is False or progress is None:
+        yield from results
+        return
+    bar: Any = None
+    if progress is True:
+        try:
+            from tqdm import tqdm  # optional: the ``etl`` extra, or ``pip install tqdm``
+        except ImportError:
+            log.warning(
+                "progress=True needs tqdm (pip install tqdm, or 'prediction-pool[etl]'); "
+                "showing no progress"
+            )
+            yield from results
+            return
+        bar = tqdm(unit=" rows", unit_scale=True, disable=None, mininterval=0.5)
+        update: Callable[[int], Any] = bar.update
+    elif callable(progress):
+        update = progress
+    else:
+        raise TypeError(
+            f"progress must be a bool or a callable taking a row count, got {progress!r}"
+        )
+    try:
+        for item in results:
+            update(rows_of(prediction(item)))
+            yield item
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def check_factory(model: Any) -> None:
+    """A factory must reach the workers by pickle: refuse one that cannot (a lambda, a function
+    defined inside another), naming the fix, before any worker starts."""
+    if isinstance(model, str):
+        return
+    try:
+        pickle.dumps(model)
+    except Exception as exc:  # PicklingError, AttributeError ("Can't pickle local object")
+        raise TypeError(
+            f"the model factory {model!r} cannot be sent to the worker processes "
+            f"({type(exc).__name__}: {exc}): use a function defined at the top level of a "
+            "module (or functools.partial of one), not a lambda or a nested function"
+        ) from None
+
+
+def warn_oversubscribed(workers: int, threads_per_worker: Any, cpus: list[int] | None) -> None:
+    """Log a warning when ``workers × threads_per_worker`` exceeds the CPUs this process may
+    use: the workers then compete for cores and each model call gets slower."""
+    available = len(cpus) if cpus else (os.cpu_count() or 1)
+    if not isinstance(threads_per_worker, int) or workers * threads_per_worker <= available:
+        return
+    log.warning(
+        "workers=%d x threads_per_worker=%d = %d threads on %d CPU(s): the workers will compete "
+        "for cores and run slower; keep workers x threads_per_worker <= CPUs (docs/guide.md)",
+        workers,
+        threads_per_worker,
+        workers * threads_per_worker,
+        available,
+    )
 
 
 def _combine(parts: list[Future], signature: SignatureInfo) -> Future:

@@ -42,6 +42,17 @@ def make_context(start_method: str | None) -> BaseContext:
     return context
 
 
+#: The name of worker process ``i`` is ``f"{WORKER_NAME}{i}"`` (multiprocessing sets it in the
+#: child before the child re-imports the main module).
+WORKER_NAME = "pool-worker-"
+
+
+def bootstrapping_worker() -> bool:
+    """Whether this process is one of the pool's workers, i.e. a pool is being started while a
+    worker re-imports a main module that has no ``if __name__ == "__main__":`` guard."""
+    return multiprocessing.current_process().name.startswith(WORKER_NAME)
+
+
 class WorkerProcess:
     """One worker process, its end of the socket pair, its arena, and its stats.
 
@@ -55,7 +66,7 @@ class WorkerProcess:
         self.conn, child = context.Pipe(duplex=True)
         try:
             self.process = context.Process(  # type: ignore[attr-defined]
-                target=worker.main, args=(config, child), name=f"pool-worker-{index}", daemon=True
+                target=worker.main, args=(config, child), name=f"{WORKER_NAME}{index}", daemon=True
             )
             self.process.start()
         except BaseException:  # EMFILE, a factory that cannot be pickled...: leave nothing open

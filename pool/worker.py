@@ -17,8 +17,12 @@ This module imports no TensorFlow at import time: the parent imports it to name 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
+import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -45,6 +49,58 @@ from .messages import (
 
 #: How often a worker checks that its parent is still alive, in seconds.
 PARENT_POLL_SECONDS = 0.5
+
+#: Set to ``1`` in the environment of the process that starts the pool (``python -m pool
+#: predict -v`` sets it) to see TensorFlow's C++ start-up lines from workers and the fork server.
+TF_LOGS_VARIABLE = "POOL_TF_LOGS"
+
+#: TensorFlow's C++ start-up lines that say nothing to a CPU user: absl's banner for lines
+#: logged before TensorFlow reads ``TF_CPP_MIN_LOG_LEVEL``, info/warning lines in absl's format
+#: (``I0000 00:00:...``, oneDNN, the CUDA stub loader, CPU features), and the CUDA probe's
+#: ``failed call to cuInit`` error on a machine without a GPU driver.
+_TF_NOISE = re.compile(
+    rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    rb"|[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]"
+    rb"|E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ cuda_\w+\.cc:\d+\].*(cuInit|CUDA)"
+    rb"|To enable the following instructions: .* rebuild TensorFlow)"
+)
+
+
+def tensorflow_logs_wanted() -> bool:
+    """Whether the user asked for TensorFlow's C++ start-up lines (``POOL_TF_LOGS=1``)."""
+    return os.environ.get(TF_LOGS_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def tensorflow_start_quietly() -> Any:
+    """Hold back TensorFlow's C++ start-up lines written to fd 2 inside the block.
+
+    Some are written by absl before TensorFlow reads ``TF_CPP_MIN_LOG_LEVEL``, so only the
+    file descriptor can hold them back. Used around ``import tensorflow`` and the runtime's
+    start in worker processes and the fork server only (never in the user's process), so real
+    errors later still show. Everything written meanwhile is written back afterwards except
+    the lines of :data:`_TF_NOISE`; if the block raises, everything is written back. No-op with
+    ``POOL_TF_LOGS=1``."""
+    if tensorflow_logs_wanted():
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().splitlines(keepends=True)
+            kept = lines if failed else [line for line in lines if not _TF_NOISE.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def _watch_parent(pid: int, create_time: float) -> None:
@@ -74,10 +130,15 @@ def load_model(config: WorkerConfig, loads: int = 1) -> tuple[Any, WorkerReady]:
         return runtimes.load_worker(config, loads)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(config.intra_op_threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = str(config.inter_op_threads)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from . import model as model_module  # imports TensorFlow, after pinning
+    if not tensorflow_logs_wanted():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with tensorflow_start_quietly():
+        from . import model as model_module  # imports TensorFlow, after pinning
 
-    intra, inter = model_module.configure_threads(config.intra_op_threads, config.inter_op_threads)
+        intra, inter = model_module.configure_threads(
+            config.intra_op_threads, config.inter_op_threads
+        )
+        model_module.start_runtime()  # probes for CUDA: a line on fd 2 on a CPU-only machine
     started = time.perf_counter()
     model = model_module.load(config.model, config.signature, config.output)
     load_seconds = time.perf_counter() - started
@@ -98,6 +159,12 @@ def load_model(config: WorkerConfig, loads: int = 1) -> tuple[Any, WorkerReady]:
     return model, ready
 
 
+def one_line(exc: BaseException) -> str:
+    """``"Type: message"`` on one line: TensorFlow's messages span several lines ("Graph
+    execution error:", the node, the assertion); the full text stays in the traceback."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def call_model(model: Any, request: ShardRequest, name: str = "the model") -> ShardResult:
     """Call the model on one shard; a model failure, or outputs without one row per input row,
     become a ``WorkerError`` naming the rows (and the model, as ``name``)."""
@@ -106,7 +173,7 @@ def call_model(model: Any, request: ShardRequest, name: str = "the model") -> Sh
         outputs = model(request.inputs)
     except Exception as exc:
         raise WorkerError(
-            f"rows {request.start}:{request.stop}: the model raised {type(exc).__name__}: {exc}",
+            f"rows {request.start}:{request.stop}: the model raised {one_line(exc)}",
             traceback.format_exc(),
             type(exc).__name__,
         ) from None
@@ -128,7 +195,7 @@ def run_batch(model: Any, batch: Batch, arena: transport.Arena | None) -> BatchD
     except Exception as exc:
         return BatchFailed(
             batch.batch_id,
-            f"{type(exc).__name__}: {exc}",
+            one_line(exc),
             traceback.format_exc(),
             type(exc).__name__,
         )

@@ -93,3 +93,17 @@ def faulty(marker: str | None = None, delay: float = 0.0):
         return {"y": x * 1.0, "pid": np.full((len(x),), os.getpid(), dtype=np.int64)}
 
     return call
+
+
+def sleepy():
+    """Identity on float rows that first sleeps as many seconds as the largest value in column 0
+    (for results that complete out of order)."""
+    import numpy as np
+
+    def call(x):
+        x = np.asarray(x)
+        if x.ndim > 1 and len(x):
+            time.sleep(max(0.0, float(x[:, 0].max())))
+        return x * 1.0
+
+    return call

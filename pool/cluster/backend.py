@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -57,6 +58,30 @@ MAX_LOST_RESULTS = 20
 MAX_SUSPECT_ROUNDS = 5
 
 
+#: Seconds to wait for a TCP connection to a scheduler address before giving up on it.
+CONNECT_SECONDS = 5.0
+
+
+def check_reachable(address: str) -> None:
+    """Raise :class:`pool.ModelLoadError` at once if nothing listens at a ``tcp://`` or
+    ``tls://`` scheduler address: Dask's client would retry a refused connection for
+    ``distributed.comm.timeouts.connect`` (30 s) before failing. Other schemes are left to
+    Dask."""
+    scheme, _, rest = address.partition("://")
+    if scheme not in ("tcp", "tls") or not rest:
+        return
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"no Dask scheduler answers at {address!r}: {exc}. Start one (`dask scheduler`) "
+            "or give the address it prints"
+        ) from None
+
+
 def connect(cluster: Any) -> tuple[Client, bool]:
     """``(client, owned)`` for ``cluster=``: a Client as given (not owned), or a new Client to a
     scheduler address or a cluster object (owned: closed by the pool's shutdown).
@@ -67,6 +92,8 @@ def connect(cluster: Any) -> tuple[Client, bool]:
     shuts down (the Client is closed); an existing default client is left as it is."""
     if isinstance(cluster, Client):
         return cluster, False
+    if isinstance(cluster, str):
+        check_reachable(cluster)
     if isinstance(cluster, str) or hasattr(cluster, "scheduler_address"):
         return Client(cluster, set_as_default=_default_client() is None), True
     if hasattr(cluster, "get_client"):

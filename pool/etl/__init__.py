@@ -6,8 +6,8 @@ edge adapts tables to arrays and calls the core. pandas, pyarrow and tqdm are th
 use them, so ``import pool.etl`` works without them.
 
 Modules: ``frames`` (pandas/Arrow <-> NumPy, :func:`predict`, :func:`submit`,
-:func:`map_batches`, output columns), ``progress`` (the tqdm bar), ``savedmodel_pb`` (a model's
-signatures from ``saved_model.pb``, without TensorFlow), ``formats`` (Parquet/CSV/.npy sources
+:func:`map_batches`, output columns), ``progress`` (the tqdm bar), ``savedmodel_pb`` (re-exports
+the core's reader of ``saved_model.pb``), ``formats`` (Parquet/CSV/.npy sources
 and sinks, column type checks), ``staging`` (the ``.OUT.partial/`` directory: lock, manifest,
 commit, atomic assembly), ``files`` (one :func:`predict_file` job) and ``common`` (``EtlError``,
 optional imports, what the others share). Each offers the others public names only.

@@ -56,7 +56,7 @@ class FileReport:
     resumed_chunks: int  # chunks found committed and skipped
     chunk_rows: int
     shard_size: int
-    seconds: float
+    seconds: float  # from the workers being ready to the rename of the output (no start-up)
 
     @property
     def rows_per_second(self) -> float:
@@ -535,6 +535,8 @@ def predict_file(
                     )
             if running is not None:
                 return job.run(running, previous, chunk_rows, shard_size)
+            if previous is not None and (done := _finish_committed(staging, previous, source)):
+                return done  # every row was committed before the interruption: no pool needed
             started = PredictionPool(
                 model,
                 workers,
@@ -549,6 +551,33 @@ def predict_file(
             staging.release()
     finally:
         source.close()
+
+
+def _finish_committed(
+    staging: Staging, previous: Mapping[str, Any], source: Any
+) -> FileReport | None:
+    """Assemble the output of a resumed job whose every row is already committed (it was
+    interrupted after its last commit), without starting a pool; ``None`` if rows are left."""
+    begun = time.perf_counter()
+    chunk_rows = previous.get("chunk_rows")
+    total = source.num_rows if source.num_rows is not None else source.count_rows()
+    if not isinstance(chunk_rows, int) or not total:
+        return None
+    done = staging.committed(chunk_rows, total)
+    if sum(done) != total:
+        return None
+    staging.finish(total)
+    log.info("resumed %s: every row was already committed; no worker started", staging.output)
+    return FileReport(
+        output=str(staging.output),
+        rows=total,
+        computed_rows=0,
+        chunks=len(done),
+        resumed_chunks=len(done),
+        chunk_rows=chunk_rows,
+        shard_size=0,
+        seconds=time.perf_counter() - begun,
+    )
 
 
 def _check_resumable(
