@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 from . import __version__, etl
 from .argtypes import add_pool_options, pool_options, positive_int
 from .messages import STRING, SignatureInfo, TensorInfo
+from .savedmodel_pb import not_a_savedmodel
 from .serve import command as serve_command
 from .worker import TF_LOGS_VARIABLE
 
@@ -337,8 +338,8 @@ def _signatures(model: str, wanted: str | None) -> tuple[dict[str, SignatureInfo
     ``saved_model.pb`` without TensorFlow when it describes what is asked; else the model is
     loaded with TensorFlow in this process (a TF Hub handle, sparse or composite tensors)."""
     remote = "://" in model
-    if not remote and not os.path.isfile(os.path.join(model, "saved_model.pb")):
-        reason = "no such directory" if not os.path.isdir(model) else "no saved_model.pb in it"
+    reason = not_a_savedmodel(model)
+    if reason is not None:
         raise etl.EtlError(f"model {model!r} is not a SavedModel directory ({reason})")
     found = etl.read_signatures(model)
     name = wanted or "serving_default"

@@ -151,6 +151,15 @@ def peek_signature(
     return SignatureInfo(inputs=found.inputs, outputs=outputs, single_output=single)
 
 
+def not_a_savedmodel(model: str) -> str | None:
+    """Why the local path ``model`` is not a SavedModel directory (``"no such directory"``,
+    ``"no saved_model.pb in it"``), or ``None``: it is one, or it is a handle (``"://"``).
+    Each command line raises its own error with it, before any worker starts."""
+    if "://" in model or os.path.isfile(os.path.join(model, "saved_model.pb")):
+        return None
+    return "no such directory" if not os.path.isdir(model) else "no saved_model.pb in it"
+
+
 def check_signature(model: Any, signature: str, output: str | None) -> None:
     """Raise :class:`pool.ModelLoadError` if ``saved_model.pb`` of the local SavedModel
     ``model`` shows that it has no signature ``signature``, or that this signature has no output

@@ -21,6 +21,7 @@ from .. import sharding
 from ..errors import WorkerCrashedError, WorkerError
 from ..messages import DEFAULT_INPUT, STRING, SignatureInfo, TensorInfo
 from ..prediction_pool import PredictionPool
+from ..savedmodel_pb import not_a_savedmodel
 from .common import Columns, EtlError, OutputColumns, import_optional, log
 from .formats import SINKS, check_column_types, format_of, open_source
 from .frames import (
@@ -463,8 +464,8 @@ def predict_file(
         raise TypeError("workers= and pool options apply only when model is a path, not a pool")
     if running is None and isinstance(model, (str, os.PathLike)):
         text = os.fspath(model)
-        if "://" not in text and not (Path(text) / "saved_model.pb").is_file():
-            reason = "no such directory" if not os.path.isdir(text) else "no saved_model.pb in it"
+        reason = not_a_savedmodel(text)
+        if reason is not None:
             raise EtlError(f"model {text!r} is not a SavedModel directory ({reason})")
     for name, value in (("shard_size", shard_size), ("chunk_rows", chunk_rows)):
         if value is not None and (

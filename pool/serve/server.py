@@ -30,8 +30,8 @@ from typing import Any
 
 import uvicorn
 
-from ..etl import read_signatures
 from ..prediction_pool import PredictionPool
+from ..savedmodel_pb import not_a_savedmodel, read_signatures
 from .app import create_app
 from .limits import (
     DEFAULT_BODY_TIMEOUT,
@@ -83,12 +83,10 @@ def check_model(path: str, signature: str = "serving_default") -> None:
     cannot describe, is left to the workers to load."""
     if "://" in path:
         return
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        reason = (
-            "no such directory"
-            if not os.path.isdir(path)
-            else "no saved_model.pb in it, nor numbered version directories holding one"
-        )
+    reason = not_a_savedmodel(path)
+    if reason is not None:
+        if os.path.isdir(path):
+            reason += ", nor numbered version directories holding one"
         raise ValueError(f"model {path!r} is not a SavedModel directory ({reason})")
     found = read_signatures(path)
     if found is not None and signature not in found:
