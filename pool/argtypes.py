@@ -30,6 +30,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def runtime_name(text: str) -> str:
+    from .runtimes import CHOICES  # no heavy import: names only
+
+    if text not in CHOICES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(CHOICES)}, got {text!r}")
+    return text
+
+
+def precision_name(text: str) -> str:
+    from .runtimes import PRECISIONS
+
+    if text not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRECISIONS)}, got {text!r}")
+    return text
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
@@ -44,6 +60,21 @@ def seconds(text: str) -> float:
 #: is passed to the pool only when given, so the pool's own defaults (and its refusal of
 #: local-only options on a cluster) stay the one source of truth.
 POOL_OPTIONS: tuple[tuple[str, str, Any, str, str], ...] = (
+    (
+        "--runtime",
+        "runtime",
+        runtime_name,
+        "NAME",
+        "what runs the model: tensorflow (default), openvino, onnxruntime, or auto (the fastest "
+        "that converts and matches TensorFlow on this machine; docs/runtimes.md)",
+    ),
+    (
+        "--precision",
+        "precision",
+        precision_name,
+        "P",
+        "f32 (default) or bf16 (OpenVINO's inference precision; with --runtime openvino/auto)",
+    ),
     (
         "--threads-per-worker",
         "threads_per_worker",

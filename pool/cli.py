@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 from . import __version__, etl
 from .argtypes import add_pool_options, pool_options, positive_int
 from .messages import STRING, SignatureInfo, TensorInfo
+from .runtimes import __main__ as runtimes_command
 from .savedmodel_pb import not_a_savedmodel
 from .serve import command as serve_command
 from .worker import TF_LOGS_VARIABLE
@@ -173,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--signature", help="show only this signature")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     serve_command.add_parser(commands)  # python -m pool serve: pool/serve/command.py
+    compile_parser = commands.add_parser(
+        "compile",
+        help="convert a model for --runtime ahead of time and verify it (docs/runtimes.md)",
+        description=runtimes_command.DESCRIPTION,
+    )
+    runtimes_command.add_arguments(compile_parser)
     return parser
 
 
@@ -260,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _inspect(args)
     if args.command == "serve":  # its own logging and signals; imports the web stack lazily
         return serve_command.run(args)
+    if args.command == "compile":  # converts in a subprocess; this process stays TF-free
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return runtimes_command.run(args)
     levels = [logging.WARNING, logging.INFO, logging.DEBUG]
     level = logging.ERROR if args.quiet else levels[min(args.verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)

@@ -182,7 +182,11 @@ class PredictionPool:
 
     @property
     def start_method(self) -> str | None:
-        return self._settings.start_method
+        """How worker processes start: ``forkserver``/``spawn`` as asked (``spawn`` for the
+        workers of a converted ``runtime=``, once started), ``None`` on a cluster."""
+        info = self.runtime_info() if self._backend is not None and self._cluster is None else {}
+        method = info.get("start_method") or self._settings.start_method
+        return None if method is None else str(method)
 
     @property
     def pin_cpus(self) -> bool:
@@ -238,9 +242,10 @@ class PredictionPool:
             self._finalizer.atexit = False
             self.startup_seconds = time.perf_counter() - started
             log.info(
-                "pool started: %d workers (%s, %d intra-op threads each) in %.2f s",
+                "pool started: %d workers (%s, %s, %d intra-op threads each) in %.2f s",
                 len(self._ready),
-                self.start_method or "cluster",
+                self.start_method if self._cluster is None else "cluster",
+                self._ready[0].runtime,
                 self._ready[0].intra_op_threads,
                 self.startup_seconds,
             )

@@ -126,7 +126,7 @@ def test_a_converted_runtime_answers_every_row_like_tensorflow(runtime, model, m
         assert set(info["differences"]) == {t.name for t in pool.signature.outputs}
         assert all(d["max_rel"] <= TOLERANCES["f32"] for d in info["differences"].values())
         assert [r.runtime for r in pool.ready_info] == [runtime, runtime]
-        assert info["start_method"] == "spawn"  # never forked from the TensorFlow fork server
+        assert info["start_method"] == pool.start_method == "spawn"  # not the TF fork server
         assert all(no_tensorflow_in(pid) for pid in pool.worker_pids())
         got = pool.predict(inputs)
         assert_close(only(got), want)
@@ -285,7 +285,7 @@ def test_converting_ahead_of_time_fills_the_cache_a_pool_uses(runtime, models, r
 
     path = models["multi_io"]
     done = subprocess.run(
-        [sys.executable, "-m", "pool.runtimes", path, "--runtime", runtime],
+        [sys.executable, "-m", "pool", "compile", path, "--runtime", runtime],
         capture_output=True,
         text=True,
         timeout=600,
@@ -350,3 +350,46 @@ def test_a_model_without_fixed_shapes_verifies_on_the_users_sample(runtime, tmp_
         got = pool.predict(inputs)
     assert info["runtime"] == runtime and set(info["differences"]) == {"logits", "features"}
     assert_close(got, in_process(path, inputs))
+
+
+@pytest.mark.parametrize("runtime", [ONNXRUNTIME])
+def test_predict_on_the_command_line_takes_runtime(runtime, scaled, tmp_path, runtime_cache):
+    """``python -m pool predict --runtime``: the shared pool options reach the pool; every row
+    within the f32 tolerance of TensorFlow in-process, in order."""
+    import subprocess
+    import sys
+
+    x = sample("scaled", 12)
+    np.save(tmp_path / "in.npy", x)
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "pool", "predict", scaled),
+            *("-i", str(tmp_path / "in.npy"), "-o", str(tmp_path / "out.npy")),
+            *("--model-output", "logits", "--runtime", runtime, "--workers", "1", "-q"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "POOL_RUNTIME_CACHE": str(runtime_cache)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_close(np.load(tmp_path / "out.npy"), in_process(scaled, x)["logits"])
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pool",
+            "predict",
+            scaled,
+            "-i",
+            "x",
+            "-o",
+            "y",
+            "--runtime",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "expected one of tensorflow" in refused.stderr, refused
