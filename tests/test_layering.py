@@ -21,7 +21,17 @@ import pool
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = Path(pool.__file__).resolve().parent
-EDGES = ("pool.etl", "pool.serve", "pool.cluster", "pool.cli", "pool.argtypes", "pool.__main__")
+#: The command lines are edges too: ``python -m pool`` and ``python -m pool.runtimes`` (the same
+#: ``compile`` command, which shares ``pool.argtypes`` with the others).
+EDGES = (
+    "pool.etl",
+    "pool.serve",
+    "pool.cluster",
+    "pool.cli",
+    "pool.argtypes",
+    "pool.__main__",
+    "pool.runtimes.__main__",
+)
 TENSORFLOW = ("tensorflow", "tensorflow_hub", "tf_keras", "keras")
 #: ``pool.runtimes.converter`` runs only as its own subprocess (the conversion to other runtimes).
 TENSORFLOW_MODULES = ("pool.model", "pool.reference_models", "pool.runtimes.converter")
