@@ -250,7 +250,11 @@ def markdown(results: dict[str, Any], png_name: str | None = None) -> str:
         out += [
             "",
             "Configurations: "
-            + "; ".join(f"{SHORT[k]}: {TITLES[k]} ({_threads(w, k)})" for k in KINDS)
+            + "; ".join(
+                f"{SHORT[k]}: {TITLES[k]} ({_threads(w, k)}{_ran(w, k)})"
+                for k in KINDS
+                if w["summary"].get(k)
+            )
             + ".",
             "",
             "Targets:",
