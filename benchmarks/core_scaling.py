@@ -347,6 +347,8 @@ def runtime_plan(args: argparse.Namespace, runtimes: dict[str, Any]) -> dict[str
     """What the runtime configurations run: the pools (by key), the no-IPC ceilings and the
     best single processes (by runtime, f32), each with its artifact."""
     resolved = runtimes["resolved"]
+    if not resolved:  # --runtimes none, or none could run: the TensorFlow plan alone
+        return {"pools": [], "ceilings": [], "singles": [], "artifacts": {}}
     artifacts: dict[str, str | None] = {"tensorflow": None}
     for r in resolved.values():
         if r["precision"] == "f32":  # auto's choice, or an explicit runtime
