@@ -2,6 +2,7 @@
 
     python benchmarks/core_scaling.py [--workload image,cnn,text] [--workers 1,2,4]
                                       [--rounds 5] [--model PATH_OR_HANDLE] [--quick]
+                                      [--runtimes openvino,onnxruntime,auto,openvino-bf16]
 
 In one run, on identical inputs (one seeded RNG, one ``.npy`` file read by every
 configuration), each workload (``image``: MobileNetV2 or ``--model``, shards of 8; ``cnn``: the
@@ -13,13 +14,22 @@ measures:
    via intra-op threads, called on shards of the same size, then on one batch of all rows;
 3. ``executor``: a plain spawn ``ProcessPoolExecutor`` whose initializer loads the model, arrays
    pickled through the pipe, at every worker count;
-4. ``pool``: ``PredictionPool`` at every worker count, same shard size.
+4. ``pool``: ``PredictionPool`` at every worker count, same shard size;
+5. the runtime configurations (issue 14, ``--runtimes``; none with ``--runtimes none``):
+   ``runtime_pool`` (``PredictionPool(runtime=R)`` for each R, ``auto`` included, at every
+   ``--runtime-workers`` count), ``runtime_ceiling`` (the no-IPC ceiling of TensorFlow and of
+   each converted runtime that runs: N independent processes with their rows in memory, one
+   thread each) and ``runtime_single`` (each converted runtime's own best single-process
+   configuration on every core). Every runtime is resolved (converted, verified, cached) by
+   ``pool.runtimes.resolve`` before anything is timed; their outputs are checked against
+   TensorFlow's relative to each output's scale, within ``pool.runtimes.TOLERANCES``.
 
 Each configuration runs in a fresh process of its own (``scaling_runner.py``): its start-up,
 thread settings and memory are its own, and this driver never imports TensorFlow. The
 executor and the pool are measured in ``--rounds`` rounds (fresh processes each round), worker
-counts and the two kinds interleaved (executor 1, pool 1, executor 2, pool 2; the next round
-starts with the pool), so that drift in background load hits both alike; their figures are
+counts and the kinds interleaved (executor 1, pool 1, executor 2, pool 2, then the runtime
+configurations; the next round runs each worker count's in reverse order), so that drift in
+background load hits all alike; their figures are
 medians over every round's passes. Every configuration's outputs are checked against the first
 one's (``np.allclose``): a run whose answers differ exits with status 2. Writes
 ``core_scaling.json`` (every raw figure and the machine), ``core_scaling.png`` and
