@@ -19,9 +19,10 @@ For each workload (a reference model), ``clients`` threads send one-row requests
 
 Each configuration runs in a fresh process of its own (``requests_runner.py``), ``--repeats``
 times, interleaved (the order of the configurations rotates between repeats); figures are
-medians over the repeats. Every configuration's responses (the first of each distinct row, at every client
-count) are compared with the global model answering each row alone; a run whose answers differ
-exits with status 2. Writes ``requests.json`` (every raw figure), ``requests.png`` and
+medians over the repeats. Every configuration's responses (the first of each distinct row, at
+every client count) are compared with the global model answering each row alone (``pool_auto``:
+relative to each output's scale, within ``pool.runtimes.TOLERANCES["f32"]``); a run whose
+answers differ exits with status 2. Writes ``requests.json`` (every raw figure), ``requests.png`` and
 ``requests.md`` to ``--output-dir`` and prints the markdown (tables and targets) to stdout,
 progress to stderr. See docs/benchmarks.md.
 """
