@@ -22,9 +22,9 @@ times, interleaved (the order of the configurations rotates between repeats); fi
 medians over the repeats. Every configuration's responses (the first of each distinct row, at
 every client count) are compared with the global model answering each row alone (``pool_auto``:
 relative to each output's scale, within ``pool.runtimes.TOLERANCES["f32"]``); a run whose
-answers differ exits with status 2. Writes ``requests.json`` (every raw figure), ``requests.png`` and
-``requests.md`` to ``--output-dir`` and prints the markdown (tables and targets) to stdout,
-progress to stderr. See docs/benchmarks.md.
+answers differ exits with status 2. Writes ``requests.json`` (every raw figure),
+``requests.png`` and ``requests.md`` to ``--output-dir`` and prints the markdown (tables and
+targets) to stdout, progress to stderr. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
