@@ -445,15 +445,29 @@ def markdown(results: dict[str, Any], png_name: str | None = None) -> str:
         "(read between phases), and the sum of the peak USS of every process of the "
         "configuration (driver, fork server, resource tracker, workers); outputs: "
         "`np.allclose` to the first configuration's (rtol "
-        f"{results['tolerance']['rtol']:g}, atol {results['tolerance']['atol']:g}); runtime "
-        "configurations: the largest difference to the first configuration's (TensorFlow) "
-        "relative to each output's scale, within `pool.runtimes.TOLERANCES` of the precision; "
-        "no-IPC ceiling: N independent processes, each pinned to one CPU with its share of the "
-        "rows in memory, one thread, all starting each pass together, rows/s = all rows / the "
-        "slowest process's time, start-up = to the end of the slowest one's warm-up pass.",
+        f"{results['tolerance']['rtol']:g}, atol {results['tolerance']['atol']:g})"
+        + (RUNTIME_METHOD if _has_runtimes(results) else "")
+        + ".",
         "",
     ]
     return "\n".join(out)
+
+
+RUNTIME_METHOD = (
+    "; runtime configurations: the largest difference to the first configuration's "
+    "(TensorFlow) relative to each output's scale, within `pool.runtimes.TOLERANCES` of the "
+    "precision; no-IPC ceiling: N independent processes, each pinned to one CPU with its share "
+    "of the rows in memory, one thread, all starting each pass together, rows/s = all rows / "
+    "the slowest process's time, start-up = to the end of the slowest one's warm-up pass"
+)
+
+
+def _has_runtimes(results: dict[str, Any]) -> bool:
+    return any(
+        e["label"].startswith("runtime_")
+        for w in results["workloads"].values()
+        for e in w["entries"]
+    )
 
 
 def _parent_table(w: dict) -> list[str]:
