@@ -281,6 +281,9 @@ def runtime_targets(workload: dict, physical: int, name: str) -> list[dict[str, 
         )
     tf_pool = _find(entries, "pool", n)
     checked = [e for e in ([tf_pool] if tf_pool else []) + rt_pools if e["workers"] == n]
+    # without the baselines (--runtime-baselines none, as make bench runs), no lines for them
+    has_ceilings = any(e["label"] == "runtime_ceiling" for e in entries)
+    has_singles = any(e["label"] == "runtime_single" for e in entries)
     for e in checked:
         if e.get("precision", "f32") != "f32":
             continue
@@ -288,15 +291,16 @@ def runtime_targets(workload: dict, physical: int, name: str) -> list[dict[str, 
             continue  # TensorFlow's own pool targets are above; text's are below
         what = _pool_name(e)
         bound = TARGET_TEXT_VS_CEILING if runs_on(e) == "tensorflow" else TARGET_VS_CEILING
-        add(
-            f"{what} vs the no-IPC ceiling of {runs_on(e)} at N={n}",
-            e["summary"].get("vs_ceiling"),
-            bound,
-            f"{n} independent processes, rows in memory, shards of {workload['shard_size']}, "
-            "1 thread each",
-            True,
-        )
-        if runs_on(e) != "tensorflow":
+        if has_ceilings:
+            add(
+                f"{what} vs the no-IPC ceiling of {runs_on(e)} at N={n}",
+                e["summary"].get("vs_ceiling"),
+                bound,
+                f"{n} independent processes, rows in memory, shards of "
+                f"{workload['shard_size']}, 1 thread each",
+                True,
+            )
+        if has_singles and runs_on(e) != "tensorflow":
             add(
                 f"{what} vs the best single-process configuration of {runs_on(e)} at N={n}",
                 e["summary"].get("vs_own_single"),
