@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=None,
-        help="rounds of the executor and the pool, each in fresh processes, interleaved "
+        help="rounds of the executor, the pool and the runtime configurations, each in fresh processes, interleaved "
         "(default 5; 1 with --quick)",
     )
     p.add_argument(
@@ -235,8 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run of about a minute: the cnn workload, 64 rows, one round "
-        "(its figures are not meaningful)",
+        help="smoke run of about a minute: the cnn workload, 64 rows, one round, runtime "
+        "'auto' (its figures are not meaningful)",
     )
     p.add_argument(
         "--update-docs",

@@ -474,7 +474,10 @@ def run_runtime_ceiling(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tup
     queue = ctx.Queue()
     started = time.perf_counter()
     processes = [
-        ctx.Process(target=runtime_baselines.ceiling_worker, args=(child, i, barrier, queue))
+        # daemons: a ceiling process that hangs is killed when this runner exits
+        ctx.Process(
+            target=runtime_baselines.ceiling_worker, args=(child, i, barrier, queue), daemon=True
+        )
         for i in range(workers)
     ]
     for p in processes:
