@@ -162,8 +162,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=None,
-        help="rounds of the executor, the pool and the runtime configurations, each in fresh processes, interleaved "
-        "(default 5; 1 with --quick)",
+        help="rounds of the executor, the pool and the runtime configurations, each in fresh "
+        "processes, interleaved (default 5; 1 with --quick)",
     )
     p.add_argument(
         "--repeats",
