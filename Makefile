@@ -27,7 +27,7 @@ bench: $(STAMP) models
 	$(PY) benchmarks/core_scaling.py --workload image --rounds 1 --load-per-call-requests 2 \
 		--runtimes auto --runtime-workers 2 --runtime-baselines none --output-dir $(SHORT)
 	$(PY) benchmarks/concurrent_requests.py --workloads text_embedding,small_cnn --clients 1,16 \
-		--repeats 1 --seconds 3 --warmup-seconds 0.5 --output-dir $(SHORT)
+		--repeats 1 --seconds 3 --warmup-seconds 0.5 --auto none --output-dir $(SHORT)
 
 # The full runs behind docs/benchmarks.md: core scaling (every workload, every worker count,
 # the TensorFlow baselines and every installed runtime with its ceiling and best single
