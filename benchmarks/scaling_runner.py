@@ -23,8 +23,13 @@ Every kind follows the same protocol, so the figures compare:
 
 Kinds: ``describe`` (signature of a model), ``single`` (hub.load once, all cores via intra-op
 threads; shards, then one batch of all rows), ``load_per_call`` (hub.load for every request),
-``executor`` (plain spawn ``ProcessPoolExecutor`` whose initializer loads the model) and
-``pool`` (``PredictionPool``).
+``executor`` (plain spawn ``ProcessPoolExecutor`` whose initializer loads the model),
+``pool`` (``PredictionPool``), and issue 14's runtime configurations: ``runtime_pool``
+(``PredictionPool(runtime=..., precision=...)``, its artifact already in the cache),
+``runtime_single`` (a converted runtime's own best single-process configuration on every core)
+and ``runtime_ceiling`` (the no-IPC ceiling: N spawned processes, each pinned to one CPU with
+its share of the rows in memory, one thread, passes started together at a barrier; see
+``runtime_baselines.py``).
 """
 
 from __future__ import annotations
