@@ -250,6 +250,49 @@ def verify(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict
     return {"outputs_match": True, "max_abs_diff": worst, "rows_compared": rows}
 
 
+def verify_scaled(
+    got: dict[str, np.ndarray], reference: dict[str, np.ndarray], tolerance: float
+) -> dict[str, Any]:
+    """Compare a converted runtime's outputs with TensorFlow's, row for row, as
+    ``pool.runtimes`` verifies a conversion: the largest absolute difference of each output,
+    relative to that output's scale (its largest magnitude in the reference), must be at most
+    ``tolerance`` (``pool.runtimes.TOLERANCES`` of the precision). Strings: exactly equal."""
+    if set(got) != set(reference):
+        return {"outputs_match": False, "reason": f"outputs {sorted(got)} != {sorted(reference)}"}
+    worst_abs, worst_rel, rows = 0.0, 0.0, None
+    for name, want in reference.items():
+        have = got[name]
+        rows = len(have)
+        want = want[:rows]
+        if have.shape != want.shape:
+            return {"outputs_match": False, "reason": f"{name}: {have.shape} != {want.shape}"}
+        if have.dtype.kind not in "biuf":
+            if not np.array_equal(have, want):
+                return {"outputs_match": False, "reason": f"{name}: values differ"}
+            continue
+        if not have.size:
+            continue
+        diff = float(np.max(np.abs(have.astype(np.float64) - want)))
+        scale = float(np.max(np.abs(want.astype(np.float64))))
+        relative = diff / scale if scale > 0 else diff
+        if not relative <= tolerance:
+            return {
+                "outputs_match": False,
+                "reason": f"{name}: max |diff| {diff:.3g}, {relative:.3g} of its scale "
+                f"{scale:.3g} (tolerance {tolerance:g})",
+                "max_abs_diff": diff,
+                "max_rel_diff": relative,
+            }
+        worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, relative)
+    return {
+        "outputs_match": True,
+        "max_abs_diff": worst_abs,
+        "max_rel_diff": worst_rel,
+        "tolerance": tolerance,
+        "rows_compared": rows,
+    }
+
+
 def json_default(value: Any) -> Any:
     """``json.dumps(default=...)`` for NumPy scalars, tuples and sets."""
     if isinstance(value, np.generic):

@@ -13,15 +13,18 @@ For each workload (a reference model), ``clients`` threads send one-row requests
    with TensorFlow's default thread pools;
 2. ``executor``: the plain ``ProcessPoolExecutor`` whose initializer loads the model
    (workers = cores, one intra-op thread each), ``submit(...).result()`` per request;
-3. ``pool``: ``PredictionPool(model, workers=cores)`` with its defaults, ``predict`` per request.
+3. ``pool``: ``PredictionPool(model, workers=cores)`` with its defaults, ``predict`` per request;
+4. ``pool_auto`` (the image models, ``--auto``): the same with ``runtime="auto"``, its
+   conversion done (and cached) before anything is timed.
 
 Each configuration runs in a fresh process of its own (``requests_runner.py``), ``--repeats``
-times, interleaved (the order of the three rotates between repeats); figures are medians over
-the repeats. Every configuration's responses (the first of each distinct row, at every client
-count) are compared with the global model answering each row alone; a run whose answers differ
-exits with status 2. Writes ``requests.json`` (every raw figure), ``requests.png`` and
-``requests.md`` to ``--output-dir`` and prints the markdown (tables and targets) to stdout,
-progress to stderr. See docs/benchmarks.md.
+times, interleaved (the order of the configurations rotates between repeats); figures are
+medians over the repeats. Every configuration's responses (the first of each distinct row, at
+every client count) are compared with the global model answering each row alone (``pool_auto``:
+relative to each output's scale, within ``pool.runtimes.TOLERANCES["f32"]``); a run whose
+answers differ exits with status 2. Writes ``requests.json`` (every raw figure),
+``requests.png`` and ``requests.md`` to ``--output-dir`` and prints the markdown (tables and
+targets) to stdout, progress to stderr. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -38,12 +41,16 @@ from typing import Any
 import common  # benchmarks/ is on sys.path as the script's directory
 import requests_report
 
+from pool.runtimes import TOLERANCES
+
 log = logging.getLogger("concurrent_requests")
 
 RUNNER = common.HERE / "requests_runner.py"
 DEFAULT_OUTPUT_DIR = common.HERE / "results"
 WORKLOADS = ("text_embedding", "small_cnn", "mobilenet_v2")
 KINDS = requests_report.KINDS
+#: Workloads that also run the pool with runtime="auto" (issue 14): the image models.
+AUTO_WORKLOADS = ("small_cnn", "mobilenet_v2")
 
 
 def _int_list(text: str) -> list[int]:
@@ -107,6 +114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="processes of the executor and the pool (default: physical cores)",
     )
+    p.add_argument(
+        "--auto",
+        default=",".join(AUTO_WORKLOADS),
+        help="workloads that also run PredictionPool(runtime='auto'), comma-separated, or "
+        f"'none' (default {','.join(AUTO_WORKLOADS)}: the image models)",
+    )
     p.add_argument("--seed", type=int, default=0, help="RNG seed of the inputs (default 0)")
     p.add_argument(
         "--output-dir",
@@ -152,7 +165,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--warmup-seconds must be >= 0")
     if args.output_dir is None:
         args.output_dir = DEFAULT_OUTPUT_DIR / "quick" if args.quick else DEFAULT_OUTPUT_DIR
+    args.auto = [] if args.auto == "none" else [v.strip() for v in args.auto.split(",") if v]
+    if any(w not in WORKLOADS for w in args.auto):
+        p.error(f"--auto: expected 'none' or workloads among {','.join(WORKLOADS)}")
     return args
+
+
+def resolve_auto(model: str) -> dict[str, Any]:
+    """Convert, verify and time the runtimes for ``runtime='auto'`` once, before anything is
+    timed (``pool.runtimes.resolve`` with the pool's defaults, the code path of the pool
+    itself, in a subprocess; cached, so the pools started later only find it)."""
+    from pool.runtimes import cache
+    from pool.runtimes.resolve import resolve
+
+    log.info(
+        "runtime='auto' for %s: converting once (not timed; cached in %s) ...",
+        model,
+        cache.cache_root(),
+    )
+    started = time.perf_counter()
+    r = resolve(model, runtime="auto")
+    seconds = time.perf_counter() - started
+    log.info("runtime='auto' runs %s (ready in %.1f s)", r.runtime, seconds)
+    return {"runtime": r.runtime, "info": r.info, "resolve_seconds": seconds}
 
 
 def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -206,11 +241,19 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 "rows": args.rows,
                 "runs": [],
             }
+        kinds = {
+            name: [k for k in KINDS if k != "pool_auto" or name in args.auto]
+            for name in args.workloads
+        }
+        for name in args.workloads:
+            if "pool_auto" in kinds[name]:
+                results["workloads"][name]["auto"] = resolve_auto(specs[name]["model"])
         references: dict[str, dict] = {}
         answered: list[tuple[str, dict, dict]] = []
         for repeat in range(args.repeats):
-            order = KINDS[repeat % len(KINDS) :] + KINDS[: repeat % len(KINDS)]
             for name in args.workloads:
+                own = kinds[name]
+                order = own[repeat % len(own) :] + own[: repeat % len(own)]
                 for kind in order:
                     label = f"{name}-{kind}-{repeat}"
                     log.info("repeat %d/%d: %s %s ...", repeat + 1, args.repeats, name, kind)
@@ -238,7 +281,10 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 got = dict(outputs[str(level["clients"])])
                 rows = got.pop("__rows__")
                 want = {k: v[rows] for k, v in reference.items() if k != "__rows__"}
-                level["verification"] = common.verify(got, want)
+                if run["kind"] == "pool_auto":  # a converted runtime: within its tolerance
+                    level["verification"] = common.verify_scaled(got, want, TOLERANCES["f32"])
+                else:
+                    level["verification"] = common.verify(got, want)
                 if not level["verification"]["outputs_match"]:
                     log.error(
                         "%s %s at %d clients: outputs differ: %s",

@@ -2,6 +2,7 @@
 
     python benchmarks/core_scaling.py [--workload image,cnn,text] [--workers 1,2,4]
                                       [--rounds 5] [--model PATH_OR_HANDLE] [--quick]
+                                      [--runtimes openvino,onnxruntime,auto,openvino-bf16]
 
 In one run, on identical inputs (one seeded RNG, one ``.npy`` file read by every
 configuration), each workload (``image``: MobileNetV2 or ``--model``, shards of 8; ``cnn``: the
@@ -13,13 +14,22 @@ measures:
    via intra-op threads, called on shards of the same size, then on one batch of all rows;
 3. ``executor``: a plain spawn ``ProcessPoolExecutor`` whose initializer loads the model, arrays
    pickled through the pipe, at every worker count;
-4. ``pool``: ``PredictionPool`` at every worker count, same shard size.
+4. ``pool``: ``PredictionPool`` at every worker count, same shard size;
+5. the runtime configurations (issue 14, ``--runtimes``; none with ``--runtimes none``):
+   ``runtime_pool`` (``PredictionPool(runtime=R)`` for each R, ``auto`` included, at every
+   ``--runtime-workers`` count), ``runtime_ceiling`` (the no-IPC ceiling of TensorFlow and of
+   each converted runtime that runs: N independent processes with their rows in memory, one
+   thread each) and ``runtime_single`` (each converted runtime's own best single-process
+   configuration on every core). Every runtime is resolved (converted, verified, cached) by
+   ``pool.runtimes.resolve`` before anything is timed; their outputs are checked against
+   TensorFlow's relative to each output's scale, within ``pool.runtimes.TOLERANCES``.
 
 Each configuration runs in a fresh process of its own (``scaling_runner.py``): its start-up,
 thread settings and memory are its own, and this driver never imports TensorFlow. The
 executor and the pool are measured in ``--rounds`` rounds (fresh processes each round), worker
-counts and the two kinds interleaved (executor 1, pool 1, executor 2, pool 2; the next round
-starts with the pool), so that drift in background load hits both alike; their figures are
+counts and the kinds interleaved (executor 1, pool 1, executor 2, pool 2, then the runtime
+configurations; the next round runs each worker count's in reverse order), so that drift in
+background load hits all alike; their figures are
 medians over every round's passes. Every configuration's outputs are checked against the first
 one's (``np.allclose``): a run whose answers differ exits with status 2. Writes
 ``core_scaling.json`` (every raw figure and the machine), ``core_scaling.png`` and
@@ -42,6 +52,8 @@ from typing import Any
 import common  # benchmarks/ is on sys.path as the script's directory
 import numpy as np
 import scaling_report
+
+from pool.runtimes import TOLERANCES
 
 log = logging.getLogger("core_scaling")
 
@@ -67,6 +79,48 @@ def _workloads(text: str) -> list[str]:
             f"expected 'all' or a comma-separated subset of {','.join(WORKLOADS)}, got {text!r}"
         )
     return list(dict.fromkeys(names))
+
+
+#: The runtime configurations: a runtime of ``pool.runtimes`` (``-bf16``: precision="bf16").
+RUNTIME_KEYS = ("openvino", "onnxruntime", "auto", "openvino-bf16")
+RUNTIME_BASELINES = ("single", "ceiling")
+
+
+def _runtimes(text: str) -> list[str]:
+    if text == "none":
+        return []
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in RUNTIME_KEYS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected 'none' or a comma-separated subset of {','.join(RUNTIME_KEYS)}, got {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _baselines(text: str) -> list[str]:
+    if text == "none":
+        return []
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or any(n not in RUNTIME_BASELINES for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected 'none' or a comma-separated subset of single,ceiling, got {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def default_runtimes() -> list[str]:
+    """Every installed converted runtime, ``auto``, and OpenVINO in bf16 if installed."""
+    from pool.runtimes import CONVERTED, installed
+
+    found = [r for r in CONVERTED if installed(r, converting=True)]
+    return [*found, "auto", *(["openvino-bf16"] if "openvino" in found else [])]
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``(runtime, precision)`` of a runtime configuration key such as ``openvino-bf16``."""
+    runtime, _, precision = key.partition("-")
+    return runtime, precision or "f32"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,8 +162,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=None,
-        help="rounds of the executor and the pool, each in fresh processes, interleaved "
-        "(default 5; 1 with --quick)",
+        help="rounds of the executor, the pool and the runtime configurations, each in fresh "
+        "processes, interleaved (default 5; 1 with --quick)",
     )
     p.add_argument(
         "--repeats",
@@ -142,6 +196,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="PredictionPool max_batch_rows (default: the pool's default)",
     )
+    p.add_argument(
+        "--runtimes",
+        type=_runtimes,
+        default=None,
+        help="converted runtimes for the runtime configurations, comma-separated among "
+        f"{','.join(RUNTIME_KEYS)}, or 'none' (default: every installed one, auto and "
+        "openvino-bf16; auto with --quick)",
+    )
+    p.add_argument(
+        "--runtime-baselines",
+        type=_baselines,
+        default=None,
+        help="what runs beside the runtime pools: single (each runtime's best single-process "
+        "configuration), ceiling (its no-IPC ceiling), comma-separated, or 'none' "
+        "(default single,ceiling)",
+    )
+    p.add_argument(
+        "--runtime-workers",
+        default=None,
+        help="worker counts of the runtime pools and ceilings, comma-separated (default: "
+        "--workers)",
+    )
+    p.add_argument(
+        "--runtime-only",
+        action="store_true",
+        help="skip load-per-call and the plain executor: the TensorFlow single process (the "
+        "reference) and pool, then the runtime configurations",
+    )
     p.add_argument("--seed", type=int, default=0, help="RNG seed of the inputs (default 0)")
     p.add_argument(
         "--output-dir",
@@ -153,8 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run of about a minute: the cnn workload, 64 rows, one round "
-        "(its figures are not meaningful)",
+        help="smoke run of about a minute: the cnn workload, 64 rows, one round, runtime "
+        "'auto' (its figures are not meaningful)",
     )
     p.add_argument(
         "--update-docs",
@@ -182,6 +264,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.workers = list(range(1, common.default_workers() + 1))
     else:
         args.workers = sorted({int(w) for w in str(args.workers).split(",") if w.strip()})
+    if args.runtimes is None:
+        args.runtimes = ["auto"] if quick else default_runtimes()
+    if args.runtime_baselines is None:
+        args.runtime_baselines = ["single", "ceiling"]
+    if args.runtime_workers is None:
+        args.runtime_workers = list(args.workers)
+    else:
+        args.runtime_workers = sorted(
+            {int(w) for w in str(args.runtime_workers).split(",") if w.strip()}
+        )
+        if not set(args.runtime_workers) <= set(args.workers):
+            p.error("--runtime-workers must be a subset of --workers")
     positive = ["rounds", "repeats", "threads_per_worker"]
     positive += [f"{n}_{k}" for n in WORKLOADS for k in ("rows", "shard_size")]
     for name in positive:
@@ -220,34 +314,131 @@ def resolve_model(model: str, workdir: Path) -> tuple[str, dict[str, list]]:
     return described["model"], described["inputs"]
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
+def resolve_runtimes(args: argparse.Namespace, model: str, shard_size: int) -> dict[str, Any]:
+    """Convert, verify and cache each runtime configuration's artifact *before* anything is
+    timed (``pool.runtimes.resolve``, the pools' own code path; the conversion runs in a
+    subprocess, this driver imports no TensorFlow). The pools started later find the cache:
+    their start-up holds no conversion. A runtime that cannot run the model (the text model:
+    string ops) is skipped with the reason; ``auto`` falls back to TensorFlow."""
+    from pool.errors import ModelLoadError
+    from pool.runtimes import cache
+    from pool.runtimes.resolve import resolve
+
+    found: dict[str, Any] = {"cache": str(cache.cache_root()), "resolved": {}, "skipped": {}}
+    if not args.runtimes:
+        return found
+    log.info(
+        "runtimes %s: converting once (not timed; cached in %s: later runs skip this) ...",
+        ",".join(args.runtimes),
+        found["cache"],
+    )
+    for key in args.runtimes:
+        runtime, precision = split_key(key)
+        started = time.perf_counter()
+        try:
+            r = resolve(model, runtime=runtime, precision=precision, shard_size=shard_size)
+        except ModelLoadError as e:
+            found["skipped"][key] = str(e)
+            log.info("runtime %s skipped: %s", key, e)
+            continue
+        seconds = time.perf_counter() - started
+        found["resolved"][key] = {
+            "runtime": r.runtime,
+            "precision": r.precision,
+            "artifact": r.artifact,
+            "info": r.info,
+            "resolve_seconds": seconds,
+        }
+        log.info("runtime %s: runs %s (ready in %.1f s)", key, r.runtime, seconds)
+    return found
+
+
+def runtime_plan(args: argparse.Namespace, runtimes: dict[str, Any]) -> dict[str, Any]:
+    """What the runtime configurations run: the pools (by key), the no-IPC ceilings and the
+    best single processes (by runtime, f32), each with its artifact."""
+    resolved = runtimes["resolved"]
+    if not resolved:  # --runtimes none, or none could run: the TensorFlow plan alone
+        return {"pools": [], "ceilings": [], "singles": [], "artifacts": {}}
+    artifacts: dict[str, str | None] = {"tensorflow": None}
+    for r in resolved.values():
+        if r["precision"] == "f32":  # auto's choice, or an explicit runtime
+            artifacts.setdefault(r["runtime"], r["artifact"])
+    return {
+        "pools": list(resolved),
+        "ceilings": list(artifacts) if "ceiling" in args.runtime_baselines else [],
+        "singles": [r for r in artifacts if r != "tensorflow"]
+        if "single" in args.runtime_baselines
+        else [],
+        "artifacts": artifacts,
+    }
+
+
+def plan(
+    args: argparse.Namespace, runtimes: dict[str, Any] | None = None
+) -> list[tuple[str, dict]]:
     """The configurations in the order they run: the in-process baselines once, then
-    ``rounds`` rounds of executor and pool at every worker count, interleaved; the kind that
-    goes first alternates between rounds."""
+    ``rounds`` rounds of executor, pool and the runtime configurations at every worker count,
+    interleaved; the order within a worker count is reversed every other round."""
+    extra = runtime_plan(args, runtimes or {"resolved": {}})
     configs: list[tuple[str, dict]] = [
         ("single", {"kind": "single", "intra_op_threads": common.usable_cpus()}),
-        (
-            "load_per_call",
-            {
-                "kind": "load_per_call",
-                "intra_op_threads": common.usable_cpus(),
-                "requests": args.load_per_call_requests,
-            },
-        ),
     ]
+    if not args.runtime_only:
+        configs.append(
+            (
+                "load_per_call",
+                {
+                    "kind": "load_per_call",
+                    "intra_op_threads": common.usable_cpus(),
+                    "requests": args.load_per_call_requests,
+                },
+            )
+        )
+    for runtime in extra["singles"]:
+        spec = {
+            "kind": "runtime_single",
+            "runtime": runtime,
+            "runtime_key": runtime,
+            "artifact": extra["artifacts"][runtime],
+            "cores": common.usable_cpus(),
+        }
+        configs.append((f"runtime_single-{runtime}", spec))
     for r in range(args.rounds):
-        kinds = ("executor", "pool") if r % 2 == 0 else ("pool", "executor")
         for n in args.workers:
-            for kind in kinds:
+            group: list[tuple[str, dict]] = []
+            for kind in ("pool",) if args.runtime_only else ("executor", "pool"):
                 spec = {
                     "kind": kind,
-                    "round": r,
-                    "workers": n,
                     "threads_per_worker": args.threads_per_worker,
                     "start_method": args.start_method,
                     "max_batch_rows": args.max_batch_rows,
                 }
-                configs.append((f"{kind}-{n}-round{r}", spec))
+                group.append((kind, spec))
+            if n in args.runtime_workers:
+                for key in extra["pools"]:
+                    runtime, precision = split_key(key)
+                    spec = {
+                        "kind": "runtime_pool",
+                        "runtime": runtime,
+                        "precision": precision,
+                        "runtime_key": key,
+                        "threads_per_worker": args.threads_per_worker,
+                        "start_method": args.start_method,
+                        "max_batch_rows": args.max_batch_rows,
+                    }
+                    group.append((f"runtime_pool-{key}", spec))
+                for runtime in extra["ceilings"]:
+                    spec = {
+                        "kind": "runtime_ceiling",
+                        "runtime": runtime,
+                        "runtime_key": runtime,
+                        "artifact": extra["artifacts"][runtime],
+                    }
+                    group.append((f"runtime_ceiling-{runtime}", spec))
+            if r % 2:
+                group.reverse()
+            for name, spec in group:
+                configs.append((f"{name}-{n}-round{r}", {**spec, "round": r, "workers": n}))
     for _, spec in configs:
         spec.setdefault("inter_op_threads", None)
     return configs
@@ -259,6 +450,7 @@ def run_workload(args: argparse.Namespace, workload: str, workdir: Path) -> dict
     shard_size = getattr(args, f"{workload}_shard_size")
     path, input_specs = resolve_model(model, workdir)
     inputs = common.make_inputs(input_specs, rows, args.seed)
+    runtimes = resolve_runtimes(args, path, shard_size) if "://" not in path else None
     common_spec = {
         "model": path,
         "inputs": common.save_inputs(inputs, workdir, workload),
@@ -268,7 +460,7 @@ def run_workload(args: argparse.Namespace, workload: str, workdir: Path) -> dict
     }
     entries: list[dict] = []
     reference = None
-    for name, spec in plan(args):
+    for name, spec in plan(args, runtimes):
         log.info("%s: %s ...", workload, name)
         started = time.perf_counter()
         got, outputs = run_config(workdir, f"{workload}-{name}", {**common_spec, **spec})
@@ -276,12 +468,20 @@ def run_workload(args: argparse.Namespace, workload: str, workdir: Path) -> dict
             e.update(workers=spec.get("workers", 1), shard_size=shard_size)
             if "round" in spec:
                 e["round"] = spec["round"]
+            if "runtime_key" in spec:
+                e["runtime_key"] = spec["runtime_key"]
+                e["precision"] = spec.get("precision", "f32")
             if e["label"] == "single_batch":
                 e["shard_size"] = rows
             e["rows_per_pass"] = e.get("rows_per_pass") or [rows] * len(e["pass_seconds"])
             if reference is None:
                 reference = out
                 e["verification"] = {"outputs_match": True, "reference": True}
+            elif e["label"].startswith("runtime_"):
+                # converted runtimes: within the tolerance of their precision, relative to
+                # each output's scale (what pool.runtimes verifies), against TensorFlow
+                tolerance = TOLERANCES[e["precision"]]
+                e["verification"] = common.verify_scaled(out, reference, tolerance)
             else:
                 e["verification"] = common.verify(out, reference)
             if not e["verification"]["outputs_match"]:
@@ -300,6 +500,7 @@ def run_workload(args: argparse.Namespace, workload: str, workdir: Path) -> dict
         "inputs": {n: {"dtype": d, "shape": s} for n, (d, s) in input_specs.items()},
         "rows": rows,
         "shard_size": shard_size,
+        "runtimes": runtimes,
         "entries": merge_rounds(entries),
     }
 
@@ -308,9 +509,9 @@ def merge_rounds(entries: list[dict]) -> list[dict]:
     """One entry per (label, workers): the rounds' passes and latencies pooled, start-up the
     median of the rounds', parent CPU summed, memory from the round with the highest peak;
     every round's own figures kept under ``rounds``."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+    groups: dict[tuple[str, str, int], list[dict]] = {}
     for e in entries:
-        groups.setdefault((e["label"], e["workers"]), []).append(e)
+        groups.setdefault((e["label"], e.get("runtime_key", ""), e["workers"]), []).append(e)
     merged = []
     for group in groups.values():
         if len(group) == 1 and "round" not in group[0]:
@@ -352,6 +553,14 @@ def merge_rounds(entries: list[dict]) -> list[dict]:
             else {
                 "outputs_match": True,
                 "max_abs_diff": max(c.get("max_abs_diff", 0.0) for c in checks),
+                **(
+                    {
+                        "max_rel_diff": max(c["max_rel_diff"] for c in checks),
+                        "tolerance": checks[0]["tolerance"],
+                    }
+                    if all("max_rel_diff" in c for c in checks)
+                    else {}
+                ),
                 "rows_compared": min(c.get("rows_compared") or 0 for c in checks),
             }
         )

@@ -14,13 +14,19 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("global", "executor", "pool")
+KINDS = ("global", "executor", "pool", "pool_auto")
 TITLES = {
     "global": "model loaded once in a global, called from the client threads",
     "executor": "`ProcessPoolExecutor` + initializer, `submit` per request",
     "pool": "`PredictionPool`, `predict` per request",
+    "pool_auto": "`PredictionPool(runtime='auto')`, `predict` per request",
 }
-SHORT = {"global": "global model", "executor": "plain executor", "pool": "PredictionPool"}
+SHORT = {
+    "global": "global model",
+    "executor": "plain executor",
+    "pool": "PredictionPool",
+    "pool_auto": "PredictionPool auto",
+}
 
 #: Targets of issue 8: PredictionPool req/s / global model req/s at these client counts.
 THROUGHPUT_CLIENTS = (16, 64)
@@ -84,6 +90,9 @@ def _summarize_level(levels: list[dict]) -> dict[str, Any]:
         "outputs_match": not failed,
         "rows_compared": min((c.get("rows_compared") or 0) for c in checks),
         "mismatch": failed[0].get("reason") if failed else None,
+        "max_rel_diff": max(
+            (c["max_rel_diff"] for c in checks if "max_rel_diff" in c), default=None
+        ),
     }
 
 
@@ -151,6 +160,8 @@ def _row(clients: str, kind: str, s: dict) -> str:
     rate = s["requests_per_second"]
     if s["outputs_match"]:
         check = f"match ({s['rows_compared']} rows)"
+        if s.get("max_rel_diff") is not None:
+            check = f"{s['max_rel_diff']:.2g} of scale ({s['rows_compared']} rows)"
     else:
         check = f"**DIFFER**: {s['mismatch']}"
     rows_per_call = s["rows_per_model_call"]
@@ -179,6 +190,20 @@ def _threads(workload: dict, kind: str) -> str:
     return (
         f"{run.get('processes', '?')} process(es), intra-op / inter-op threads {' / '.join(show)}"
     )
+
+
+def _ran(workload: dict, kind: str) -> str:
+    """What ``runtime='auto'`` ran (every repeat's choice)."""
+    if kind != "pool_auto":
+        return ""
+    chosen = sorted(
+        {
+            (r.get("runtime_info") or {}).get("runtime", "?")
+            for r in workload["runs"]
+            if r["kind"] == kind
+        }
+    )
+    return f"; ran {', '.join(chosen)}"
 
 
 def markdown(results: dict[str, Any], png_name: str | None = None) -> str:
@@ -225,7 +250,11 @@ def markdown(results: dict[str, Any], png_name: str | None = None) -> str:
         out += [
             "",
             "Configurations: "
-            + "; ".join(f"{SHORT[k]}: {TITLES[k]} ({_threads(w, k)})" for k in KINDS)
+            + "; ".join(
+                f"{SHORT[k]}: {TITLES[k]} ({_threads(w, k)}{_ran(w, k)})"
+                for k in KINDS
+                if w["summary"].get(k)
+            )
             + ".",
             "",
             "Targets:",
@@ -245,7 +274,8 @@ def markdown(results: dict[str, Any], png_name: str | None = None) -> str:
         "the others only the parent's share, client threads included); outputs: the first "
         "responses of every client count (each distinct row once) against the global model "
         f"answering each row alone (`np.allclose`, rtol {results['tolerance']['rtol']:g}, "
-        f"atol {results['tolerance']['atol']:g}).",
+        f"atol {results['tolerance']['atol']:g}; for `runtime='auto'`: the largest difference "
+        "relative to each output's scale, within `pool.runtimes.TOLERANCES['f32']`).",
         "",
     ]
     return "\n".join(out)
@@ -265,7 +295,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(
         2, len(workloads), figsize=(5.6 * len(workloads), 8.4), squeeze=False, sharex="col"
     )
-    styles = {"global": "s--", "executor": "^-", "pool": "o-"}
+    styles = {"global": "s--", "executor": "^-", "pool": "o-", "pool_auto": "D-."}
     for column, (name, w) in enumerate(workloads.items()):
         top, bottom = axes[0][column], axes[1][column]
         clients: list[int] = []

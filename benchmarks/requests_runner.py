@@ -15,7 +15,8 @@ Kinds (what a user would write to answer requests from many threads):
 - ``executor``: a plain spawn ``ProcessPoolExecutor`` (workers = cores, one intra-op thread
   each) whose initializer loads the model; ``submit(...).result()`` per request;
 - ``pool``: ``PredictionPool(model, workers=cores)`` with its defaults; ``predict`` per
-  request.
+  request;
+- ``pool_auto``: the same with ``runtime="auto"`` (issue 14; the image models).
 
 Per client count it writes: requests answered in the window, req/s, latency percentiles, the
 parent's CPU seconds in the window (``getrusage(RUSAGE_SELF)``: all the compute for
@@ -129,11 +130,14 @@ class Pool(Server):
     """``PredictionPool`` with its defaults; ``predict`` on one row per request."""
 
     kind = "pool"
+    runtime = "tensorflow"
 
     def __init__(self, spec: dict, requests: list[dict[str, np.ndarray]]) -> None:
         from pool import PredictionPool
 
-        self.pool = PredictionPool(spec["model"], workers=spec["workers"]).start()
+        self.pool = PredictionPool(
+            spec["model"], workers=spec["workers"], runtime=self.runtime
+        ).start()
         signature = self.pool.signature
         self.output = signature.single_output
         # what a user passes: the array itself for a one-input signature, else a dict
@@ -160,16 +164,27 @@ class Pool(Server):
             "processes": self.pool.workers,
             "start_method": self.pool.start_method,
             "ready_seconds": self.pool.startup_seconds,
+            "runtime_info": self.pool.runtime_info(),
         }
 
     def close(self) -> None:
         self.pool.shutdown()
 
 
+class AutoPool(Pool):
+    """``PredictionPool(model, workers=cores, runtime="auto")``: the fastest runtime that
+    converts and verifies (the driver resolved it before anything ran: the cache holds the
+    artifact and the timings)."""
+
+    kind = "pool_auto"
+    runtime = "auto"
+
+
 KINDS: dict[str, Callable[[dict, list], Server]] = {
     "global": GlobalModel,
     "executor": Executor,
     "pool": Pool,
+    "pool_auto": AutoPool,
 }
 
 

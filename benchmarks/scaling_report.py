@@ -8,6 +8,10 @@ Targets (issue 8, then the earlier ones): PredictionPool >= 1.05x the plain exec
 worker count on every workload; on the image workload, at N = physical cores, scaling
 efficiency >= 0.95, >= 1.15x the best single process, start-up <= 1.5x start-up with one
 worker, and load-per-call >= 50x slower per request. Other workloads show those as INFO.
+Issue 14's, at N = physical cores (``runtime_targets``): runtime="auto" >= 1.6x the TensorFlow
+pool on the image workload and >= 1.3x on cnn; the pool on each converted runtime >= 0.95x
+that runtime's no-IPC ceiling and >= 1.0x its best single process; on text, TensorFlow (the
+pool, and auto's fallback) >= 0.9x its no-IPC ceiling; bf16 as INFO with its difference.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ TARGET_STARTUP_RATIO = 1.5
 TARGET_LOAD_PER_CALL = 50.0
 #: The workload whose scaling, start-up and load-per-call targets are enforced.
 MAIN_WORKLOAD = "image"
+#: Issue 14, at N = physical cores: the pool with runtime="auto" / the TensorFlow pool.
+TARGET_AUTO_VS_TENSORFLOW = {"image": 1.6, "cnn": 1.3}
+#: A pool on a converted runtime / that runtime's no-IPC ceiling and best single process.
+TARGET_VS_CEILING = 0.95
+TARGET_VS_OWN_SINGLE = 1.0
+#: The text model (no runtime converts it: TensorFlow) / TensorFlow's no-IPC ceiling.
+TEXT_WORKLOAD = "text"
+TARGET_TEXT_VS_CEILING = 0.9
 
 TITLES = {
     "load_per_call": "load per call (`hub.load` for every request)",
@@ -35,6 +47,9 @@ TITLES = {
     "single_batch": "single process, loaded once, one batch of all rows",
     "executor": "`ProcessPoolExecutor` + initializer (spawn)",
     "pool": "`PredictionPool`",
+    "runtime_pool": "`PredictionPool(runtime=...)`",
+    "runtime_single": "runtime's best single process",
+    "runtime_ceiling": "no-IPC ceiling",
 }
 
 DOCS_BEGIN = "<!-- core_scaling:begin (pasted by core_scaling.py --update-docs) -->"
@@ -91,14 +106,51 @@ def summarize(results: dict[str, Any]) -> None:
             if e.get("model_calls"):
                 e["summary"]["rows_per_model_call"] = e["model_calls"]["rows_per_model_call"]
         workload["best_single"] = best_single["label"] if best_single else None
+        _runtime_ratios(entries, best_single)
         workload["targets"] = targets(workload, physical, main=name == MAIN_WORKLOAD)
+        workload["targets"] += runtime_targets(workload, physical, name)
 
 
-def _find(entries: list[dict], label: str, workers: int) -> dict | None:
+def _find(
+    entries: list[dict], label: str, workers: int, runtime_key: str | None = None
+) -> dict | None:
     for e in entries:
         if e["label"] == label and e["workers"] == workers:
-            return e
+            if runtime_key is None or e.get("runtime_key") == runtime_key:
+                return e
     return None
+
+
+def runs_on(e: dict) -> str:
+    """The runtime that really ran an entry: ``auto``'s choice, TensorFlow for the TF pool."""
+    if e["label"] == "runtime_pool":
+        return (e.get("runtime_info") or {}).get("runtime") or e["runtime_key"]
+    return e.get("runtime_key") or "tensorflow"
+
+
+def _runtime_ratios(entries: list[dict], best_single: dict | None) -> None:
+    """Each runtime configuration against the TensorFlow pool at the same worker count, each
+    pool against the no-IPC ceiling of the runtime it runs (same worker count) and against
+    that runtime's best single-process configuration (TensorFlow's: the best ``single``)."""
+    for e in entries:
+        if e["label"] not in ("pool", "runtime_pool", "runtime_ceiling"):
+            continue
+        s = e["summary"]
+        tf_pool = _find(entries, "pool", e["workers"])
+        if tf_pool is not None:
+            s["vs_tensorflow_pool"] = _throughput(e) / _throughput(tf_pool)
+        if e["label"] == "runtime_ceiling":
+            continue
+        runtime = runs_on(e)
+        precision = e.get("precision", "f32")
+        ceiling = _find(entries, "runtime_ceiling", e["workers"], runtime)
+        if ceiling is not None and precision == "f32":
+            s["vs_ceiling"] = _throughput(e) / _throughput(ceiling)
+        own = (
+            best_single if runtime == "tensorflow" else _find(entries, "runtime_single", 1, runtime)
+        )
+        if own is not None and precision == "f32":
+            s["vs_own_single"] = _throughput(e) / _throughput(own)
 
 
 def targets(workload: dict, physical: int, main: bool) -> list[dict[str, Any]]:
@@ -189,6 +241,103 @@ def targets(workload: dict, physical: int, main: bool) -> list[dict[str, Any]]:
     return lines
 
 
+def runtime_targets(workload: dict, physical: int, name: str) -> list[dict[str, Any]]:
+    """Issue 14's targets at N = physical cores (or the largest count measured): ``auto``
+    against the TensorFlow pool (image, cnn), every pool against the no-IPC ceiling of the
+    runtime it runs and against that runtime's best single process; bf16 as information."""
+    entries = workload["entries"]
+    rt_pools = [e for e in entries if e["label"] == "runtime_pool"]
+    counts = sorted(
+        {e["workers"] for e in rt_pools}
+        | {e["workers"] for e in entries if e["label"] == "runtime_ceiling"}
+    )
+    if not counts:
+        return []
+    n = physical if physical in counts else max(counts)
+    lines: list[dict[str, Any]] = []
+
+    def add(target: str, measured: float | None, bound: float, detail: str, enforced: bool) -> None:
+        lines.append(
+            {
+                "target": target,
+                "measured": measured,
+                "bound": bound,
+                "comparison": ">=",
+                "passed": None if measured is None else measured >= bound,
+                "enforced": enforced,
+                "detail": detail,
+            }
+        )
+
+    auto = _find(entries, "runtime_pool", n, "auto")
+    if name in TARGET_AUTO_VS_TENSORFLOW:
+        chose = runs_on(auto) if auto else "?"
+        add(
+            f"runtime='auto' pool vs the TensorFlow pool at N={n}",
+            auto["summary"].get("vs_tensorflow_pool") if auto else None,
+            TARGET_AUTO_VS_TENSORFLOW[name],
+            f"auto ran {chose}; median rows/s ratio, interleaved rounds",
+            True,
+        )
+    tf_pool = _find(entries, "pool", n)
+    checked = [e for e in ([tf_pool] if tf_pool else []) + rt_pools if e["workers"] == n]
+    # without the baselines (--runtime-baselines none, as make bench runs), no lines for them
+    has_ceilings = any(e["label"] == "runtime_ceiling" for e in entries)
+    has_singles = any(e["label"] == "runtime_single" for e in entries)
+    for e in checked:
+        if e.get("precision", "f32") != "f32":
+            continue
+        if name != TEXT_WORKLOAD and runs_on(e) == "tensorflow":
+            continue  # TensorFlow's own pool targets are above; text's are below
+        what = _pool_name(e)
+        bound = TARGET_TEXT_VS_CEILING if runs_on(e) == "tensorflow" else TARGET_VS_CEILING
+        if has_ceilings:
+            add(
+                f"{what} vs the no-IPC ceiling of {runs_on(e)} at N={n}",
+                e["summary"].get("vs_ceiling"),
+                bound,
+                f"{n} independent processes, rows in memory, shards of "
+                f"{workload['shard_size']}, 1 thread each",
+                True,
+            )
+        if has_singles and runs_on(e) != "tensorflow":
+            add(
+                f"{what} vs the best single-process configuration of {runs_on(e)} at N={n}",
+                e["summary"].get("vs_own_single"),
+                TARGET_VS_OWN_SINGLE,
+                _SINGLE_DETAIL.get(runs_on(e), "one process on every core"),
+                True,
+            )
+    for e in rt_pools:
+        if e["workers"] == n and e.get("precision") == "bf16":
+            v = e["verification"]
+            add(
+                f"{_pool_name(e)} at N={n} vs the TensorFlow pool (no target)",
+                e["summary"].get("vs_tensorflow_pool"),
+                1.0,
+                f"{_throughput(e):.1f} rows/s; max difference to TensorFlow "
+                f"{_fmt(v.get('max_abs_diff'), '.3g')} ({_fmt(v.get('max_rel_diff'), '.3g')} "
+                "of the output's scale)",
+                False,
+            )
+    return lines
+
+
+_SINGLE_DETAIL = {
+    "openvino": "one process, PERFORMANCE_HINT=THROUGHPUT, AsyncInferQueue of its optimal "
+    "number of requests, every core",
+    "onnxruntime": "one session, intra_op_num_threads = cores",
+}
+
+
+def _pool_name(e: dict) -> str:
+    if e["label"] == "pool":
+        return "PredictionPool (tensorflow)"
+    key = e["runtime_key"]
+    chose = runs_on(e)
+    return f"PredictionPool runtime={key!r}" + (f" (ran {chose})" if key == "auto" else "")
+
+
 def _rounds(e: dict) -> int | None:
     return len(e["rounds"]) if e.get("rounds") else None
 
@@ -277,7 +426,7 @@ def markdown(results: dict[str, Any], png_name: str | None = None) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         out += [_row(e, w) for e in _ordered(w["entries"])]
-        out += ["", *_parent_table(w), "Targets:", ""]
+        out += ["", *_parent_table(w), *_runtime_table(w), "Targets:", ""]
         out += [f"    {target_line(t)}" for t in w["targets"]]
         out.append("")
     if png_name:
@@ -300,10 +449,29 @@ def markdown(results: dict[str, Any], png_name: str | None = None) -> str:
         "(read between phases), and the sum of the peak USS of every process of the "
         "configuration (driver, fork server, resource tracker, workers); outputs: "
         "`np.allclose` to the first configuration's (rtol "
-        f"{results['tolerance']['rtol']:g}, atol {results['tolerance']['atol']:g}).",
+        f"{results['tolerance']['rtol']:g}, atol {results['tolerance']['atol']:g})"
+        + (RUNTIME_METHOD if _has_runtimes(results) else "")
+        + ".",
         "",
     ]
     return "\n".join(out)
+
+
+RUNTIME_METHOD = (
+    "; runtime configurations: the largest difference to the first configuration's "
+    "(TensorFlow) relative to each output's scale, within `pool.runtimes.TOLERANCES` of the "
+    "precision; no-IPC ceiling: N independent processes, each pinned to one CPU with its share "
+    "of the rows in memory, one thread, all starting each pass together, rows/s = all rows / "
+    "the slowest process's time, start-up = to the end of the slowest one's warm-up pass"
+)
+
+
+def _has_runtimes(results: dict[str, Any]) -> bool:
+    return any(
+        e["label"].startswith("runtime_")
+        for w in results["workloads"].values()
+        for e in w["entries"]
+    )
 
 
 def _parent_table(w: dict) -> list[str]:
@@ -342,8 +510,103 @@ def _load(m: dict) -> str:
 
 
 def _ordered(entries: list[dict]) -> list[dict]:
+    """The TensorFlow configurations of the main table (the runtimes have their own)."""
     order = {"load_per_call": 0, "single": 1, "single_batch": 2, "executor": 3, "pool": 4}
-    return sorted(entries, key=lambda e: (order[e["label"]], e["workers"]))
+    kept = [e for e in entries if e["label"] in order]
+    return sorted(kept, key=lambda e: (order[e["label"]], e["workers"]))
+
+
+def _runtime_table(w: dict) -> list[str]:
+    """The runtime configurations beside the TensorFlow pool (empty if none ran)."""
+    entries = w["entries"]
+    rt = [e for e in entries if e["label"].startswith("runtime_")]
+    runtimes = w.get("runtimes") or {}
+    if not rt and not runtimes.get("skipped"):
+        return []
+    order = {"pool": 0, "runtime_pool": 1, "runtime_ceiling": 2, "runtime_single": 3}
+    shown = [e for e in entries if e["label"] == "pool"] + rt
+    shown.sort(key=lambda e: (e["workers"], order[e["label"]], e.get("runtime_key") or ""))
+    out = [
+        "Runtimes (issue 14): the pool on each converted runtime and with `runtime='auto'`, "
+        "beside the TensorFlow pool, each runtime's no-IPC ceiling (N independent processes, "
+        "rows in memory, 1 thread each) and its own best single-process configuration:",
+        "",
+        "| Configuration | Runs on | Processes × threads | rows/s median (min–max) | "
+        "× TF pool | × no-IPC ceiling | × own best single | Start-up s | "
+        "Peak RSS / USS per worker MiB | Outputs vs TensorFlow |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in shown:
+        s = e["summary"]
+        rate = s["rows_per_second"]
+        mem = e["memory"]
+        if e["label"] == "pool":
+            title = "`PredictionPool` (tensorflow)"
+        elif e["label"] == "runtime_pool":
+            title = f"`PredictionPool(runtime={e['runtime_key']!r})`"
+        elif e["label"] == "runtime_ceiling":
+            title = f"no-IPC ceiling, {e['runtime_key']}"
+        else:
+            settings = e["threads"]
+            detail = (
+                f"THROUGHPUT, {settings.get('infer_requests')} async requests"
+                if e["runtime_key"] == "openvino"
+                else "intra-op threads = cores"
+            )
+            title = f"best single process, {e['runtime_key']} ({detail})"
+        threads = e["threads"].get("intra_op_threads") or "all"
+        runs = runs_on(e) + ("" if e.get("precision", "f32") == "f32" else f" {e['precision']}")
+        v = e["verification"]
+        if v.get("reference"):
+            check = "reference"
+        elif not v["outputs_match"]:
+            check = f"**DIFFER**: {v['reason']}"
+        elif "max_rel_diff" in v:
+            check = f"{v['max_rel_diff']:.2g} of scale (≤ {v['tolerance']:g})"
+        else:
+            check = f"match ({v.get('rows_compared')} rows)"
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    title,
+                    runs,
+                    f"{e['workers']} × {threads}",
+                    f"{rate['median']:.1f} ({rate['min']:.1f}–{rate['max']:.1f})",
+                    _fmt(s.get("vs_tensorflow_pool"), ".2f") + "×",
+                    _fmt(s.get("vs_ceiling"), ".2f") + "×",
+                    _fmt(s.get("vs_own_single"), ".2f") + "×",
+                    _fmt(e.get("startup_seconds"), ".1f"),
+                    f"{_fmt(_mib(mem['peak_rss_bytes_max']), '.0f')} / "
+                    f"{_fmt(_mib(mem['peak_uss_bytes_max']), '.0f')}",
+                    check,
+                ]
+            )
+            + " |"
+        )
+    out.append("")
+    for key, r in (runtimes.get("resolved") or {}).items():
+        info = r.get("info") or {}
+        extra = ""
+        if info.get("timings_rows_per_second"):
+            extra = ", its timings on one thread: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in sorted(info["timings_rows_per_second"].items())
+            )
+        elif info.get("fallback"):
+            extra = f", fallback: {info['fallback']}"
+        out.append(
+            f"- `{key}` runs {r['runtime']} ({r['precision']}), resolved before timing in "
+            f"{r['resolve_seconds']:.1f} s{extra}"
+        )
+    for key, why in (runtimes.get("skipped") or {}).items():
+        out.append(f"- `{key}` skipped: {why}")
+    if runtimes.get("resolved") or runtimes.get("skipped"):
+        out += [
+            f"- artifacts converted once, before anything was timed, and cached in "
+            f"`{runtimes.get('cache')}`",
+            "",
+        ]
+    return out
 
 
 def target_line(t: dict) -> str:
@@ -386,6 +649,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
             err = [med - [r["min"] for _, r in points], [r["max"] for _, r in points] - med]
             name_shown = "PredictionPool" if label == "pool" else "plain ProcessPoolExecutor"
             ax.errorbar(xs, med, yerr=err, fmt=style, capsize=4, label=name_shown)
+        keys = sorted({e["runtime_key"] for e in entries if e["label"] == "runtime_pool"})
+        for key in keys:
+            points = sorted(
+                (e["workers"], _throughput(e))
+                for e in entries
+                if e["label"] == "runtime_pool" and e["runtime_key"] == key
+            )
+            shown = f"PredictionPool runtime={key}"
+            ax.plot([n for n, _ in points], [r for _, r in points], "^--", label=shown)
         one = _find(entries, "pool", 1)
         if one is not None and counts:
             xs = [0, *counts]

@@ -23,8 +23,13 @@ Every kind follows the same protocol, so the figures compare:
 
 Kinds: ``describe`` (signature of a model), ``single`` (hub.load once, all cores via intra-op
 threads; shards, then one batch of all rows), ``load_per_call`` (hub.load for every request),
-``executor`` (plain spawn ``ProcessPoolExecutor`` whose initializer loads the model) and
-``pool`` (``PredictionPool``).
+``executor`` (plain spawn ``ProcessPoolExecutor`` whose initializer loads the model),
+``pool`` (``PredictionPool``), and issue 14's runtime configurations: ``runtime_pool``
+(``PredictionPool(runtime=..., precision=...)``, its artifact already in the cache),
+``runtime_single`` (a converted runtime's own best single-process configuration on every core)
+and ``runtime_ceiling`` (the no-IPC ceiling: N spawned processes, each pinned to one CPU with
+its share of the rows in memory, one thread, passes started together at a barrier; see
+``runtime_baselines.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import baselines
 import numpy as np
 import pool_figures
 import psutil
+import runtime_baselines
 
 Inputs = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -325,9 +331,12 @@ def run_pool(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, li
     """``PredictionPool`` with ``workers`` processes and the same shard size."""
     from pool import PredictionPool
 
-    options = {}
+    options: dict[str, Any] = {}
     if spec.get("max_batch_rows") is not None:
         options["max_batch_rows"] = spec["max_batch_rows"]
+    runtime = spec.get("runtime")
+    if runtime is not None:  # runtime_pool: the artifact is cached already (see core_scaling)
+        options.update(runtime=runtime, precision=spec.get("precision", "f32"))
     started = time.perf_counter()
     pool = PredictionPool(
         spec["model"],
@@ -367,11 +376,13 @@ def run_pool(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, li
             ready = [
                 {k: v for k, v in vars(r).items() if k != "signature"} for r in pool.ready_info
             ]
+            runtime_info = pool.runtime_info()
     finally:
         pool.shutdown()
     return [
         entry(
-            "pool",
+            "runtime_pool" if runtime is not None else "pool",
+            runtime_info=runtime_info,
             startup_seconds=first,
             ready_seconds=pool.startup_seconds,
             first_pass_seconds=cold,
@@ -415,7 +426,119 @@ def _latency(call: Callable[[Inputs], Any], shards: list[Inputs], requests: int)
     return seconds
 
 
+def run_runtime_single(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, list]:
+    """A converted runtime's own best single-process configuration on every core."""
+    own = os.getpid()
+    with PeakMemory(lambda: [own]) as memory:
+        started = time.perf_counter()
+        model = runtime_baselines.BestSingle(
+            spec["runtime"], spec["artifact"], spec["cores"], spec.get("precision", "f32")
+        )
+        model(shards[:1])
+        first = time.perf_counter() - started
+        model(shards)  # the warm-up pass
+        cold = time.perf_counter() - started
+        log(f"{spec['runtime']} best single process: first result after {first:.2f} s")
+        memory.checkpoint()
+        passes, parts = _timed_passes(lambda: model(shards), spec)
+        outputs = concat(parts)
+        memory.checkpoint()
+        latency = _latency(lambda shard: model([shard]), shards, spec["latency_requests"])
+    return [
+        entry(
+            "runtime_single",
+            startup_seconds=first,
+            first_pass_seconds=cold,
+            pass_seconds=passes,
+            latency_seconds=latency,
+            memory=memory.figures(),
+            threads={"intra_op_threads": spec["cores"], **model.settings},
+        )
+    ], [outputs]
+
+
+def run_runtime_ceiling(spec: dict, inputs: Inputs, shards: list[Inputs]) -> tuple[list, list]:
+    """The no-IPC ceiling: ``workers`` independent processes (spawn), each pinned to one CPU
+    with its share of the rows in memory, calling the runtime on one thread on shards of the
+    pool's size; all start each pass together; a pass takes as long as the slowest one."""
+    workers = spec["workers"]
+    rows = len(next(iter(inputs.values())))
+    per = -(-rows // workers)
+    per = -(-per // spec["shard_size"]) * spec["shard_size"]  # whole shards, like the pool's
+    share = [(min(i * per, rows), min((i + 1) * per, rows)) for i in range(workers)]
+    allowed = sorted(psutil.Process().cpu_affinity()) if hasattr(os, "sched_setaffinity") else []
+    child = {
+        **{k: spec.get(k) for k in ("runtime", "model", "artifact", "shard_size", "repeats")},
+        "precision": spec.get("precision", "f32"),
+        "inputs": spec["inputs"],
+        "share": share,
+        "cpus": allowed,
+    }
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(workers)
+    queue = ctx.Queue()
+    started = time.perf_counter()
+    processes = [
+        # daemons: a ceiling process that hangs is killed when this runner exits
+        ctx.Process(
+            target=runtime_baselines.ceiling_worker, args=(child, i, barrier, queue), daemon=True
+        )
+        for i in range(workers)
+    ]
+    for p in processes:
+        p.start()
+    with PeakMemory(lambda: [p.pid for p in processes if p.pid is not None]) as memory:
+        got = [queue.get(timeout=1800) for _ in processes]
+        for p in processes:
+            p.join(timeout=60)
+    got.sort(key=lambda g: g[0])
+    errors = [g[1]["error"] for g in got if "error" in g[1]]
+    if errors:
+        raise RuntimeError(f"a ceiling process failed: {errors[0]}")
+    figures = [g[1] for g in got]
+    # every pass started together: its time is the slowest process's
+    passes = [max(f["pass_seconds"][i] for f in figures) for i in range(spec["repeats"])]
+    ready = max(f["ready_seconds"] for f in figures)
+    log(f"{spec['runtime']} ceiling x{workers}: ready after {ready:.2f} s")
+    outputs = concat([g[2] for g in got if g[2]])
+    figures_of_memory = memory.figures()
+    rss = [
+        max(f["rss_bytes"], _peak(memory, p.pid, "rss_bytes"))
+        for f, p in zip(figures, processes, strict=True)
+    ]
+    uss = [f["uss_bytes"] for f in figures]  # read by each process after its passes
+    figures_of_memory.update(
+        processes=workers,
+        peak_rss_bytes_max=max(rss),
+        peak_uss_bytes_max=max(uss),
+        peak_rss_bytes_sum=sum(rss),
+        peak_uss_bytes_sum=sum(uss),
+        all_processes_peak_uss_bytes_sum=sum(uss)
+        + sum(v["uss_bytes"] for v in memory.peaks.values() if v["role"] != "worker"),
+    )
+    return [
+        entry(
+            "runtime_ceiling",
+            startup_seconds=ready,  # to the end of the slowest process's warm-up pass
+            first_pass_seconds=time.perf_counter() - started,
+            pass_seconds=passes,
+            latency_seconds=None,
+            memory=figures_of_memory,
+            threads={"intra_op_threads": 1, "inter_op_threads": 1},
+            process_pass_seconds=[f["pass_seconds"] for f in figures],
+            rows_per_process=[b - a for a, b in share],
+        )
+    ], [outputs]
+
+
+def _peak(memory: PeakMemory, pid: int | None, key: str) -> int:
+    return int(memory.peaks.get(pid or -1, {}).get(key) or 0)
+
+
 KINDS = {
+    "runtime_pool": run_pool,
+    "runtime_single": run_runtime_single,
+    "runtime_ceiling": run_runtime_ceiling,
     "single": run_single,
     "load_per_call": run_load_per_call,
     "executor": run_executor,

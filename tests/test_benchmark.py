@@ -22,11 +22,13 @@ BENCHMARKS = REPO / "benchmarks"
 LABELS = {"load_per_call", "single", "single_batch", "executor", "pool"}
 
 
-def run_benchmark(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+def run_benchmark(
+    script: str, *args: str, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``benchmarks/SCRIPT`` with a marker in its environment; after it exits, check that
     no process carrying the marker (its runners, their fork servers and workers) is left."""
     marker = uuid.uuid4().hex
-    env = {**os.environ, "POOL_BENCHMARK_TEST_RUN": marker}
+    env = {**os.environ, **(env or {}), "POOL_BENCHMARK_TEST_RUN": marker}
     run = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
@@ -55,6 +57,28 @@ def target_statuses(stdout: str) -> list[str]:
     return [line.split()[0] for line in stdout.splitlines() if "(target " in line]
 
 
+def benchmark_module(name: str):  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def runtime_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One conversion cache for this module's runs (the small CNN converts once), not the
+    user's ``~/.cache/pool/runtimes``."""
+    return {"POOL_RUNTIME_CACHE": str(tmp_path_factory.mktemp("runtime-cache"))}
+
+
+def needs_runtimes(*names: str) -> pytest.MarkDecorator:
+    from pool.runtimes import installed
+
+    missing = [n for n in names if not installed(n, converting=True)]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed: {missing}")
+
+
 # --- core scaling ----------------------------------------------------------------------------
 @pytest.mark.timeout(400)
 def test_core_scaling_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
@@ -63,6 +87,8 @@ def test_core_scaling_quick_run_writes_table_json_and_plot(tmp_path: Path) -> No
         "--quick",
         "--workers",
         "1,2",
+        "--runtimes",
+        "none",  # the runtime configurations have their own test below
         "--output-dir",
         str(tmp_path),
         timeout=390,
@@ -133,12 +159,155 @@ def test_core_scaling_quick_run_writes_table_json_and_plot(tmp_path: Path) -> No
         assert t["enforced"] and t["bound"] == 1.05 and t["passed"] == (t["measured"] >= 1.05)
 
 
+@needs_runtimes("openvino", "onnxruntime")
+@pytest.mark.timeout(240)
+def test_core_scaling_runtime_configurations_quick_run(
+    tmp_path: Path, runtime_cache: dict[str, str]
+) -> None:
+    """The pool on a converted runtime and with auto, beside each runtime's no-IPC ceiling and
+    its best single process, checked against TensorFlow relative to the output's scale."""
+    run = run_benchmark(
+        "core_scaling.py",
+        "--quick",
+        "--runtime-only",
+        "--workers",
+        "2",
+        "--runtimes",
+        "auto,openvino,openvino-bf16",
+        "--output-dir",
+        str(tmp_path),
+        timeout=230,
+        env=runtime_cache,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "converting once (not timed" in run.stderr  # before anything is timed
+    assert "Runtimes (issue 14)" in run.stdout
+    assert (tmp_path / "latest.md").read_text().strip() == run.stdout.strip()
+    results = json.loads((tmp_path / "core_scaling.json").read_text())
+    cnn = results["workloads"]["cnn"]
+    resolved = cnn["runtimes"]["resolved"]
+    assert set(resolved) == {"auto", "openvino", "openvino-bf16"}
+    assert cnn["runtimes"]["cache"] == runtime_cache["POOL_RUNTIME_CACHE"]
+    chose = resolved["auto"]["runtime"]
+    entries = cnn["entries"]
+    labels = {(e["label"], e.get("runtime_key"), e["workers"]) for e in entries}
+    assert ("executor", None, 1) not in labels and ("load_per_call", None, 1) not in labels
+    pools = {e["runtime_key"]: e for e in entries if e["label"] == "runtime_pool"}
+    assert set(pools) == {"auto", "openvino", "openvino-bf16"}
+    assert all(e["workers"] == 2 for e in pools.values())
+    ceilings = {e["runtime_key"]: e for e in entries if e["label"] == "runtime_ceiling"}
+    assert set(ceilings) == {"tensorflow", "openvino", chose}
+    singles = {e["runtime_key"]: e for e in entries if e["label"] == "runtime_single"}
+    assert set(singles) == {"openvino", chose} - {"tensorflow"}
+    tolerances = {"f32": 1e-4, "bf16": 5e-2}  # pool.runtimes.TOLERANCES
+    for e in [*pools.values(), *ceilings.values(), *singles.values()]:
+        name = f"{e['label']} {e['runtime_key']}"
+        check = e["verification"]
+        assert check["outputs_match"], (name, check)
+        assert check["rows_compared"] == cnn["rows"], (name, check)
+        assert 0 <= check["max_rel_diff"] <= tolerances[e.get("precision", "f32")], name
+        assert check["tolerance"] == tolerances[e.get("precision", "f32")], name
+        assert e["summary"]["rows_per_second"]["median"] > 0, name
+        assert 50 << 20 < e["memory"]["peak_rss_bytes_max"] < 16 << 30, (name, e["memory"])
+        assert 0 < e["memory"]["peak_uss_bytes_max"] <= e["memory"]["peak_rss_bytes_max"], name
+    for key, e in pools.items():  # what the pool ran, as it says itself
+        runs = resolved[key]["runtime"]
+        assert e["runtime_info"]["runtime"] == runs
+        assert {w["runtime"] for w in e["ready_info"]} == {runs}
+    assert pools["openvino-bf16"]["runtime_info"]["precision"] == "bf16"
+    for key, e in ceilings.items():  # N independent processes, rows split between them
+        assert e["memory"]["processes"] == 2 and sum(e["rows_per_process"]) == cnn["rows"]
+        slowest = [
+            max(p[i] for p in e["process_pass_seconds"]) for i in range(len(e["pass_seconds"]))
+        ]
+        assert e["pass_seconds"] == slowest, key
+    assert singles["openvino"]["threads"]["performance_hint"] == "THROUGHPUT"
+    assert singles["openvino"]["threads"]["infer_requests"] >= 1
+
+    def rate(e: dict) -> float:
+        return e["summary"]["rows_per_second"]["median"]
+
+    tf_pool = next(e for e in entries if e["label"] == "pool" and e["workers"] == 2)
+    ov = pools["openvino"]["summary"]
+    assert ov["vs_tensorflow_pool"] == pytest.approx(rate(pools["openvino"]) / rate(tf_pool))
+    assert ov["vs_ceiling"] == pytest.approx(rate(pools["openvino"]) / rate(ceilings["openvino"]))
+    assert ov["vs_own_single"] == pytest.approx(rate(pools["openvino"]) / rate(singles["openvino"]))
+    assert "vs_ceiling" not in pools["openvino-bf16"]["summary"]  # no bf16 ceiling: no ratio
+
+    targets = {t["target"]: t for t in cnn["targets"]}
+    auto = targets["runtime='auto' pool vs the TensorFlow pool at N=2"]
+    assert auto["bound"] == 1.3 and auto["enforced"]
+    assert auto["passed"] == (auto["measured"] >= 1.3)
+    assert auto["measured"] == pytest.approx(pools["auto"]["summary"]["vs_tensorflow_pool"])
+    ceiling = targets["PredictionPool runtime='openvino' vs the no-IPC ceiling of openvino at N=2"]
+    assert ceiling["bound"] == 0.95 and ceiling["measured"] == pytest.approx(ov["vs_ceiling"])
+    own = "PredictionPool runtime='openvino' vs the best single-process configuration of openvino"
+    assert targets[f"{own} at N=2"]["bound"] == 1.0
+    bf16 = [t for t in cnn["targets"] if "openvino-bf16" in t["target"]]
+    assert (
+        len(bf16) == 1 and not bf16[0]["enforced"] and "of the output's scale" in bf16[0]["detail"]
+    )
+    statuses = target_statuses(run.stdout)
+    assert {"PASS", "MISS"} & set(statuses) and "INFO" in statuses
+
+
+def test_core_scaling_plan_interleaves_runtime_configurations() -> None:
+    core_scaling = benchmark_module("core_scaling")
+    args = core_scaling.parse_args(
+        ["--workers", "1,2", "--runtime-workers", "2", "--rounds", "2", "--runtimes", "auto"]
+    )
+    runtimes = {
+        "resolved": {
+            "auto": {"runtime": "onnxruntime", "precision": "f32", "artifact": "/a/ort"},
+        }
+    }
+    names = [name for name, _ in core_scaling.plan(args, runtimes)]
+    assert names[:3] == ["single", "load_per_call", "runtime_single-onnxruntime"]
+    round0 = [
+        "executor-1-round0",
+        "pool-1-round0",
+        "executor-2-round0",
+        "pool-2-round0",
+        "runtime_pool-auto-2-round0",
+        "runtime_ceiling-tensorflow-2-round0",
+        "runtime_ceiling-onnxruntime-2-round0",
+    ]
+    round1 = [
+        "pool-1-round1",
+        "executor-1-round1",
+        *reversed([n.replace("round0", "round1") for n in round0[2:]]),
+    ]
+    assert names[3:] == round0 + round1
+    specs = dict(core_scaling.plan(args, runtimes))
+    assert specs["runtime_ceiling-onnxruntime-2-round0"]["artifact"] == "/a/ort"
+    assert specs["runtime_pool-auto-2-round0"]["runtime"] == "auto"
+    # no runtime: the plan of before; no baselines: the runtime pools alone
+    assert not [n for n, _ in core_scaling.plan(args, None) if n.startswith("runtime_")]
+    args = core_scaling.parse_args(["--workers", "2", "--runtime-baselines", "none"])
+    names = [name for name, _ in core_scaling.plan(args, runtimes)]
+    assert [n for n in names if n.startswith("runtime_")] == [
+        f"runtime_pool-auto-2-round{r}" for r in range(5)
+    ]
+
+
+def test_verify_scaled_judges_differences_relative_to_the_output_scale() -> None:
+    import numpy as np
+
+    common = benchmark_module("common")
+    want = {"logits": np.array([[40.0, -30.0], [10.0, 2.0]], dtype=np.float32)}
+    near = {"logits": want["logits"] + np.float32(2e-3)}  # 5e-5 of the scale 40
+    check = common.verify_scaled(near, want, 1e-4)
+    assert check["outputs_match"] and check["rows_compared"] == 2
+    assert check["max_rel_diff"] == pytest.approx(2e-3 / 40, rel=1e-3)
+    assert not common.verify(near, want)["outputs_match"]  # np.allclose's atol would refuse it
+    far = {"logits": want["logits"] + np.float32(0.01)}  # 2.5e-4 of the scale
+    check = common.verify_scaled(far, want, 1e-4)
+    assert not check["outputs_match"] and "tolerance 0.0001" in check["reason"]
+    assert not common.verify_scaled({"other": want["logits"]}, want, 1e-4)["outputs_match"]
+
+
 def test_core_scaling_merges_rounds_into_one_entry_per_configuration() -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import core_scaling
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    core_scaling = benchmark_module("core_scaling")
 
     def entry(round_: int, passes: list[float], cpu: float, calls: int) -> dict:
         return {
@@ -183,9 +352,19 @@ def test_core_scaling_merges_rounds_into_one_entry_per_configuration() -> None:
 
 # --- concurrent requests ---------------------------------------------------------------------
 @pytest.mark.timeout(300)
-def test_concurrent_requests_quick_run_writes_tables_json_and_plot(tmp_path: Path) -> None:
+def test_concurrent_requests_quick_run_writes_tables_json_and_plot(
+    tmp_path: Path, runtime_cache: dict[str, str]
+) -> None:
+    from pool.runtimes import installed
+
+    auto = installed("openvino", True) or installed("onnxruntime", True)
     run = run_benchmark(
-        "concurrent_requests.py", "--quick", "--output-dir", str(tmp_path), timeout=290
+        "concurrent_requests.py",
+        "--quick",
+        "--output-dir",
+        str(tmp_path),
+        timeout=290,
+        env=runtime_cache,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "| Clients | Configuration |" in run.stdout
@@ -202,7 +381,13 @@ def test_concurrent_requests_quick_run_writes_tables_json_and_plot(tmp_path: Pat
     assert list(results["workloads"]) == ["small_cnn"]
     workload = results["workloads"]["small_cnn"]
     runs = workload["runs"]
-    assert sorted(r["kind"] for r in runs) == ["executor", "global", "pool"]
+    assert sorted(r["kind"] for r in runs) == ["executor", "global", "pool", "pool_auto"]
+    assert "runtime='auto' for" in run.stderr  # converted before anything was timed
+    (auto_run,) = [r for r in runs if r["kind"] == "pool_auto"]
+    assert auto_run["runtime_info"]["requested"] == "auto"
+    assert auto_run["runtime_info"]["runtime"] == workload["auto"]["runtime"]
+    if auto:  # the small CNN converts: a converted runtime runs it
+        assert workload["auto"]["runtime"] in ("openvino", "onnxruntime")
     workers = results["settings"]["workers"]
     for run_ in runs:
         kind = run_["kind"]
@@ -213,6 +398,8 @@ def test_concurrent_requests_quick_run_writes_tables_json_and_plot(tmp_path: Pat
             name = f"{kind} x{level['clients']}"
             check = level["verification"]
             assert check["outputs_match"], (name, check)
+            if kind == "pool_auto":  # relative to the output's scale, within f32's tolerance
+                assert 0 <= check["max_rel_diff"] <= check["tolerance"] == 1e-4, (name, check)
             assert check["rows_compared"] == workload["rows"], (name, check)
             assert level["requests"] > 0 and level["window_seconds"] > 0
             assert level["requests_per_second"] == pytest.approx(
@@ -224,7 +411,7 @@ def test_concurrent_requests_quick_run_writes_tables_json_and_plot(tmp_path: Pat
             assert level["parent_cpu_seconds_per_request"] == pytest.approx(
                 level["parent_cpu"]["seconds"] / level["requests"]
             )
-            if kind == "pool":  # rows and model calls counted by the pool over the window
+            if kind in ("pool", "pool_auto"):  # rows and model calls counted by the pool
                 calls = level["model_calls"]
                 assert calls["rows"] >= level["requests"] - level["clients"], (name, calls)
                 assert 1 <= calls["model_calls"] <= calls["rows"], (name, calls)
