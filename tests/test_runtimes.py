@@ -393,3 +393,25 @@ def test_predict_on_the_command_line_takes_runtime(runtime, scaled, tmp_path, ru
         timeout=60,
     )
     assert refused.returncode == 2 and "expected one of tensorflow" in refused.stderr, refused
+
+
+@pytest.mark.parametrize("runtime", [OPENVINO])
+def test_serve_takes_runtime_and_answers_like_tensorflow(runtime, scaled, runtime_cache):
+    """``python -m pool serve --runtime``: a real server and a real HTTP client; the answers
+    within the f32 tolerance of TensorFlow in-process, the runtime and its difference logged."""
+    serve_helpers = pytest.importorskip("serve_helpers")
+    x = sample("scaled", 5)
+    server = serve_helpers.Server(scaled, "--runtime", runtime, "--workers", "1", "-v")
+    try:
+        answer = server.predict({"instances": x.tolist()})
+        assert answer.status_code == 200, answer.text
+        rows = answer.json()["predictions"]
+        got = {name: np.asarray([row[name] for row in rows], np.float32) for name in rows[0]}
+        assert_close(got, in_process(scaled, x))
+        assert any(
+            f"runtime {runtime} (asked: {runtime}); largest difference to TensorFlow" in line
+            for line in server.lines
+        ), server.stderr[-3000:]
+        assert all(no_tensorflow_in(pid) for pid in server.worker_pids())
+    finally:
+        assert server.stop() == 0

@@ -271,6 +271,21 @@ def serve(
             os.getpid(),
             extra={"model": name, "version": version, "url": url, "workers": pool.workers},
         )
+        runtime = pool.runtime_info()
+        if runtime["runtime"] != "tensorflow" or runtime.get("requested") != "tensorflow":
+            worst = max(
+                (d["max_rel"] for d in runtime.get("differences", {}).values()), default=0.0
+            )
+            log.info(
+                "runtime %s (asked: %s); largest difference to TensorFlow %.2g of the output's "
+                "scale (tolerance %s)%s",
+                runtime["runtime"],
+                runtime.get("requested"),
+                worst,
+                runtime.get("tolerance", "-"),
+                f"; fallback: {runtime['fallback']}" if runtime.get("fallback") else "",
+                extra={"runtime": runtime["runtime"], "max_rel_difference": worst},
+            )
         abandoned = run_app(
             app,
             sock,
