@@ -127,20 +127,28 @@ def load_model(config: WorkerConfig, loads: int = 1) -> tuple[Any, WorkerReady]:
     if config.runtime != "tensorflow":  # a converted model: TensorFlow is never imported
         from . import runtimes
 
-        return runtimes.load_worker(config, loads)
-    os.environ["TF_NUM_INTRAOP_THREADS"] = str(config.intra_op_threads)
-    os.environ["TF_NUM_INTEROP_THREADS"] = str(config.inter_op_threads)
-    if not tensorflow_logs_wanted():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with tensorflow_start_quietly():
-        from . import model as model_module  # imports TensorFlow, after pinning
+        def load() -> Any:
+            return runtimes.load(config)
 
-        intra, inter = model_module.configure_threads(
-            config.intra_op_threads, config.inter_op_threads
-        )
-        model_module.start_runtime()  # probes for CUDA: a line on fd 2 on a CPU-only machine
+        intra, inter = config.intra_op_threads, 1
+    else:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(config.intra_op_threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = str(config.inter_op_threads)
+        if not tensorflow_logs_wanted():
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        with tensorflow_start_quietly():
+            from . import model as model_module  # imports TensorFlow, after pinning
+
+            intra, inter = model_module.configure_threads(
+                config.intra_op_threads, config.inter_op_threads
+            )
+            model_module.start_runtime()  # probes for CUDA: a line on fd 2 on a CPU-only machine
+
+        def load() -> Any:
+            return model_module.load(config.model, config.signature, config.output)
+
     started = time.perf_counter()
-    model = model_module.load(config.model, config.signature, config.output)
+    model = load()
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     warmup = model.warmup_inputs(config.warmup_rows)
@@ -155,6 +163,7 @@ def load_model(config: WorkerConfig, loads: int = 1) -> tuple[Any, WorkerReady]:
         inter_op_threads=inter,
         cpus=config.cpus,
         signature=model.signature,
+        runtime=config.runtime,
     )
     return model, ready
 

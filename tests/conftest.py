@@ -92,3 +92,16 @@ def pool_processes() -> list[psutil.Process]:
             helpers.append(child)
     workers = [c for c in me.children(recursive=True) if c not in helpers]
     return workers
+
+
+@pytest.fixture
+def nothing_left_behind():
+    """After the test: no worker process and no ``/dev/shm`` segment it created is left. Fault
+    and lifecycle modules use it for every test (``pytestmark``)."""
+    before_shm = shm_segments()
+    before = {p.pid for p in pool_processes()}
+    yield
+    new = [p for p in pool_processes() if p.pid not in before]
+    _, alive = psutil.wait_procs(new, timeout=10)
+    assert not alive, f"processes outlived the test: {[p.pid for p in alive]}"
+    assert shm_segments() <= before_shm

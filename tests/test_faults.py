@@ -18,9 +18,11 @@ import factories
 import numpy as np
 import psutil
 import pytest
-from conftest import assert_rows_equal, default_sigint, in_process, pool_processes, shm_segments
+from conftest import assert_rows_equal, default_sigint, in_process
 
 from pool import PredictionPool, WorkerCrashedError
+
+pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
 TESTS = Path(__file__).parent
 RNG = np.random.default_rng(7)
@@ -33,17 +35,6 @@ def rows(n: int, width: int = 3) -> np.ndarray:
 def expected(x: np.ndarray) -> np.ndarray:
     """The fault model called in-process: identity on healthy rows."""
     return factories.faulty()(x)["y"]
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    before_shm = shm_segments()
-    before = {p.pid for p in pool_processes()}
-    yield
-    new = [p for p in pool_processes() if p.pid not in before]
-    _, alive = psutil.wait_procs(new, timeout=10)
-    assert not alive, f"processes outlived the test: {[p.pid for p in alive]}"
-    assert shm_segments() <= before_shm
 
 
 def wait_until(condition, timeout: float = 30.0) -> None:

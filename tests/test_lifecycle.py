@@ -25,11 +25,13 @@ import factories
 import numpy as np
 import psutil
 import pytest
-from conftest import assert_rows_equal, in_process, pool_processes, shm_segments
+from conftest import assert_rows_equal, in_process, pool_processes
 
 from pool import ModelLoadError, PoolClosedError, PredictionPool
 from pool.dispatcher import Dispatcher
 from pool.process import make_context
+
+pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
 TESTS = Path(__file__).parent
 RNG = np.random.default_rng(19)
@@ -37,17 +39,6 @@ RNG = np.random.default_rng(19)
 
 def rows(n: int, width: int = 3) -> np.ndarray:
     return RNG.random((n, width)).astype(np.float32)
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    before_shm = shm_segments()
-    before = {p.pid for p in pool_processes()}
-    yield
-    new = [p for p in pool_processes() if p.pid not in before]
-    _, alive = psutil.wait_procs(new, timeout=10)
-    assert not alive, f"processes outlived the test: {[p.pid for p in alive]}"
-    assert shm_segments() <= before_shm
 
 
 @pytest.fixture(scope="module", autouse=True)

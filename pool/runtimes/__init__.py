@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..messages import STRING, SignatureInfo, WorkerConfig, WorkerReady
+from ..messages import STRING, SignatureInfo, WorkerConfig
 
 TENSORFLOW = "tensorflow"
 OPENVINO = "openvino"
@@ -70,30 +68,13 @@ def installed(runtime: str, converting: bool = False) -> bool:
     return all(importlib.util.find_spec(name) is not None for name in needed)
 
 
-def load_worker(config: WorkerConfig, loads: int = 1) -> tuple[RuntimeModel, WorkerReady]:
-    """In a worker: load ``config.artifact`` with ``config.runtime`` and warm it up.
-
-    The worker has pinned its CPUs already. No TensorFlow is imported on this path."""
+def load(config: WorkerConfig) -> RuntimeModel:
+    """In a worker: load ``config.artifact`` with ``config.runtime`` (``worker.load_model``
+    times it and warms it up). The worker has pinned its CPUs already; no TensorFlow is
+    imported on this path."""
     module = importlib.import_module(f"{__name__}.{config.runtime}")
-    started = time.perf_counter()
     model: RuntimeModel = module.load(config)
-    load_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    warmup = model.warmup_inputs(config.warmup_rows)
-    if warmup is not None:
-        model(warmup)
-    ready = WorkerReady(
-        pid=os.getpid(),
-        load_seconds=load_seconds,
-        warmup_seconds=time.perf_counter() - started,
-        loads=loads,
-        intra_op_threads=config.intra_op_threads,
-        inter_op_threads=1,
-        cpus=config.cpus,
-        signature=model.signature,
-        runtime=config.runtime,
-    )
-    return model, ready
+    return model
 
 
 # --- shared by the converted runtimes ------------------------------------------------------------
