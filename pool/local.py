@@ -70,43 +70,20 @@ class LocalBackend:
     def _resolve_runtime(self, config: WorkerConfig) -> WorkerConfig:
         """Convert (or find in the cache) and verify the model for ``runtime=``; workers of a
         converted model start with ``spawn``: the fork server has TensorFlow imported."""
-        from .runtimes.resolve import resolve
+        from .runtimes.resolve import for_workers
 
-        settings = self._settings
-        self.runtime = resolve(
-            config.model,
-            settings.signature,
-            settings.runtime,
-            settings.precision,
-            settings.runtime_tolerance,
-            settings.shard_size,
-            settings.start_timeout,
-            sample=settings.runtime_sample,
-        )
-        if self.runtime.runtime == "tensorflow":
-            return config
-        if self._context.get_start_method() != "spawn":
+        self.runtime, config = for_workers(self._settings, config)
+        if config.runtime != "tensorflow" and self._context.get_start_method() != "spawn":
             self._context = multiprocessing.get_context("spawn")
-        return replace(
-            config,
-            runtime=self.runtime.runtime,
-            precision=settings.precision,
-            artifact=self.runtime.artifact,
-        )
+        return config
 
     def runtime_info(self) -> dict[str, object]:
         """What runs the model and what was measured on the way (docs/runtimes.md)."""
-        resolution = self.runtime
-        if resolution is None:
-            return {"runtime": "tensorflow", "requested": "tensorflow"}
-        return {
-            "runtime": resolution.runtime,
-            "requested": resolution.requested,
-            "precision": resolution.precision,
-            "artifact": resolution.artifact,
-            "start_method": self._context.get_start_method(),
-            **resolution.info,
-        }
+        from .runtimes.resolve import describe
+
+        if self.runtime is None:
+            return describe(None)
+        return describe(self.runtime, start_method=self._context.get_start_method())
 
     def _running(self) -> Dispatcher:
         if self._dispatcher is None:

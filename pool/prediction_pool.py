@@ -106,10 +106,6 @@ class PredictionPool:
                 f"batch_timeout_micros must be an int >= 0, got {batch_timeout_micros!r}"
             )
         check_runtime_options(runtime, precision, runtime_tolerance)
-        if runtime != "tensorflow" and cluster is not None:
-            raise ValueError(
-                f"runtime={runtime!r} does not apply with cluster= yet: use 'tensorflow'"
-            )
         workers = None if workers is None else positive("workers", workers)
         if workers is None and cluster is None:
             workers = default_workers()

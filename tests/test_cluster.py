@@ -11,6 +11,7 @@ in a worker process sizes TensorFlow's thread pools, so the thread-settings test
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import signal
@@ -560,3 +561,29 @@ def test_map_partitions_computes_on_a_pool_given_the_cluster_object(cluster):
     np.testing.assert_array_equal(out["doubled"].to_numpy(), want)
     with pytest.raises(ValueError):
         distributed.default_client()  # closed with the pool: no default left behind
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("tf2onnx") is None,
+    reason="ONNX Runtime (the onnx extra) is not installed",
+)
+def test_a_converted_runtime_runs_on_the_cluster_workers(client, models, tmp_path, monkeypatch):
+    """``runtime=`` with ``cluster=``: converted once in the client (in a subprocess), verified,
+    and loaded by every Dask worker from the runtime cache; rows within the f32 tolerance of
+    TensorFlow in-process, in order."""
+    from pool.runtimes import TOLERANCES
+
+    monkeypatch.setenv("POOL_RUNTIME_CACHE", str(tmp_path))
+    x = images(20)
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    with PredictionPool(
+        models["small_cnn"], cluster=client, shard_size=4, runtime="onnxruntime"
+    ) as pool:
+        info = pool.runtime_info()
+        assert info["runtime"] == "onnxruntime" and info["artifact"].startswith(str(tmp_path))
+        assert {r.runtime for r in pool.ready_info} == {"onnxruntime"}
+        got = pool.predict(x)
+        parts = list(pool.imap(x[i : i + 7] for i in range(0, 20, 7)))
+    scale = float(np.max(np.abs(want)))
+    assert_rows_equal(got, want, rtol=0, atol=TOLERANCES["f32"] * scale + 1e-7)
+    assert_rows_equal(np.concatenate(parts), want, rtol=0, atol=TOLERANCES["f32"] * scale + 1e-7)

@@ -415,3 +415,26 @@ def test_serve_takes_runtime_and_answers_like_tensorflow(runtime, scaled, runtim
         assert all(no_tensorflow_in(pid) for pid in server.worker_pids())
     finally:
         assert server.stop() == 0
+
+
+def test_a_worker_that_cannot_see_the_artifact_says_where_it_must_be(tmp_path):
+    """On a cluster the artifact is read from the runtime cache on the worker's machine: a
+    missing or partial one is refused with what to do, never loaded."""
+    from pool.messages import WorkerConfig
+    from pool.runtimes import load
+
+    config = WorkerConfig(
+        model="/models/resnet",
+        signature="serving_default",
+        output=None,
+        intra_op_threads=1,
+        inter_op_threads=1,
+        cpus=None,
+        warmup_rows=1,
+        parent_pid=os.getpid(),
+        parent_create_time=0.0,
+        runtime=OPENVINO,
+        artifact=str(tmp_path / "missing"),
+    )
+    with pytest.raises(FileNotFoundError, match=r"POOL_RUNTIME_CACHE.*python -m pool compile"):
+        load(config)

@@ -45,6 +45,7 @@ from ..backend import Settings
 from ..errors import ModelLoadError, PoolClosedError, QueueFullError, WorkerCrashedError
 from ..futures import PoolFuture
 from ..messages import ShardRequest, WorkerReady, WorkerStats
+from ..runtimes.resolve import Resolution, describe, for_workers
 from . import plugin as worker_side
 
 log = logging.getLogger("pool")
@@ -173,6 +174,7 @@ class DaskBackend:
         self._settings = settings
         self._cluster = cluster
         self.name = f"pool-{uuid.uuid4().hex[:12]}"
+        self.runtime: Resolution | None = None  # a converted runtime=, resolved at start()
         self._client: Client | None = None
         self._owns_client = False
         self._lock = threading.Lock()
@@ -206,6 +208,11 @@ class DaskBackend:
                 ) from None
             me = psutil.Process()
             config = s.worker_config(cluster_model_path(s.model), me.pid, me.create_time())
+            if s.runtime != "tensorflow":
+                # Converted here, once (a subprocess: this process never imports TensorFlow);
+                # the workers load the artifact from the runtime cache, which must be on
+                # storage they see, like the model itself (docs/scale-out.md).
+                self.runtime, config = for_workers(s, config)
             model_plugin = worker_side.ModelPlugin(config, self.name, s.start_timeout)
             self.client.register_plugin(model_plugin, name=self.name)
             registered = True
@@ -229,6 +236,10 @@ class DaskBackend:
         self._gatherer.daemon = True
         self._gatherer.start()
         return self.ready
+
+    def runtime_info(self) -> dict[str, Any]:
+        """What runs the model and what was measured on the way (docs/runtimes.md)."""
+        return describe(self.runtime)
 
     def shutdown(self, kill: bool) -> None:
         with self._lock:

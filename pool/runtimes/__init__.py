@@ -72,6 +72,17 @@ def load(config: WorkerConfig) -> RuntimeModel:
     """In a worker: load ``config.artifact`` with ``config.runtime`` (``worker.load_model``
     times it and warms it up). The worker has pinned its CPUs already; no TensorFlow is
     imported on this path."""
+    from pathlib import Path
+
+    from .cache import valid_manifest
+
+    if config.artifact is None or valid_manifest(Path(config.artifact)) is None:
+        raise FileNotFoundError(
+            f"the {config.runtime} model converted from {config.model} is not whole at "
+            f"{config.artifact} on this machine: workers on other machines need the runtime "
+            "cache ($POOL_RUNTIME_CACHE) on storage they all see, or `python -m pool compile "
+            "MODEL --runtime ...` run where they can read it (docs/runtimes.md)"
+        )
     module = importlib.import_module(f"{__name__}.{config.runtime}")
     model: RuntimeModel = module.load(config)
     return model

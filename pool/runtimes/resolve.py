@@ -26,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..backend import Settings
 from ..errors import ModelLoadError
+from ..messages import WorkerConfig
 from . import (
     AUTO,
     CHOICES,
@@ -63,6 +65,45 @@ class Resolution:
     precision: str
     artifact: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def for_workers(settings: Settings, config: WorkerConfig) -> tuple[Resolution, WorkerConfig]:
+    """Resolve ``settings.runtime`` for ``config.model`` (convert or find in the cache, verify,
+    time for ``auto``) and return the worker config that runs the result: what every backend
+    does once, in the parent, before its workers start."""
+    resolution = resolve(
+        config.model,
+        settings.signature,
+        settings.runtime,
+        settings.precision,
+        settings.runtime_tolerance,
+        settings.shard_size,
+        settings.start_timeout,
+        sample=settings.runtime_sample,
+    )
+    if resolution.runtime == TENSORFLOW:
+        return resolution, config
+    converted = replace(
+        config,
+        runtime=resolution.runtime,
+        precision=settings.precision,
+        artifact=resolution.artifact,
+    )
+    return resolution, converted
+
+
+def describe(resolution: Resolution | None, **extra: Any) -> dict[str, Any]:
+    """``PredictionPool.runtime_info()``: what runs and what was measured on the way."""
+    if resolution is None:
+        return {"runtime": TENSORFLOW, "requested": TENSORFLOW}
+    return {
+        "runtime": resolution.runtime,
+        "requested": resolution.requested,
+        "precision": resolution.precision,
+        "artifact": resolution.artifact,
+        **extra,
+        **resolution.info,
+    }
 
 
 def check_options(runtime: str, precision: str, tolerance: float | None) -> None:
