@@ -267,8 +267,7 @@ def test_runtime_options_are_validated():
         PredictionPool("unused", runtime="onnxruntime", precision="bf16")
     with pytest.raises(ValueError, match="runtime_tolerance must be a positive number"):
         PredictionPool("unused", runtime="openvino", runtime_tolerance=0)
-    with pytest.raises(ValueError, match="does not apply with cluster= yet"):
-        PredictionPool("unused", runtime="auto", cluster="tcp://127.0.0.1:1")
+    PredictionPool("unused", runtime="auto", cluster="tcp://127.0.0.1:1")  # accepted
 
 
 def test_a_factory_model_runs_only_on_tensorflow():
