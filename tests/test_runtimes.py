@@ -337,6 +337,31 @@ def test_concurrent_callers_combined_into_one_call_each_get_their_rows(runtime, 
         assert_close(got, in_process(scaled, x))
 
 
+@pytest.mark.parametrize("runtime", [ONNXRUNTIME])
+def test_recycled_workers_reload_the_artifact_and_cancelled_calls_never_run(runtime, scaled):
+    """Memory recycling and cancellation keep their guarantees on a converted runtime: each
+    replacement loads the artifact (never TensorFlow) and answers exactly its rows; a call
+    cancelled while queued is dropped and the ones behind it are answered."""
+    x = sample("scaled", 12)
+    with PredictionPool(
+        scaled, workers=1, shard_size=2, runtime=runtime, max_shards_per_worker=2
+    ) as pool:
+        got = pool.predict(x)
+        inputs = [sample("scaled", 2) for _ in range(6)]
+        queued = [pool.submit(one) for one in inputs]
+        cancelled = [f.cancel() for f in queued[3:]]
+        answered = [f.result(timeout=120) for f in queued[:3]]
+        stats = pool.stats()
+        assert all(no_tensorflow_in(pid) for pid in pool.worker_pids())
+    assert_close(only(got), in_process(scaled, x))
+    assert stats[0].shards == 6 + 3 + cancelled.count(False), stats  # cancelled never ran
+    assert stats[0].restarts >= (stats[0].shards - 1) // 2, stats  # recycled every 2 shards
+    assert len(answered) == 3 and any(cancelled)
+    for one, result in zip(inputs, answered, strict=False):
+        assert_close(only(result), in_process(scaled, one))
+    assert all(f.cancelled() for f, c in zip(queued[3:], cancelled, strict=True) if c)
+
+
 @pytest.mark.parametrize("runtime", CONVERTED)
 def test_a_model_without_fixed_shapes_verifies_on_the_users_sample(runtime, tmp_path):
     path = build_scaled(tmp_path / "model", seed=4, side=None)  # images [N, ?, ?, 3]
