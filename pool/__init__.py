@@ -13,6 +13,8 @@ model calls, run on all cores and gathered in input order::
       ▼  dispatcher            one thread: a worker with room takes a batch of waiting shards
       │     ├─▶ worker 0 ──socket + shared arena──▶ worker.run_batch ─▶ model.LoadedModel (TF)
       │     └─▶ worker 1 ──socket + shared arena──▶ worker.run_batch ─▶ model.LoadedModel (TF)
+      │         (runtime="openvino"/"onnxruntime"/"auto": runtimes.<name> on an artifact that
+      │          runtimes.resolve converted, verified and cached before the workers started)
       ▲  outputs split back to each shard; dead workers replaced, their shards re-run
       ▲  _combine + sharding.gather   concatenate a call's shards in input order
     caller: np.ndarray, or dict[str, np.ndarray] for several outputs
