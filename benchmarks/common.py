@@ -226,27 +226,44 @@ def run_process(
     return entries, outputs
 
 
-def verify(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Compare outputs with the reference's, row for row (``got`` may hold only a prefix of
-    the reference's rows, as load-per-call does): ``np.allclose`` for numbers, equality else."""
+def _numeric_pairs(
+    got: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], int | None, dict[str, Any] | None]:
+    """``(numeric (name, got, reference rows) pairs, rows compared, mismatch)``: what both
+    checks share. ``got`` may hold only a prefix of the reference's rows (load-per-call);
+    names, shapes and non-numeric outputs (exactly equal) are checked here."""
     if set(got) != set(reference):
-        return {"outputs_match": False, "reason": f"outputs {sorted(got)} != {sorted(reference)}"}
-    worst, rows = 0.0, None
+        reason = f"outputs {sorted(got)} != {sorted(reference)}"
+        return [], None, {"outputs_match": False, "reason": reason}
+    pairs, rows = [], None
     for name, want in reference.items():
         have = got[name]
         rows = len(have)
         want = want[:rows]
         if have.shape != want.shape:
-            return {"outputs_match": False, "reason": f"{name}: {have.shape} != {want.shape}"}
+            reason = f"{name}: {have.shape} != {want.shape}"
+            return [], rows, {"outputs_match": False, "reason": reason}
         if have.dtype.kind not in "biuf":  # strings and the like: exactly equal
             if not np.array_equal(have, want):
-                return {"outputs_match": False, "reason": f"{name}: values differ"}
+                return [], rows, {"outputs_match": False, "reason": f"{name}: values differ"}
             continue
-        if not np.allclose(have, want, rtol=RTOL, atol=ATOL):
-            diff = float(np.max(np.abs(have.astype(np.float64) - want)))
-            return {"outputs_match": False, "reason": f"{name}: max |diff| {diff:.3g}"}
         if have.size:
-            worst = max(worst, float(np.max(np.abs(have.astype(np.float64) - want))))
+            pairs.append((name, have, want))
+    return pairs, rows, None
+
+
+def verify(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Compare outputs with the reference's, row for row (``got`` may hold only a prefix of
+    the reference's rows, as load-per-call does): ``np.allclose`` for numbers, equality else."""
+    pairs, rows, mismatch = _numeric_pairs(got, reference)
+    if mismatch is not None:
+        return mismatch
+    worst = 0.0
+    for name, have, want in pairs:
+        diff = float(np.max(np.abs(have.astype(np.float64) - want)))
+        if not np.allclose(have, want, rtol=RTOL, atol=ATOL):
+            return {"outputs_match": False, "reason": f"{name}: max |diff| {diff:.3g}"}
+        worst = max(worst, diff)
     return {"outputs_match": True, "max_abs_diff": worst, "rows_compared": rows}
 
 
@@ -257,21 +274,11 @@ def verify_scaled(
     ``pool.runtimes`` verifies a conversion: the largest absolute difference of each output,
     relative to that output's scale (its largest magnitude in the reference), must be at most
     ``tolerance`` (``pool.runtimes.TOLERANCES`` of the precision). Strings: exactly equal."""
-    if set(got) != set(reference):
-        return {"outputs_match": False, "reason": f"outputs {sorted(got)} != {sorted(reference)}"}
-    worst_abs, worst_rel, rows = 0.0, 0.0, None
-    for name, want in reference.items():
-        have = got[name]
-        rows = len(have)
-        want = want[:rows]
-        if have.shape != want.shape:
-            return {"outputs_match": False, "reason": f"{name}: {have.shape} != {want.shape}"}
-        if have.dtype.kind not in "biuf":
-            if not np.array_equal(have, want):
-                return {"outputs_match": False, "reason": f"{name}: values differ"}
-            continue
-        if not have.size:
-            continue
+    pairs, rows, mismatch = _numeric_pairs(got, reference)
+    if mismatch is not None:
+        return mismatch
+    worst_abs, worst_rel = 0.0, 0.0
+    for name, have, want in pairs:
         diff = float(np.max(np.abs(have.astype(np.float64) - want)))
         scale = float(np.max(np.abs(want.astype(np.float64))))
         relative = diff / scale if scale > 0 else diff

@@ -6,7 +6,11 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -105,3 +109,21 @@ def nothing_left_behind():
     _, alive = psutil.wait_procs(new, timeout=10)
     assert not alive, f"processes outlived the test: {[p.pid for p in alive]}"
     assert shm_segments() <= before_shm
+
+
+def start_script(tmp_path, body: str, **popen) -> subprocess.Popen:
+    """Write ``body`` as ``job.py`` and run it with tests/ and the checkout on its path, in a
+    session of its own (so a test can signal its whole group); stdout and stderr piped."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(body))
+    tests = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent)]))
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        **popen,
+    )

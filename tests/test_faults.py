@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
 
+import conftest
 import factories
 import numpy as np
 import psutil
@@ -24,7 +23,6 @@ from pool import PredictionPool, WorkerCrashedError
 
 pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
-TESTS = Path(__file__).parent
 RNG = np.random.default_rng(7)
 
 
@@ -191,18 +189,7 @@ if __name__ == "__main__":
 
 
 def start_script(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(SCRIPT))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-        preexec_fn=default_sigint,
-    )
+    proc = conftest.start_script(tmp_path, SCRIPT, preexec_fn=default_sigint)
     line = proc.stdout.readline()
     assert line, proc.stderr.read()
     return proc, json.loads(line)

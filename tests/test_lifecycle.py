@@ -14,13 +14,12 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import conftest
 import factories
 import numpy as np
 import psutil
@@ -33,7 +32,6 @@ from pool.process import make_context
 
 pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
-TESTS = Path(__file__).parent
 RNG = np.random.default_rng(19)
 
 
@@ -71,18 +69,8 @@ def arena_handles() -> tuple[int, int]:
 def run_script(tmp_path: Path, body: str, timeout: float = 60) -> tuple[str, float]:
     """Run ``body`` as a script (tests/ on the path) in its own session; return its stdout
     and how long it took. On a timeout, kill its whole group and fail."""
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(body))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    proc = conftest.start_script(tmp_path, body)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -988,7 +988,7 @@ def test_model_mistakes_are_found_before_any_worker_starts_and_exit_2(tmp_path, 
         (
             models["multi_io"],
             ("--signature", "nope"),
-            "the model has no signature 'nope'; it has ['checked', 'scaled', 'serving_default']",
+            "has ['checked', 'scaled', 'serving_default'] (python -m pool inspect",
         ),
     ]:
         done = _serve(model, "--port", "0", *args)

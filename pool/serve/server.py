@@ -30,8 +30,9 @@ from typing import Any
 
 import uvicorn
 
+from ..errors import ModelLoadError
 from ..prediction_pool import PredictionPool
-from ..savedmodel_pb import not_a_savedmodel, read_signatures
+from ..savedmodel_pb import check_signature, not_a_savedmodel
 from .app import create_app
 from .limits import (
     DEFAULT_BODY_TIMEOUT,
@@ -88,12 +89,10 @@ def check_model(path: str, signature: str = "serving_default") -> None:
         if os.path.isdir(path):
             reason += ", nor numbered version directories holding one"
         raise ValueError(f"model {path!r} is not a SavedModel directory ({reason})")
-    found = read_signatures(path)
-    if found is not None and signature not in found:
-        raise ValueError(
-            f"the model has no signature {signature!r}; it has {sorted(found)} "
-            "(python -m pool inspect MODEL lists them)"
-        )
+    try:
+        check_signature(path, signature, None)  # the core's own check, as a usage error here
+    except ModelLoadError as exc:
+        raise ValueError(f"{exc} (python -m pool inspect MODEL lists them)") from None
 
 
 def _clean(name: str) -> str:
