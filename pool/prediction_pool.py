@@ -410,6 +410,7 @@ class PredictionPool:
 
         with self._lock:
             old, old_signature = self._running()  # PoolClosedError after shutdown
+            old.queued_requests()  # PoolClosedError in a child made with os.fork()
             old_generation, old_model = self._generation, self._settings.model
             generation = old_generation + 1
             new = LocalBackend(replace(settings, start_timeout=timeout))

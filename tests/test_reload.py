@@ -379,3 +379,16 @@ def test_reload_between_two_savedmodels_and_onto_a_converted_runtime(dense, tmp_
         pool.reload(v2, runtime="tensorflow")  # and back: TensorFlow workers again
         assert pool.runtime_info()["runtime"] == "tensorflow"
         assert_rows_equal(pool.predict(x), want2)
+
+
+def test_reload_in_a_forked_child_is_refused(serving, monkeypatch):
+    """The pool belongs to the process that started it: in a child made with ``os.fork()``
+    (seen here as another pid, without forking a process that may hold TensorFlow), ``reload``
+    raises ``PoolClosedError`` like every call, and starts nothing."""
+    pids, children = serving.worker_pids(), {p.pid for p in pool_processes()}
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "getpid", lambda: 1)
+        with pytest.raises(PoolClosedError, match="forked from it"):
+            serving.reload(scale(2.0))
+    assert {p.pid for p in pool_processes()} == children
+    assert_still_serving(serving, pids)
