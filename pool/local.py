@@ -3,6 +3,12 @@
 ``LocalBackend.start`` resolves the model once (a remote TF Hub handle is downloaded here, in
 the parent, so N workers never download N times), starts one worker process per position,
 pinned to its own CPUs, and waits until every one has loaded the model.
+
+One ``LocalBackend`` is one *generation* of workers serving one model:
+``PredictionPool.reload`` starts a second one beside it, swaps it in once every new worker is
+ready, and stops the first (docs/design.md, "Model generations"). ``shutdown()`` from another
+thread while ``start()`` waits kills the workers loading and makes ``start()`` raise
+``PoolClosedError``.
 """
 
 from __future__ import annotations
