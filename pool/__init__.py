@@ -26,7 +26,9 @@ combines), ``futures`` (callers' callbacks run on a callback thread, never on th
 dispatcher), ``dispatcher`` (scheduling, retries), ``process`` (one worker process),
 ``backend`` (the pool/workers seam and the validated settings), ``savedmodel_pb`` (a local
 SavedModel's signatures from ``saved_model.pb``, without TensorFlow), ``local`` (the local
-backend), ``prediction_pool`` (lifecycle and public API), ``runtimes`` (``runtime=``: OpenVINO
+backend), ``prediction_pool`` (lifecycle and public API; ``reload(model)`` swaps the model by
+starting a new generation of workers, moving traffic once all are ready, then draining and
+stopping the old one), ``runtimes`` (``runtime=``: OpenVINO
 / ONNX Runtime / ``auto`` behind one interface; conversion in a subprocess, a verified cache;
 workers of a converted model run ``runtimes.<name>`` instead of ``model.LoadedModel`` and never
 import TensorFlow). Edges, never imported by the core: ``etl``

@@ -11,6 +11,7 @@ the same validated :class:`Settings`. This module imports neither of them, nor T
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -86,6 +87,20 @@ class Settings:
             parent_pid=parent_pid,
             parent_create_time=parent_create_time,
         )
+
+
+def model_name(model: ModelRef) -> str:
+    """The model as ``stats()`` names it: the path or handle as given, or the factory's dotted
+    name (``functools.partial(module.name)`` for a partial)."""
+    if isinstance(model, str):
+        return model
+    func, partial = model, False
+    while isinstance(func, functools.partial):
+        func, partial = func.func, True
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    module = getattr(func, "__module__", None)
+    label = f"{module}.{name}" if module else name
+    return f"functools.partial({label})" if partial else label
 
 
 def local_model_path(

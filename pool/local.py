@@ -3,6 +3,12 @@
 ``LocalBackend.start`` resolves the model once (a remote TF Hub handle is downloaded here, in
 the parent, so N workers never download N times), starts one worker process per position,
 pinned to its own CPUs, and waits until every one has loaded the model.
+
+One ``LocalBackend`` is one *generation* of workers serving one model:
+``PredictionPool.reload`` starts a second one beside it, swaps it in once every new worker is
+ready, and stops the first (docs/design.md, "Model generations"). ``shutdown()`` from another
+thread while ``start()`` waits kills the workers loading and makes ``start()`` raise
+``PoolClosedError``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ import psutil
 from . import transport
 from .backend import Settings, local_model_path
 from .dispatcher import Dispatcher
+from .errors import PoolClosedError
 from .messages import ShardRequest, WorkerConfig, WorkerReady, WorkerStats
 from .process import cpus_for, make_context
 from .runtimes.resolve import Resolution
+from .sharding import describe_model
 
 
 class LocalBackend:
@@ -30,6 +38,18 @@ class LocalBackend:
         self._context = make_context(settings.start_method)
         self._dispatcher: Dispatcher | None = None
         self.runtime: Resolution | None = None
+        # A start may be cancelled from another thread (``shutdown()`` while a reload loads a
+        # new generation): the lock orders the cancel against the dispatcher being created.
+        self._lock = threading.Lock()
+        self._loading: Dispatcher | None = None
+        self._cancelled = False
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled:
+            raise PoolClosedError(
+                "the pool was shut down while its workers were loading "
+                f"{describe_model(self._settings.model)}"
+            )
 
     def start(self) -> list[WorkerReady]:
         settings = self._settings
@@ -49,6 +69,7 @@ class LocalBackend:
                 return replace(config, cpus=cpus)
             return config
 
+        self._check_cancelled()
         try:
             dispatcher = Dispatcher(settings, self._context, config_for)
         except (pickle.PicklingError, AttributeError) as exc:  # the workers could not get it
@@ -59,12 +80,20 @@ class LocalBackend:
                 f"import by name (a top-level function, not a lambda or a local function), got "
                 f"{settings.model!r}: {exc}"
             ) from exc
+        with self._lock:
+            if self._cancelled:
+                dispatcher.stop(kill=True)
+                self._check_cancelled()
+            self._loading = dispatcher
         try:
             ready = dispatcher.wait_ready(settings.start_timeout)
+            with self._lock:
+                self._loading = None
+                self._check_cancelled()  # shut down meanwhile: its workers are being killed
+                self._dispatcher = dispatcher
         except BaseException:
             dispatcher.stop(kill=True)
             raise
-        self._dispatcher = dispatcher
         return ready
 
     def _resolve_runtime(self, config: WorkerConfig) -> WorkerConfig:
@@ -97,15 +126,25 @@ class LocalBackend:
         return self._running().submit(requests, bounded, finish)
 
     def stats(self) -> list[WorkerStats]:
+        """One record per worker; while the workers load (a reload), their ``starting``
+        records."""
+        dispatcher = self._dispatcher or self._loading
+        if dispatcher is None:
+            return []
+        dispatcher.check_process()
         records = []
-        for slot in self._running().slots:
+        for slot in dispatcher.slots:
             record = replace(slot.process.stats, state=slot.state.value, error=slot.failure)
             record.rss_bytes = slot.process.rss_bytes()
             records.append(record)
         return records
 
     def worker_pids(self) -> list[int]:
-        return [pid for slot in self._running().slots for pid in slot.process.pids()]
+        dispatcher = self._dispatcher or self._loading
+        if dispatcher is None:
+            return []
+        dispatcher.check_process()
+        return [pid for slot in dispatcher.slots for pid in slot.process.pids()]
 
     def queued_requests(self) -> int:
         return self._running().queued_requests()
@@ -127,9 +166,16 @@ class LocalBackend:
         }
 
     def shutdown(self, kill: bool) -> None:
-        """Stop the workers (a no-op in a forked child: they are its parent's)."""
-        if self._dispatcher is not None:
-            self._dispatcher.stop(kill=kill)
+        """Stop the workers (a no-op in a forked child: they are its parent's). Workers still
+        loading (a reload's new generation) are killed, and that ``start()`` raises
+        ``PoolClosedError``. Idempotent; may be called from several threads at once."""
+        with self._lock:
+            self._cancelled = True
+            loading, dispatcher = self._loading, self._dispatcher
+        if loading is not None:
+            loading.stop(kill=True)
+        if dispatcher is not None:
+            dispatcher.stop(kill=kill)
 
     def abandon(self) -> None:
         """The pool was garbage-collected without ``shutdown()``: drain what is queued, then

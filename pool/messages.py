@@ -204,3 +204,9 @@ class WorkerStats:
     #: model: ``error`` says why; the position tries again with backoff).
     state: str = "ready"
     error: str | None = None
+    #: Which model this worker serves: its generation (1 for the model the pool started with,
+    #: +1 per :meth:`pool.PredictionPool.reload`) and the model as given (path, handle or the
+    #: factory's dotted name). While a reload runs, ``stats()`` also lists the generation
+    #: loading (``state="starting"``) or draining.
+    generation: int = 1
+    model: str | None = None

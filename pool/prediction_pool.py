@@ -9,6 +9,7 @@ module never imports TensorFlow.
 
 from __future__ import annotations
 
+import enum
 import importlib
 import logging
 import os
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from . import sharding
-from .backend import Backend, Batching, Limits, Settings, positive
-from .errors import PoolClosedError, PoolError
+from .backend import Backend, Batching, Limits, Settings, model_name, positive
+from .errors import ModelLoadError, PoolClosedError, PoolError
 from .futures import CALLBACKS, PoolFuture
 from .messages import ShardRequest, SignatureInfo, WorkerReady, WorkerStats
 from .process import allowed_cpus, bootstrapping_worker, default_workers, make_context
@@ -42,6 +43,15 @@ Model = str | os.PathLike | Callable[[], Callable]
 Prediction = np.ndarray | dict[str, np.ndarray]
 #: ``imap(progress=)``: ``False``, ``True`` (a tqdm bar) or a callable taking a row count.
 Progress = bool | Callable[[int], Any]
+
+
+class _Keep(enum.Enum):
+    """``reload()``'s default for options that may be ``None``: as the pool has it."""
+
+    KEEP = "keep"
+
+
+KEEP = _Keep.KEEP
 
 
 class PredictionPool:
@@ -81,13 +91,7 @@ class PredictionPool:
         runtime_tolerance: float | None = None,
         runtime_sample: Any = None,
     ) -> None:
-        if isinstance(model, os.PathLike):
-            model = os.fspath(model)
-        if not isinstance(model, str) and not callable(model):
-            raise TypeError(
-                "model must be a SavedModel path, a TF Hub handle or a factory callable, "
-                f"got {type(model).__name__}"
-            )
+        model = _model_ref(model)
         cpus = allowed_cpus() if cluster is None else None
         if pin_cpus and cluster is not None:
             raise ValueError(
@@ -156,6 +160,16 @@ class PredictionPool:
         )
         self._backend: Backend | None = None
         self._signature: SignatureInfo | None = None
+        # What callers validate against and submit to, swapped in one assignment by reload():
+        # a call reads both at once, so it is validated against the model that answers it.
+        self._live: tuple[Backend, SignatureInfo] | None = None
+        #: The model generation serving calls: 1 at start, +1 per successful reload().
+        self._generation = 1
+        # Other generations resident while a reload runs (the one loading, the one draining),
+        # each with its generation number and model, for stats() and shutdown().
+        self._resident: dict[Backend, tuple[int, Model]] = {}
+        self._reloading = threading.Lock()
+        self._reload_started: tuple[float, str] | None = None
         self._ready: list[WorkerReady] = []
         self._final_stats: list[WorkerStats] = []
         self._lock = threading.Lock()
@@ -198,8 +212,15 @@ class PredictionPool:
 
     @property
     def model(self) -> str | Callable[[], Callable]:
-        """The model as given: a SavedModel directory, a TF Hub handle or a factory."""
+        """The model as given: a SavedModel directory, a TF Hub handle or a factory; after a
+        :meth:`reload`, the model that calls now go to."""
         return self._settings.model
+
+    @property
+    def generation(self) -> int:
+        """Which model generation answers new calls: 1 for the model the pool started with,
+        one more per successful :meth:`reload` (``stats()`` says it per worker)."""
+        return self._generation
 
     @property
     def output(self) -> str | None:
@@ -227,11 +248,10 @@ class PredictionPool:
             self._ready = backend.start()  # on failure the backend has stopped its workers
             if len({r.signature for r in self._ready}) != 1:
                 backend.shutdown(kill=True)
-                from .errors import ModelLoadError
-
                 raise ModelLoadError("workers loaded models with different signatures")
             self._signature = self._ready[0].signature
             self._backend = backend
+            self._live = (backend, self._signature)
             # Dropped without shutdown(): the workers drain and stop on their own. (At
             # interpreter exit the dispatcher's own hook kills them, before multiprocessing's.)
             self._finalizer = weakref.finalize(self, _abandon, backend)
@@ -263,13 +283,21 @@ class PredictionPool:
             backend, self._backend = self._backend, None
             if backend is None:
                 return
+            self._live = None
             if self._finalizer is not None:
                 self._finalizer.detach()
             try:
+                # A reload's generations: the one loading is killed (its reload() raises
+                # PoolClosedError), the one draining drains (or is killed) like this one.
+                for other in list(self._resident):
+                    other.shutdown(kill=kill)
                 backend.shutdown(kill=kill)
             finally:
                 try:
-                    self._final_stats = [_without_rss(s) for s in backend.stats()]
+                    self._final_stats = [
+                        _without_rss(s)
+                        for s in _labelled(backend.stats(), self._generation, self.model)
+                    ]
                 except PoolError:  # a forked child: the workers are its parent's
                     self._final_stats = []
             # Callers' callbacks of the calls just answered or failed have run when this returns
@@ -281,6 +309,182 @@ class PredictionPool:
 
     close = shutdown
 
+    # --- reload ----------------------------------------------------------------------------
+    def reload(
+        self,
+        model: Model,
+        *,
+        signature: str | None = None,
+        output: str | None | _Keep = KEEP,
+        runtime: str | None = None,
+        precision: str | None = None,
+        runtime_tolerance: float | None | _Keep = KEEP,
+        runtime_sample: Any = KEEP,
+        allow_signature_change: bool = False,
+        timeout: float | None | _Keep = KEEP,
+    ) -> int:
+        """Swap the model without dropping a call; return the new generation number.
+
+        ``model`` is what the constructor takes (a SavedModel path, a TF Hub handle or a
+        factory). ``signature``, ``output``, ``runtime``, ``precision``, ``runtime_tolerance``
+        and ``runtime_sample`` may change with it (left out: as the pool has them); every
+        other option (workers, threads, batching, limits) stays. Checked here, in the caller,
+        before any worker starts, as the constructor checks them.
+
+        A new generation of workers (as many as the pool has, pinned to the same CPUs) loads
+        the new model while the old ones keep answering; once *every* new worker is ready,
+        new calls go to the new generation, all at once. Calls already accepted by the old
+        generation (queued or running) are answered there: a call is answered by exactly one
+        model. Then the old workers drain, stop and are reaped, and ``reload`` returns.
+
+        If the new model fails to load in any worker (or its runtime conversion or
+        verification fails, or it is not ready within ``timeout`` seconds, by default the
+        pool's ``start_timeout``), ``ModelLoadError`` names the model and the reason; the old
+        model keeps serving and nothing of the failed generation is left. A new model whose
+        signature (inputs, dtypes, shapes, outputs) differs from the serving one is refused
+        the same way unless ``allow_signature_change=True``: then calls are validated against
+        the new signature from the moment traffic moves.
+
+        Only one reload runs at a time: another one meanwhile raises ``PoolError``.
+        ``shutdown()`` during a reload kills the generation loading (``reload`` raises
+        ``PoolClosedError``); ``reload`` of a pool not running raises ``PoolClosedError``.
+        A cluster pool (``cluster=``) cannot reload: ``NotImplementedError``."""
+        if self._cluster is not None:
+            raise NotImplementedError(
+                "reload() is not implemented for a cluster pool (cluster=...): start a new "
+                "PredictionPool(new_model, cluster=...) and shut this one down once it has "
+                "started (docs/guide.md, 'Swapping the model: reload')"
+            )
+        model = _model_ref(model)
+        current = self._settings
+        runtime = current.runtime if runtime is None else runtime
+        precision = current.precision if precision is None else precision
+        tolerance = (
+            current.runtime_tolerance
+            if isinstance(runtime_tolerance, _Keep)
+            else (runtime_tolerance)
+        )
+        check_runtime_options(runtime, precision, tolerance)
+        if not isinstance(allow_signature_change, bool):
+            raise TypeError(
+                f"allow_signature_change must be True or False, got {allow_signature_change!r}"
+            )
+        load_timeout = (
+            current.start_timeout
+            if isinstance(timeout, _Keep)
+            else None
+            if timeout is None
+            else positive("timeout", timeout)
+        )
+        check_factory(model)
+        settings = replace(
+            current,
+            model=model,
+            signature=current.signature if signature is None else signature,
+            output=current.output if isinstance(output, _Keep) else output,
+            runtime=runtime,
+            precision=precision,
+            runtime_tolerance=tolerance,
+            runtime_sample=current.runtime_sample
+            if isinstance(runtime_sample, _Keep)
+            else runtime_sample,
+        )
+        if not self._reloading.acquire(blocking=False):
+            since, given = self._reload_started or (time.monotonic(), "?")
+            raise PoolError(
+                f"reload({sharding.describe_model(model)}) called while reload({given}) is "
+                f"still running (for {time.monotonic() - since:.1f} s); expected one reload at "
+                "a time: wait for the first to return"
+            )
+        try:
+            self._reload_started = (time.monotonic(), sharding.describe_model(model))
+            return self._reload(settings, load_timeout, allow_signature_change)
+        finally:
+            self._reload_started = None
+            self._reloading.release()
+
+    def _reload(
+        self, settings: Settings, timeout: float | None, allow_signature_change: bool
+    ) -> int:
+        from .local import LocalBackend
+
+        with self._lock:
+            old, old_signature = self._running()  # PoolClosedError after shutdown
+            old.queued_requests()  # PoolClosedError in a child made with os.fork()
+            old_generation, old_model = self._generation, self._settings.model
+            generation = old_generation + 1
+            new = LocalBackend(replace(settings, start_timeout=timeout))
+            self._resident[new] = (generation, settings.model)
+        name = sharding.describe_model(settings.model)
+        serving = f"{sharding.describe_model(old_model)} (generation {old_generation})"
+        started = time.perf_counter()
+        log.info("reload: generation %d loading %s while %s serves", generation, name, serving)
+        try:
+            try:
+                ready = new.start()  # raises with the workers of the new generation stopped
+            except ModelLoadError as exc:
+                reason = str(exc)
+                if reason.startswith("workers did not load the model within"):
+                    reason = f"its workers did not load it within timeout={timeout} s"
+                raise ModelLoadError(
+                    f"reload to {name} failed, {serving} keeps serving: {reason}"
+                ) from None
+            signatures = {r.signature for r in ready}
+            if len(signatures) != 1:
+                raise ModelLoadError(
+                    f"reload to {name} failed, {serving} keeps serving: its workers loaded "
+                    "models with different signatures"
+                )
+            (signature,) = signatures
+            if signature != old_signature and not allow_signature_change:
+                raise ModelLoadError(
+                    f"reload to {name} refused, {serving} keeps serving: its signature differs "
+                    f"from the serving model's; expected inputs {old_signature.describe_inputs()} "
+                    f"and outputs {_describe_outputs(old_signature)}, got inputs "
+                    f"{signature.describe_inputs()} and outputs {_describe_outputs(signature)}. "
+                    "Pass allow_signature_change=True to switch validation to the new signature "
+                    "when traffic moves"
+                )
+        except BaseException:
+            new.shutdown(kill=True)  # idempotent: nothing of the failed generation is left
+            with self._lock:
+                self._resident.pop(new, None)
+            raise
+        with self._lock:
+            self._resident.pop(new, None)
+            if self._backend is not old:  # shut down while it loaded (start() usually sees it)
+                new.shutdown(kill=True)
+                raise PoolClosedError(
+                    f"the pool was shut down while reload() was loading {name}; nothing of it "
+                    "was kept"
+                )
+            # Traffic moves here: one assignment hands callers the new backend and signature.
+            self._live = (new, signature)
+            self._backend, self._signature = new, signature
+            self._settings = replace(settings, start_timeout=self._settings.start_timeout)
+            self._generation = generation
+            self._ready = ready
+            self._resident[old] = (old_generation, old_model)
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _abandon, new)
+            self._finalizer.atexit = False
+        moved = time.perf_counter() - started
+        log.info(
+            "reload: traffic moved to generation %d (%s) after %.2f s", generation, name, moved
+        )
+        try:
+            old.shutdown(kill=False)  # answers what it accepted, then stops; reaped
+        finally:
+            with self._lock:
+                self._resident.pop(old, None)
+        log.info(
+            "reload: generation %d stopped %.2f s after traffic moved",
+            old_generation,
+            time.perf_counter() - started - moved,
+        )
+        return generation
+
     # --- calls -----------------------------------------------------------------------------
     @property
     def signature(self) -> SignatureInfo:
@@ -288,12 +492,38 @@ class PredictionPool:
         return self._running()[1]
 
     def _running(self) -> tuple[Backend, SignatureInfo]:
-        backend, signature = self._backend, self._signature
-        if backend is None or signature is None:
+        live = self._live
+        if live is None:
             raise PoolClosedError(
                 "the pool is not running: use `with PredictionPool(...) as pool:` or call start()"
             )
-        return backend, signature
+        return live
+
+    def _submit_validated(
+        self,
+        inputs: Any,
+        check_finite: bool,
+        shard_size: int | None,
+        bounded: bool = True,
+    ) -> tuple[Future, list[Future]]:
+        """Validate ``inputs`` against the serving generation's signature and submit them, whole,
+        to that generation. If a :meth:`reload` moved traffic in between (the old generation
+        refuses: it is draining), the call goes to the new one, validated again against its
+        signature when it differs: a call is always answered by the model it was validated for,
+        and by one model only."""
+        backend, signature = self._running()
+        arrays, rows = sharding.prepare(inputs, signature, check_finite)
+        while True:
+            try:
+                return self._dispatch(backend, signature, arrays, rows, shard_size, bounded)
+            except PoolClosedError:
+                live = self._live
+                if live is None or live[0] is backend:
+                    raise  # shut down, not reloaded
+            backend, previous = live
+            if previous != signature:
+                signature = previous
+                arrays, rows = sharding.prepare(inputs, signature, check_finite)
 
     def predict(
         self,
@@ -319,9 +549,7 @@ class PredictionPool:
         check_finite: bool = False,
     ) -> Future:
         """Like :meth:`predict`, but return a ``concurrent.futures.Future`` at once."""
-        backend, signature = self._running()
-        arrays, rows = sharding.prepare(inputs, signature, check_finite)
-        return self._dispatch(backend, signature, arrays, rows, shard_size)[0]
+        return self._submit_validated(inputs, check_finite, shard_size)[0]
 
     def imap(
         self,
@@ -373,7 +601,7 @@ class PredictionPool:
         max_in_flight: int | None,
         check_finite: bool,
     ) -> Iterator[tuple[int, Prediction]]:
-        backend, signature = self._running()
+        self._running()
         bound = (
             self.max_in_flight
             if max_in_flight is None
@@ -396,14 +624,13 @@ class PredictionPool:
                     except BaseException as exc:  # answer what was submitted, then re-raise
                         failure = exc
                         break
-                    try:
-                        arrays, rows = sharding.prepare(batch, signature, check_finite)
+                    try:  # each batch goes to the generation serving when it is submitted
+                        future, parts = self._submit_validated(
+                            batch, check_finite, shard_size, bounded=False
+                        )
                     except (ValueError, TypeError) as exc:
                         failure = exc
                         break
-                    future, parts = self._dispatch(
-                        backend, signature, arrays, rows, shard_size, bounded=False
-                    )
                     pending[future] = (index, parts)
                     in_flight += len(parts)
                     index += 1
@@ -428,7 +655,7 @@ class PredictionPool:
         max_in_flight: int | None,
         check_finite: bool,
     ) -> Iterator[Prediction]:
-        backend, signature = self._running()
+        self._running()
         bound = (
             self.max_in_flight
             if max_in_flight is None
@@ -447,15 +674,14 @@ class PredictionPool:
                     while window:  # answer everything before the failure, then re-raise
                         yield window.popleft()[0].result()
                     raise
-                try:
-                    arrays, rows = sharding.prepare(batch, signature, check_finite)
+                try:  # each batch goes to the generation serving when it is submitted
+                    future, parts = self._submit_validated(
+                        batch, check_finite, shard_size, bounded=False
+                    )
                 except (ValueError, TypeError):
                     while window:
                         yield window.popleft()[0].result()
                     raise
-                future, parts = self._dispatch(
-                    backend, signature, arrays, rows, shard_size, bounded=False
-                )
                 window.append((future, parts))
                 in_flight += len(parts)
                 while in_flight >= bound and window:
@@ -510,12 +736,17 @@ class PredictionPool:
             if not self._final_stats:
                 self._running()  # raises: never started
             return [replace(s) for s in self._final_stats]
-        return backend.stats()
+        records = _labelled(backend.stats(), self._generation, self.model)
+        for other, (generation, model) in list(self._resident.items()):
+            records += _labelled(other.stats(), generation, model)
+        return records
 
     def worker_pids(self) -> list[int]:
-        """The pids of every live worker process."""
+        """The pids of every live worker process (while a reload runs: of both generations)."""
         backend, _ = self._running()
-        return backend.worker_pids()
+        return backend.worker_pids() + [
+            pid for other in list(self._resident) for pid in other.worker_pids()
+        ]
 
     def queued_requests(self) -> int:
         """Calls with shards still waiting for a worker (what ``max_queued_requests`` bounds)."""
@@ -555,6 +786,12 @@ class PredictionPool:
         return list(self._ready)
 
 
+def _describe_outputs(signature: SignatureInfo) -> str:
+    if signature.outputs is None:
+        return "(any: the model declares no output signature)"
+    return "{" + ", ".join(t.describe() for t in signature.outputs) + "}"
+
+
 def _abandon(backend: Backend) -> None:
     """A started pool was garbage-collected without ``shutdown()``."""
     abandon = getattr(backend, "abandon", None)
@@ -564,6 +801,24 @@ def _abandon(backend: Backend) -> None:
 
 def _without_rss(stats: WorkerStats) -> WorkerStats:
     return replace(stats, rss_bytes=0)
+
+
+def _labelled(records: list[WorkerStats], generation: int, model: Model) -> list[WorkerStats]:
+    """Worker records saying which generation and model each worker serves."""
+    name = model_name(os.fspath(model) if isinstance(model, os.PathLike) else model)
+    return [replace(r, generation=generation, model=name) for r in records]
+
+
+def _model_ref(model: Any) -> str | Callable[[], Callable]:
+    """``model=`` as the pool keeps it (a path-like as a string), or ``TypeError``."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) and not callable(model):
+        raise TypeError(
+            "model must be a SavedModel path, a TF Hub handle or a factory callable, "
+            f"got {type(model).__name__}"
+        )
+    return model
 
 
 class CallFuture(PoolFuture):

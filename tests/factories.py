@@ -107,3 +107,34 @@ def sleepy():
         return x * 1.0
 
     return call
+
+
+# --- reload: models that differ only in their numbers, or in their signature ---------------
+def scale(factor: float = 1.0, delay: float = 0.0):
+    """Rows times ``factor``, and ``factor`` once per row (so a test can tell, row by row,
+    which model answered). No TensorFlow in the model."""
+    import numpy as np
+
+    def call(x):
+        if delay:
+            time.sleep(delay)
+        x = np.asarray(x)
+        return {"y": x * np.float32(factor), "factor": np.full((len(x),), factor, np.float32)}
+
+    return call
+
+
+def broken():
+    """A factory that cannot load its model."""
+    raise RuntimeError("this factory cannot load its model (tests/factories.py: broken)")
+
+
+def typed_scale(factor: float = 1.0, width: int = 3):
+    """A ``tf.function`` with a declared signature: ``x`` float32 [N, width] -> ``y``."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32, name="x")])
+    def predict(x):
+        return {"y": x * factor}
+
+    return predict
