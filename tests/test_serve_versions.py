@@ -8,9 +8,11 @@ path polled every 0.2 s: a version added under load, a broken one, a half-writte
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +20,11 @@ import requests
 from conftest import in_process
 from serve_helpers import Server
 
+from pool.errors import ModelLoadError
 from pool.reference_models import build_affine
 from pool.serve import model_config
-from pool.serve.model_config import ConfigError, VersionPolicy, parse_policy
+from pool.serve.model_config import ConfigError, ModelSpec, VersionPolicy, parse_policy
+from pool.serve.models import ModelNotFound, ModelRegistry, default_workers
 
 X = np.arange(12, dtype=np.float32).reshape(3, 4) / 7.0
 POLL = "0.2"
@@ -107,6 +111,82 @@ def test_model_config_list_parses_without_tensorflow_and_refuses_what_it_cannot_
         model_config.parse("")
     with pytest.raises(ValueError, match="expected a version policy"):
         parse_policy("newest")
+
+
+# --- the registry's rules, with stand-in pools (no worker, no TensorFlow) ------------------
+class _FakePool:
+    """Stands in for a PredictionPool: ``start`` fails for a version directory holding ``BAD``."""
+
+    def __init__(self, path: str, workers: int = 1) -> None:
+        self.path, self.workers, self.running = path, workers, False
+        self.signature_name = "serving_default"
+
+    def start(self) -> None:
+        if (Path(self.path) / "BAD").exists():
+            raise ModelLoadError(f"cannot load {self.path}")
+        self.running = True
+
+    def shutdown(self, kill: bool = False) -> None:
+        self.running = False
+
+
+def _version(root: Path, n: int, bad: bool = False) -> None:
+    (root / str(n) / "variables").mkdir(parents=True)
+    (root / str(n) / "variables" / "variables.index").write_bytes(b"i")
+    (root / str(n) / "saved_model.pb").write_bytes(b"pb")
+    if bad:
+        (root / str(n) / "BAD").write_bytes(b"")
+
+
+def test_registry_rules_failed_half_written_removed_versions_and_oversubscription(tmp_path, caplog):
+    root = tmp_path / "m"
+    _version(root, 1)
+    spec = ModelSpec("m", str(root))
+    registry = ModelRegistry([spec], lambda path, spec: _FakePool(path), poll_seconds=0)
+    registry.start()
+
+    def states() -> dict[str, str]:
+        return {e["version"]: e["state"] for e in registry.status("m")["model_version_status"]}
+
+    assert states() == {"1": "AVAILABLE"}
+    _version(root, 2)
+    registry.poll()  # seen once: not loaded yet (could be a copy in progress)
+    assert states() == {"1": "AVAILABLE"} and registry.lookup("m").number == 1
+    registry.poll()  # unchanged since the last poll: loaded, then version 1 unloaded
+    assert states() == {"1": "END", "2": "AVAILABLE"}
+    held = registry.acquire("m")
+    assert held.number == 2
+    registry.release(held)
+    _version(root, 3, bad=True)
+    registry.poll()
+    registry.poll()
+    assert states() == {"1": "END", "2": "AVAILABLE", "3": "END"}
+    assert (
+        "cannot load"
+        in registry.status("m", 3)["model_version_status"][0]["status"]["error_message"]
+    )
+    registry.poll()  # a failed version is not tried again while its files are the same
+    assert registry.lookup("m").number == 2
+    shutil.rmtree(root / "2")  # the serving version deleted: version 1 (unchanged) comes back
+    registry.poll()
+    assert states() == {"1": "AVAILABLE", "2": "END", "3": "END"}
+    with pytest.raises(ModelNotFound, match=r"Specific\(m, 2\)") as not_found:
+        registry.lookup("m", 2)
+    assert (not_found.value.code, not_found.value.http_status) == ("NOT_FOUND", 404)
+    with pytest.raises(ModelNotFound, match="Unrecognized servable version label: x") as label:
+        registry.lookup("m", label="x")
+    assert (label.value.code, label.value.http_status) == ("INVALID_ARGUMENT", 400)
+    registry.stop()
+    assert states() == {"1": "END", "2": "END", "3": "END"}
+
+    two = [ModelSpec("a", str(root)), ModelSpec("b", str(root))]
+    registry = ModelRegistry(two, lambda path, spec: _FakePool(path, workers=64), poll_seconds=0)
+    with caplog.at_level(logging.WARNING, logger="pool.serve"):
+        registry.start()
+    registry.stop()
+    assert "128 workers for" in caplog.text and "a/1: 64, b/1: 64" in caplog.text
+    assert default_workers(2, cores=2) == 1 and default_workers(3, cores=8) == 2
+    assert default_workers(4, cores=2) == 1
 
 
 # --- one base path, polled --------------------------------------------------------------------

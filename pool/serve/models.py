@@ -300,7 +300,13 @@ class ModelRegistry:
         """Load every model's versions under its policy (blocking), then poll in a thread.
         Raises :class:`pool.ModelLoadError` if a model ends with no AVAILABLE version."""
         for model in list(self._models.values()):
-            self._apply(model, initial=True)
+            while True:  # a failed version makes way for the next one the policy picks
+                failures = sum(1 for v in model.versions.values() if v.error)
+                self._apply(model, initial=True)
+                if model.available() or failures == sum(
+                    1 for v in model.versions.values() if v.error
+                ):
+                    break
             if not model.available():
                 failed = [v for v in model.versions.values() if v.error]
                 self.stop(kill=True)
@@ -412,8 +418,8 @@ class ModelRegistry:
             if fp is None:
                 continue
             known = model.versions.get(number)
-            if known is not None and known.fingerprint == fp and known.state != END:
-                complete[number] = fp  # loaded (or loading) from these very files
+            if known is not None and known.fingerprint == fp and not known.error:
+                complete[number] = fp  # loaded (or loading, or unloaded) from these very files
                 continue
             if known is not None and known.error and known.fingerprint == fp:
                 continue  # failed with these files: not tried again until they change
@@ -516,7 +522,9 @@ class ModelRegistry:
     # --- cores ----------------------------------------------------------------------------
     def warn_if_oversubscribed(self) -> None:
         """Log a warning when the served versions' workers outnumber the cores."""
-        cores = os.cpu_count() or 1
+        from ..process import default_workers as usable_cores
+
+        cores = usable_cores()
         with self._lock:
             pools = [
                 (m.spec.name, v.number, getattr(v.pool, "workers", 0))
@@ -548,7 +556,10 @@ def _stamp(path: str | None) -> tuple | None:
 def default_workers(models: int, cores: int | None = None) -> int:
     """Workers per version when ``--workers`` is not given: the cores shared between the
     models (at least one each), measured in docs/serving.md, 'Cores and several models'."""
-    cores = cores or os.cpu_count() or 1
+    if cores is None:
+        from ..process import default_workers as usable_cores
+
+        cores = usable_cores()
     return max(1, cores // max(1, models))
 
 
