@@ -12,6 +12,12 @@
 The model path and signature are checked, and the port bound, before the model loads, so that
 these mistakes fail in milliseconds, not after the load; clients are refused (not queued) until
 the pool is ready, because the socket only starts listening then.
+
+A base path holding numbered versions, or a model config file, is served by a
+:class:`pool.serve.models.ModelRegistry` instead of one pool: every model's versions load
+before the port listens, then a thread polls the base paths (and the config file) and loads,
+switches and unloads versions while the server runs (docs/serving.md, "Versions and several
+models").
 """
 
 from __future__ import annotations
@@ -202,7 +208,7 @@ class Terminated(BaseException):
 
 
 def serve(
-    model: str,
+    model: str | None,
     *,
     model_name: str | None = None,
     host: str = DEFAULT_HOST,
