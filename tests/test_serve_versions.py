@@ -242,6 +242,8 @@ def test_a_version_added_under_load_fails_no_request_and_moves_traffic(base, sto
     pinned = requests.post(base.model_url("/versions/2:predict"), json={"instances": X.tolist()})
     assert which(pinned.json()["predictions"], want) == 2
     assert "model 'affine' version 1: unloading" in base.stderr
+    scrape = requests.get(f"{base.url}/monitoring/prometheus/metrics", timeout=30)
+    assert scrape.ok and "pool_workers 1.0" in scrape.text  # the serving version's pool
 
 
 def test_a_broken_or_half_written_version_never_replaces_the_working_one(base, want):

@@ -185,7 +185,6 @@ class ModelRegistry:
         self._config_stamp: tuple | None = _stamp(config_file) if config_file else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.on_change: Callable[[], None] | None = None  # after every applied change
 
     @classmethod
     def single(cls, pool: Any, name: str, version: str | int = 1) -> ModelRegistry:
@@ -493,8 +492,6 @@ class ModelRegistry:
             time.perf_counter() - started,
             extra={"model": spec.name, "version": str(number)},
         )
-        if self.on_change is not None:
-            self.on_change()
 
     def _unload(self, version: Version, why: str) -> None:
         with self._lock:
@@ -516,8 +513,6 @@ class ModelRegistry:
         with self._lock:
             version.state = END
         log.info("model %r version %d: END", version.model, version.number)
-        if self.on_change is not None:
-            self.on_change()
 
     # --- cores ----------------------------------------------------------------------------
     def warn_if_oversubscribed(self) -> None:
