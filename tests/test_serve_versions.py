@@ -189,6 +189,32 @@ def test_registry_rules_failed_half_written_removed_versions_and_oversubscriptio
     assert default_workers(4, cores=2) == 1
 
 
+def test_command_line_choices_reach_the_registry_and_mistakes_are_usage_errors(tmp_path, models):
+    from pool.serve.server import _registry
+
+    root = tmp_path / "m"
+    for n in (1, 2, 3):
+        (root / str(n)).mkdir(parents=True)
+        shutil.copy(Path(models["multi_io"]) / "saved_model.pb", root / str(n))
+    registry = _registry(str(root), None, None, "latest:2", 0.5, 0.0, {"workers": 1})
+    (spec,) = registry.specs()
+    assert (spec.name, spec.policy, registry.poll_seconds) == ("m", VersionPolicy("latest", 2), 0.5)
+    assert _registry(models["multi_io"], None, None, None, 1.0, 0.0, {}) is None  # one SavedModel
+    config = tmp_path / "models.config"
+    config.write_text(f'model_config_list {{ config {{ name: "x" base_path: "{root}" }} }}')
+    for args, message in [
+        ((str(root), None, str(config), None), "either MODEL or --model_config_file"),
+        ((None, None, None, None), "expected MODEL or --model_config_file"),
+        ((models["multi_io"], None, None, "all"), "needs a base path"),
+        ((str(root), None, None, "newest"), "expected a version policy"),
+        ((str(root), None, None, None, 1.0, 0.0, {"signature": "nope"}), "expected signature"),
+        ((str(root), None, None, None, 1.0, 0.0, {"workers": 0}), "workers"),
+    ]:
+        full = args if len(args) == 7 else (*args, 1.0, 0.0, {})
+        with pytest.raises(ValueError, match=message):
+            _registry(*full)
+
+
 # --- one base path, polled --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base(store, tmp_path_factory):

@@ -614,7 +614,8 @@ def registry_for(
 
     # The options are checked now (a ValueError, before any worker starts): building a pool
     # starts nothing.
-    PredictionPool(specs[0].base_path, **{**options, "workers": options.get("workers") or 1})
+    workers = options.get("workers")
+    PredictionPool(specs[0].base_path, **{**options, "workers": 1 if workers is None else workers})
     registry = ModelRegistry(
         specs,
         factory,
