@@ -190,16 +190,17 @@ def test_registry_rules_failed_half_written_removed_versions_and_oversubscriptio
 
 
 def test_command_line_choices_reach_the_registry_and_mistakes_are_usage_errors(tmp_path, models):
-    from pool.serve.server import _registry
+    from pool.serve.server import build_registry
 
     root = tmp_path / "m"
     for n in (1, 2, 3):
         (root / str(n)).mkdir(parents=True)
         shutil.copy(Path(models["multi_io"]) / "saved_model.pb", root / str(n))
-    registry = _registry(str(root), None, None, "latest:2", 0.5, 0.0, {"workers": 1})
+    registry = build_registry(str(root), None, None, "latest:2", 0.5, 0.0, {"workers": 1})
     (spec,) = registry.specs()
     assert (spec.name, spec.policy, registry.poll_seconds) == ("m", VersionPolicy("latest", 2), 0.5)
-    assert _registry(models["multi_io"], None, None, None, 1.0, 0.0, {}) is None  # one SavedModel
+    one_savedmodel = build_registry(models["multi_io"], None, None, None, 1.0, 0.0, {})
+    assert one_savedmodel is None
     config = tmp_path / "models.config"
     config.write_text(f'model_config_list {{ config {{ name: "x" base_path: "{root}" }} }}')
     for args, message in [
@@ -212,7 +213,7 @@ def test_command_line_choices_reach_the_registry_and_mistakes_are_usage_errors(t
     ]:
         full = args if len(args) == 7 else (*args, 1.0, 0.0, {})
         with pytest.raises(ValueError, match=message):
-            _registry(*full)
+            build_registry(*full)
 
 
 # --- one base path, polled --------------------------------------------------------------------

@@ -245,7 +245,7 @@ def serve(
     re-reads the config file every ``model_config_file_poll_wait_seconds`` (0: once)."""
     if drain_timeout is None or not drain_timeout > 0:
         raise ValueError(f"drain_timeout must be > 0 seconds, got {drain_timeout!r}")
-    registry = _registry(
+    registry = build_registry(
         model,
         model_name,
         model_config_file,
@@ -342,7 +342,7 @@ def serve(
         pool.shutdown(kill=True)  # no-op after a clean stop
 
 
-def _registry(
+def build_registry(
     model: str | None,
     model_name: str | None,
     config_file: str | None,
@@ -352,8 +352,9 @@ def _registry(
     pool_options: dict[str, Any],
 ) -> Any:
     """The model registry for a base path or a config file (``None``: one SavedModel), after
-    the checks that need no worker: the options, the policy, the config file, each model's
-    latest version's signature."""
+    the checks that need no worker (``ValueError``): the options, the policy, the config
+    file, a base path's highest version's signature (a config file's versions are checked as
+    they load, and a failure there is the version's error)."""
     from .model_config import parse_policy
     from .models import registry_for, versions_on_disk
 
