@@ -150,6 +150,26 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
+def build_affine(path: str | os.PathLike, seed: int, features: int = 4) -> None:
+    """A tiny SavedModel ``x`` float32[N, features] -> ``y`` = x @ W + b, W and b drawn from
+    ``seed``: versions of one model with the same signature and different weights (the
+    version tests and ``benchmarks/version_switch.py`` lay them out as TF Serving's
+    ``BASE/1``, ``BASE/2``...)."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    module = tf.Module()
+    module.w = tf.Variable(rng.normal(size=(features, 3)).astype(np.float32))
+    module.b = tf.Variable(rng.normal(size=(3,)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, features], tf.float32, name="x")])
+    def serve(x):
+        return {"y": tf.matmul(x, module.w) + module.b}
+
+    _save(module, Path(path), {"serving_default": serve})
+
+
 def ensure(name: str, directory: str | os.PathLike | None = None) -> str:
     """Return the path of reference model ``name``, building it first if it is not cached."""
     if name not in BUILDERS:

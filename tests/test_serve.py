@@ -292,8 +292,8 @@ def _errors(server: Server):
             "POST",
             f"{url}/v1/models/{name}/labels/stable:predict",
             {"instances": good},
-            404,
-            "no version label 'stable'",
+            400,
+            "Unrecognized servable version label: stable",
         ),
         (
             "POST",

@@ -14,7 +14,9 @@ request bodies parsed at once; the limits' defaults), ``app`` (the Starlette app
 entry point for mounting into an existing Starlette/FastAPI app; admission, body reading,
 parsing off the event loop), ``server`` (uvicorn, signals, draining, the checks made before
 any worker starts), ``command`` (the ``serve`` subcommand and the pool options of a command
-line). An edge of the package: the core never
+line), ``models`` (the served models and versions: one pool per version, base-path polling
+under a version policy, hot reload, the lookup by name, version and label), ``model_config``
+(TF Serving's model config file, parsed without TensorFlow). An edge of the package: the core never
 imports it. Importing ``pool.serve`` imports no web framework; :func:`create_app` and
 :func:`serve` import Starlette and uvicorn when first used. See docs/serving.md.
 """

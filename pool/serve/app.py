@@ -24,7 +24,8 @@ request cancelled by the shutdown's drain timeout gets a 503 (not uvicorn's plai
 
 Routes (TensorFlow Serving REST, the Open Inference Protocol, Prometheus)::
 
-    POST /v1/models/NAME[/versions/N]:predict      GET /v1/models/NAME[/versions/N][/metadata]
+    POST /v1/models/NAME[/versions/N|/labels/L]:predict
+    GET  /v1/models/NAME[/versions/N|/labels/L][/metadata]
     GET  /v2  /v2/health/live  /v2/health/ready    GET /v2/models/NAME[/versions/N][/ready]
     POST /v2/models/NAME[/versions/N]/infer        GET /monitoring/prometheus/metrics
 
@@ -32,6 +33,12 @@ Mount it into an existing Starlette or FastAPI app with ``Mount("/", app=create_
 start the pool before the first request and shut it down after the last (the app does not
 own it). ``app.state.serving`` (:class:`ServingState`) is the served model's identity and its
 ``draining`` flag: set it to report ``UNLOADING`` and refuse new predictions with 503.
+
+Several models and versions: pass a :class:`pool.serve.models.ModelRegistry` instead of a pool
+(what ``python -m pool serve BASE_PATH`` and ``--model_config_file`` do). Every request is
+routed by :meth:`~pool.serve.models.ModelRegistry.acquire` (name, version, label -> the version
+that answers it, held until the answer, so an unloading version finishes what it took), or
+answered with TF Serving's not-found error.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from .limits import (
     Reservation,
 )
 from .metrics import CONTENT_TYPE, Metrics
+from .models import ModelNotFound, ModelRegistry, Version
 
 log = logging.getLogger("pool.serve")
 access_log = logging.getLogger("pool.serve.access")
@@ -116,6 +124,7 @@ class ServingState:
     in_flight: int = 0
     predicting: int = 0  # predictions admitted and not yet answered (max_concurrent_requests)
     cancelled: int = 0  # requests abandoned when a drain timed out (their tasks cancelled)
+    models: ModelRegistry | None = None  # the served models and versions (routing)
 
 
 class _ClientGone(Exception):
@@ -124,7 +133,7 @@ class _ClientGone(Exception):
 
 def create_app(
     pool: Any,
-    model_name: str,
+    model_name: str | None = None,
     *,
     model_version: int | str = 1,
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
@@ -143,7 +152,16 @@ def create_app(
     ``max_parse_bytes``: bytes of request bodies read and parsed at once (default:
     ``max_body_bytes``); other requests wait before their body is read, until their deadline,
     then get 503. ``body_timeout``: seconds to receive a body once its reading starts, else
-    408 and the connection is closed."""
+    408 and the connection is closed.
+
+    ``pool`` may instead be a :class:`~pool.serve.models.ModelRegistry` (several models and
+    versions; ``model_name`` and ``model_version`` then default to its first model's)."""
+    registry = pool if isinstance(pool, ModelRegistry) else None
+    single = registry is None
+    if registry is not None:
+        model_name = model_name or registry.names[0]
+        serving = registry.serving().get(model_name) or ["0"]
+        model_version = serving[-1] if model_version == 1 else model_version
     if not isinstance(model_name, str) or not model_name or re.search(r"[/:\s]", model_name):
         raise ValueError(
             f"model_name must be a non-empty name without '/', ':' or spaces, got {model_name!r}"
@@ -172,15 +190,20 @@ def create_app(
         raise ValueError(f"body_timeout must be > 0 seconds, got {body_timeout!r}")
     if not body_timeout > 0:
         raise ValueError(f"body_timeout must be > 0 seconds, got {body_timeout!r}")
+    if registry is None:
+        registry = ModelRegistry.single(pool, model_name, version)
+    signature_name = pool.signature_name if single else registry.signature_name
+    pool = pool if single else _DefaultPool(registry)  # what the metrics read
     state = ServingState(
         model_name=model_name,
         version=version,
-        signature_name=pool.signature_name,
+        signature_name=signature_name,
         request_timeout=request_timeout,
         max_body_bytes=max_body_bytes,
         max_concurrent_requests=max_concurrent_requests,
         max_parse_bytes=max_parse_bytes,
         body_timeout=float(body_timeout),
+        models=registry,
     )
     handlers = _Handlers(pool, state, Metrics(pool))
     routes = [
@@ -229,6 +252,8 @@ class _Handlers:
     def __init__(self, pool: Any, state: ServingState, metrics: Metrics) -> None:
         self.pool = pool
         self.state = state
+        assert state.models is not None
+        self.models: ModelRegistry = state.models
         self._budget = ParseBudget(state.max_parse_bytes)
         self._metrics = metrics
         self.metrics_registry = metrics.registry
@@ -239,6 +264,7 @@ class _Handlers:
         rest = request.path_params["rest"]
         match = _V1.fullmatch(rest)
         api, rows = "v1_other", None
+        held: Version | None = None
         self._enter()
         try:
             if match is None:
@@ -253,12 +279,15 @@ class _Handlers:
                     )
                 if verb != "predict":
                     raise RequestError(f"Malformed request: {request.method} /v1/{rest}")
-                self._check_model(match["name"], match["version"], match["label"])
-                response, rows = await self._predict(request, started)
+                held = self._acquire(match["name"], match["version"], match["label"])
+                response, rows = await self._predict(request, started, held)
             elif request.method == "GET" and verb is None:
                 api = "v1_metadata" if metadata else "v1_status"
-                self._check_model(match["name"], match["version"], match["label"])
-                response = self._metadata() if metadata else self._status()
+                if metadata:
+                    found = self._check_model(match["name"], match["version"], match["label"])
+                    response = self._metadata(found)
+                else:
+                    response = self._status(match["name"], match["version"], match["label"])
             else:
                 raise RequestError(f"Malformed request: {request.method} /v1/{rest}")
         except asyncio.CancelledError:  # the drain timed out: answer 503, not uvicorn's 500
@@ -266,69 +295,88 @@ class _Handlers:
         except Exception as exc:
             response = self._failure(exc, request)
         finally:
+            if held is not None:
+                self.models.release(held)
             self._leave()
         self._done(request, api, response.status_code, started, rows)
         return response
 
-    def _check_model(self, name: str, version: str | None, label: str | None) -> None:
-        state = self.state
-        if name != state.model_name:
-            raise RequestError(
-                f"Servable not found for request: model {name!r}; this server serves "
-                f"{state.model_name!r}",
-                404,
-            )
-        if label is not None:
-            raise RequestError(
-                f"model {name!r} has no version label {label!r}; it serves version "
-                f"{state.version} and no labels",
-                404,
-            )
-        if version is not None and version != state.version:
-            if not version.isdigit():
-                raise RequestError(f"expected a numeric version, got {version!r}")
-            raise RequestError(
-                f"Servable not found for request: model {name!r} version {version}; this server "
-                f"serves version {state.version}",
-                404,
-            )
+    # --- routing: name, version, label -> the version that answers ------------------------
+    def _check_model(self, name: str, version: str | None, label: str | None) -> Version:
+        """The version serving ``name`` (pinned to ``version`` or ``label``), or the not-found
+        error TF Serving answers (404; 400 for an unknown label)."""
+        try:
+            return self.models.lookup(name, version, label)
+        except ModelNotFound as exc:
+            raise self._not_found(exc, name) from None
 
-    def _model_state(self) -> str:
+    def _acquire(self, name: str, version: str | None, label: str | None) -> Version:
+        """:meth:`_check_model`, holding the version until ``models.release``."""
+        try:
+            return self.models.acquire(name, version, label)
+        except ModelNotFound as exc:
+            raise self._not_found(exc, name) from None
+
+    def _not_found(self, exc: ModelNotFound, name: str) -> RequestError:
+        serving = self.models.serving()
+        if name not in serving:
+            hint = f"this server serves {', '.join(repr(n) for n in serving)}"
+        elif not serving[name]:
+            hint = f"model {name!r} has no version available"
+        else:
+            versions = serving[name]
+            hint = f"model {name!r}: this server serves version{'s' * (len(versions) > 1)} "
+            hint += ", ".join(versions)
+        return RequestError(f"{exc.message}; {hint}", exc.http_status)
+
+    def _model_state(self, served: Version | None = None) -> str:
         if self.state.draining:
             return "UNLOADING"
-        try:
-            self.pool.signature  # noqa: B018  (raises when the pool is not running)
-        except PoolClosedError:
-            return "START" if getattr(self.pool, "startup_seconds", None) is None else "END"
-        return "AVAILABLE"
+        if served is None:
+            try:
+                served = self.models.lookup(self.state.model_name)
+            except ModelNotFound:
+                return "END"
+        return served.current_state()
 
-    def _status(self) -> Response:
-        return _json(codec.status_body(self.state.version, self._model_state()))
-
-    def _signature(self) -> Any:
+    def _status(self, name: str, version: str | None, label: str | None) -> Response:
+        if label is not None:
+            version = self._check_model(name, None, label).name
         try:
-            return self.pool.signature
-        except PoolClosedError:
+            body = self.models.status(name, version)
+        except ModelNotFound as exc:
+            raise self._not_found(exc, name) from None
+        if self.state.draining:
+            for entry in body["model_version_status"]:
+                if entry["state"] == "AVAILABLE":
+                    entry["state"] = "UNLOADING"
+        return _json(body)
+
+    def _signature(self, served: Version) -> Any:
+        try:
+            return served.pool.signature
+        except (PoolClosedError, AttributeError):
             raise RequestError(
-                f"model {self.state.model_name!r} is not available (state "
-                f"{self._model_state()}); expected a running pool",
+                f"model {served.model!r} version {served.name} is not available (state "
+                f"{self._model_state(served)}); expected a running pool",
                 503,
             ) from None
 
-    def _metadata(self) -> Response:
-        state = self.state
+    def _metadata(self, served: Version) -> Response:
         return _json(
             codec.metadata_body(
-                state.model_name, state.version, state.signature_name, self._signature()
+                served.model, served.name, served.pool.signature_name, self._signature(served)
             )
         )
 
-    async def _predict(self, request: Request, started: float) -> tuple[Response, int]:
+    async def _predict(
+        self, request: Request, started: float, version: Version
+    ) -> tuple[Response, int]:
         with self._admitted():
-            signature = self._signature()
-            served = self.state.signature_name
+            signature = self._signature(version)
+            served = version.pool.signature_name
             parsed = await self._parse(request, started, _parse_v1, served, signature)
-            result = await self._call(request, parsed.inputs, started)
+            result = await self._call(request, parsed.inputs, started, version.pool)
             outputs = codec.named_outputs(result, signature)
             if sum(a.size for a in outputs.values()) > INLINE_VALUES:
                 content = await run_in_threadpool(codec.encode_predict, outputs, parsed.columnar)
@@ -432,12 +480,12 @@ class _Handlers:
             503,
         )
 
-    async def _call(self, request: Request, inputs: dict, started: float) -> Any:
+    async def _call(self, request: Request, inputs: dict, started: float, pool: Any) -> Any:
         try:
             if sum(a.nbytes for a in inputs.values()) > INLINE_BYTES:  # validated, copied
-                future = await run_in_threadpool(self.pool.submit, inputs)
+                future = await run_in_threadpool(pool.submit, inputs)
             else:
-                future = self.pool.submit(inputs)  # validates; may raise QueueFullError at once
+                future = pool.submit(inputs)  # validates; may raise QueueFullError at once
         except (ValueError, TypeError) as exc:  # the input does not fit the signature
             raise RequestError(str(exc)) from None
         waiter = asyncio.wrap_future(future)
@@ -545,44 +593,48 @@ class _Handlers:
         rest = request.path_params["rest"]
         match = _V2.fullmatch(rest)
         api, rows = "v2_other", None
+        held: Version | None = None
         self._enter()
         try:
             if match is None:
                 raise RequestError(f"Malformed request: {request.method} /v2/models/{rest}", 404)
             action = match["action"]
             api = f"v2_{action or 'metadata'}"
-            self._check_model(match["name"], match["version"], None)
             if request.method == "POST" and action == "infer":
-                response, rows = await self._infer(request, started)
+                held = self._acquire(match["name"], match["version"], None)
+                response, rows = await self._infer(request, started, held)
             elif request.method == "GET" and action == "ready":
-                ready = self._model_state() == "AVAILABLE"
-                body = {"name": self.state.model_name, "ready": ready}
+                found = self._check_model(match["name"], match["version"], None)
+                ready = self._model_state(found) == "AVAILABLE"
+                body = {"name": found.model, "ready": ready}
                 response = _json(body, 200 if ready else 400)
             elif request.method == "GET" and action is None:
-                state = self.state
-                response = _json(
-                    v2.model_metadata(state.model_name, state.version, self._signature())
-                )
+                found = self._check_model(match["name"], match["version"], None)
+                response = _json(v2.model_metadata(found.model, found.name, self._signature(found)))
             else:
+                self._check_model(match["name"], match["version"], None)
                 raise RequestError(f"{request.method} is not allowed on /v2/models/{rest}", 405)
         except asyncio.CancelledError:  # the drain timed out: answer 503, not uvicorn's 500
             response = self._cancelled(request)
         except Exception as exc:
             response = self._failure(exc, request)
         finally:
+            if held is not None:
+                self.models.release(held)
             self._leave()
         self._done(request, api, response.status_code, started, rows)
         return response
 
-    async def _infer(self, request: Request, started: float) -> tuple[Response, int]:
+    async def _infer(
+        self, request: Request, started: float, version: Version
+    ) -> tuple[Response, int]:
         with self._admitted():
-            signature = self._signature()
+            signature = self._signature(version)
             inputs, names, request_id = await self._parse(request, started, _parse_v2, signature)
-            result = await self._call(request, inputs, started)
+            result = await self._call(request, inputs, started, version.pool)
             outputs = codec.named_outputs(result, signature)
-            state = self.state
             encode = v2.encode_infer
-            arguments = (state.model_name, state.version, request_id, outputs, signature, names)
+            arguments = (version.model, version.name, request_id, outputs, signature, names)
             if sum(a.size for a in outputs.values()) > INLINE_VALUES:
                 content = await run_in_threadpool(encode, *arguments)
             else:
@@ -594,6 +646,27 @@ class _Handlers:
     async def metrics(self, request: Request) -> Response:
         content = await run_in_threadpool(self._metrics.render)
         return Response(content, 200, media_type=CONTENT_TYPE)
+
+
+class _DefaultPool:
+    """The pool the metrics read for a registry: its first model's serving version."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    def stats(self) -> list:
+        pool = self._registry.default_pool()
+        return [] if pool is None else pool.stats()
+
+    def queued_requests(self) -> int:
+        pool = self._registry.default_pool()
+        return 0 if pool is None else pool.queued_requests()
+
+    def __getattr__(self, name: str) -> Any:
+        pool = self._registry.default_pool()
+        if pool is None:
+            raise PoolClosedError("no version of the model is available")
+        return getattr(pool, name)
 
 
 def _parse_v1(body: bytes | bytearray, served: str, signature: Any) -> codec.PredictRequest:

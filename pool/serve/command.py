@@ -54,8 +54,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="SavedModel directory (NAME/VERSION layouts as in TF Serving) or TF Hub handle",
+        nargs="?",
+        help="SavedModel directory, a base path holding numbered versions (TF Serving's "
+        "--model_base_path: polled, hot-reloaded), or a TF Hub handle",
     )
+    _add_version_options(p)
     p.add_argument("--model-name", help="name in the URLs (default: the model directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument(
@@ -133,6 +136,55 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _add_version_options(p: argparse.ArgumentParser) -> None:
+    """Versions and several models (docs/serving.md, 'Versions and several models'); TF
+    Serving's own flag spellings are accepted too."""
+    g = p.add_argument_group("versions and several models (docs/serving.md)")
+    g.add_argument(
+        "--model-config-file",
+        "--model_config_file",
+        dest="model_config_file",
+        metavar="FILE",
+        help="serve the models of TF Serving's model_config_list text file instead of MODEL",
+    )
+    g.add_argument(
+        "--model-config-file-poll-wait-seconds",
+        "--model_config_file_poll_wait_seconds",
+        dest="model_config_file_poll_wait_seconds",
+        type=seconds_or_zero,
+        default=0.0,
+        metavar="S",
+        help="re-read the model config file every S seconds (default: 0, read once)",
+    )
+    g.add_argument(
+        "--file-system-poll-wait-seconds",
+        "--file_system_poll_wait_seconds",
+        dest="file_system_poll_wait_seconds",
+        type=seconds_or_zero,
+        default=1.0,
+        metavar="S",
+        help="look for new and removed versions under each base path every S seconds "
+        "(default: 1; 0: once, at start)",
+    )
+    g.add_argument(
+        "--model-version-policy",
+        dest="model_version_policy",
+        metavar="POLICY",
+        help="versions of a base path to serve: latest (default), latest:N, all, specific:1,2 "
+        "(TF Serving's model_version_policy; in a config file, its own field)",
+    )
+
+
+def seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``serve`` from parsed arguments; return the exit status."""
     try:
@@ -182,6 +234,10 @@ def run(args: argparse.Namespace) -> int:
             max_batch_rows=args.max_batch_rows,
             batch_timeout_micros=args.batch_timeout_micros,
             max_queued_requests=args.max_queued_requests,
+            model_config_file=args.model_config_file,
+            file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+            model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+            model_version_policy=args.model_version_policy,
             **pool_options(args),
         )
     except server.BindError as exc:

@@ -12,6 +12,12 @@
 The model path and signature are checked, and the port bound, before the model loads, so that
 these mistakes fail in milliseconds, not after the load; clients are refused (not queued) until
 the pool is ready, because the socket only starts listening then.
+
+A base path holding numbered versions, or a model config file, is served by a
+:class:`pool.serve.models.ModelRegistry` instead of one pool: every model's versions load
+before the port listens, then a thread polls the base paths (and the config file) and loads,
+switches and unloads versions while the server runs (docs/serving.md, "Versions and several
+models").
 """
 
 from __future__ import annotations
@@ -202,7 +208,7 @@ class Terminated(BaseException):
 
 
 def serve(
-    model: str,
+    model: str | None,
     *,
     model_name: str | None = None,
     host: str = DEFAULT_HOST,
@@ -214,6 +220,10 @@ def serve(
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     on_ready: Callable[[str, str, str], None] | None = None,
+    model_config_file: str | None = None,
+    file_system_poll_wait_seconds: float = 1.0,
+    model_config_file_poll_wait_seconds: float = 0.0,
+    model_version_policy: str | None = None,
     **pool_options: Any,
 ) -> int:
     """Serve ``model`` until SIGTERM or SIGINT; return 0 once drained and stopped.
@@ -226,9 +236,40 @@ def serve(
     are ready and the port listens. Raises ``ValueError`` for a bad option, a local ``model``
     that is not a SavedModel or lacks the signature (before any worker starts), ``OSError``
     (:class:`BindError`) if the address cannot be bound, :class:`pool.ModelLoadError` if the
-    model does not load."""
+    model does not load.
+
+    Versions and several models (``pool.serve.models``): ``model`` a base path holding numbered
+    versions, or ``model_config_file`` (TF Serving's ``model_config_list``; ``model`` is then
+    ``None``), is served by a registry that polls every ``file_system_poll_wait_seconds`` (0:
+    once) under ``model_version_policy`` (``latest[:N]``, ``all``, ``specific:V1,V2``) and
+    re-reads the config file every ``model_config_file_poll_wait_seconds`` (0: once)."""
     if drain_timeout is None or not drain_timeout > 0:
         raise ValueError(f"drain_timeout must be > 0 seconds, got {drain_timeout!r}")
+    registry = build_registry(
+        model,
+        model_name,
+        model_config_file,
+        model_version_policy,
+        file_system_poll_wait_seconds,
+        model_config_file_poll_wait_seconds,
+        pool_options,
+    )
+    if registry is not None:
+        return _serve_registry(
+            registry,
+            host=host,
+            port=port,
+            drain_timeout=drain_timeout,
+            on_ready=on_ready,
+            app_options=dict(
+                request_timeout=request_timeout,
+                max_body_bytes=max_body_bytes,
+                max_concurrent_requests=max_concurrent_requests,
+                max_parse_bytes=max_parse_bytes,
+                body_timeout=body_timeout,
+            ),
+        )
+    assert model is not None
     path, default_name, version = model_identity(model)
     name = model_name or default_name
     # Every check that needs no worker, cheapest first: the options (the pool and the app
@@ -299,6 +340,100 @@ def serve(
             signal.signal(signal.SIGTERM, previous)
         sock.close()
         pool.shutdown(kill=True)  # no-op after a clean stop
+
+
+def build_registry(
+    model: str | None,
+    model_name: str | None,
+    config_file: str | None,
+    policy: str | None,
+    poll_seconds: float,
+    config_poll_seconds: float,
+    pool_options: dict[str, Any],
+) -> Any:
+    """The model registry for a base path or a config file (``None``: one SavedModel), after
+    the checks that need no worker (``ValueError``): the options, the policy, the config
+    file, a base path's highest version's signature (a config file's versions are checked as
+    they load, and a failure there is the version's error)."""
+    from .model_config import parse_policy
+    from .models import registry_for, versions_on_disk
+
+    if model is None and config_file is None:
+        raise ValueError("expected MODEL or --model_config_file, got neither")
+    for name, value in (
+        ("file_system_poll_wait_seconds", poll_seconds),
+        ("model_config_file_poll_wait_seconds", config_poll_seconds),
+    ):
+        if value is None or value < 0:
+            raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    registry = registry_for(
+        model,
+        model_name=model_name,
+        config_file=config_file,
+        policy=None if policy is None else parse_policy(policy),
+        poll_seconds=poll_seconds,
+        config_poll_seconds=config_poll_seconds,
+        pool_options=pool_options,
+    )
+    if registry is None:
+        if policy is not None:
+            raise ValueError(
+                f"--model-version-policy needs a base path holding numbered versions, got "
+                f"{model!r} (one SavedModel)"
+            )
+        return None
+    for spec in registry.specs():
+        found = versions_on_disk(spec.base_path)
+        if config_file is None and found:  # one base path: its mistakes are usage errors
+            check_model(found[max(found)], registry.signature_name)
+    return registry
+
+
+def _serve_registry(
+    registry: Any,
+    *,
+    host: str,
+    port: int,
+    drain_timeout: float,
+    on_ready: Callable[[str, str, str], None] | None,
+    app_options: dict[str, Any],
+) -> int:
+    """:func:`serve` for a model registry: load every model's versions, listen, poll."""
+    app = create_app(registry, **app_options)
+    sock = bind(host, port)
+    in_main = threading.current_thread() is threading.main_thread()
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    try:
+        started = time.perf_counter()
+        registry.start()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+            previous = None
+        url = url_of(sock)
+        serving = registry.serving()
+        log.info(
+            "serving %s on %s: ready in %.1f s (pid %d)",
+            ", ".join(f"{n!r} version(s) {', '.join(v)}" for n, v in serving.items()),
+            url,
+            time.perf_counter() - started,
+            os.getpid(),
+            extra={"url": url},
+        )
+        name = next(iter(serving))
+        ready = None if on_ready is None else lambda: on_ready(url, name, serving[name][-1])
+        abandoned = run_app(app, sock, drain_timeout=drain_timeout, on_listening=ready)
+        registry.stop(kill=abandoned)
+        log.info("stopped%s", " (requests in flight were cancelled)" if abandoned else "")
+        return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        sock.close()
+        registry.stop(kill=True)  # no-op after a clean stop
 
 
 class JsonFormatter(logging.Formatter):
