@@ -105,12 +105,12 @@ class Partition:
 # --- the plan (client) --------------------------------------------------------------------------
 
 
-def plan(source: Any, chunk_rows: int, row_bytes: float) -> list[Partition]:
+def plan(source: Any, chunk_rows: int, row_bytes: float, begin: int = 0) -> list[Partition]:
     """The partitions of ``source``, from its metadata: ``chunk_rows`` rows each (Parquet,
-    .npy: the local job's chunks), or about ``chunk_rows`` rows' worth of bytes (CSV)."""
+    .npy: the local job's chunks), or about ``chunk_rows`` rows' worth of bytes (CSV, whose
+    records start at byte ``begin``)."""
     if source.format == "csv":
         size = os.stat(source.path).st_size
-        begin = csv_layout(source.path)[2]
         step = max(1, int(chunk_rows * max(1.0, row_bytes)))
         count = max(1, math.ceil((size - begin) / step))
         cuts = [begin + k * step for k in range(count)] + [size]
@@ -134,7 +134,7 @@ def plan_from_json(entries: Sequence[Sequence[Any]]) -> list[Partition]:
 def csv_layout(path: Path) -> tuple[bytes, bytes, int, float]:
     """``(header, line break, first data byte, bytes per record)`` from the file's first block
     (what the client reads of a CSV input besides its size)."""
-    text = CsvRecords(path)
+    text = CsvRecords(path, block=1 << 16)
     try:
         records = int(len(text._lengths))
         size = int(text._lengths.sum()) + records * len(text.line_break)
@@ -144,15 +144,14 @@ def csv_layout(path: Path) -> tuple[bytes, bytes, int, float]:
 
 
 def input_row_bytes(source: Any) -> float:
-    """Bytes per input row, from metadata (Parquet: the row groups' uncompressed sizes)."""
+    """Bytes per input row of a Parquet or .npy input, from metadata (Parquet: the row groups'
+    uncompressed sizes)."""
     if source.format == "parquet":
         meta = source._file.metadata
         size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
         return size / max(1, meta.num_rows)
-    if source.format == "npy":
-        array = source._array
-        return float(array.dtype.itemsize * math.prod(array.shape[1:]))
-    return csv_layout(source.path)[3]
+    array = source._array
+    return float(array.dtype.itemsize * math.prod(array.shape[1:]))
 
 
 def auto_shard(row_bytes: float) -> int:
@@ -369,13 +368,17 @@ def run(
     signature = pool.signature
     sources, named = job.check(signature)
     strings = tuple(job._text_columns(sources, signature))
-    row_bytes = input_row_bytes(source)
+    header, line_break, data_start = b"", b"\n", 0
+    if source.format == "csv":  # the header and the first 64 KiB: names, sizes
+        header, line_break, data_start, row_bytes = csv_layout(source.path)
+    else:
+        row_bytes = input_row_bytes(source)
     if resume_from is not None:
         chunk_rows = int(resume_from["chunk_rows"])
         partitions = plan_from_json(resume_from["partitions"])
     else:
         chunk_rows = chunk_rows or auto_chunk_rows(row_bytes, signature, shard_size or 1)
-        partitions = plan(source, chunk_rows, row_bytes)
+        partitions = plan(source, chunk_rows, row_bytes, data_start)
         staging.write_manifest(
             {
                 **job.identity,
@@ -385,9 +388,6 @@ def run(
             }
         )
     shard = shard_size or pool.shard_size or auto_shard(row_bytes)
-    header, line_break, data_start = b"", b"\n", 0
-    if source.format == "csv":
-        header, line_break, data_start, _ = csv_layout(source.path)
     stat = os.stat(source.path)
     task = FileTask(
         plugin_name=pool.backend.name,

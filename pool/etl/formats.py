@@ -107,8 +107,8 @@ class CsvSource:
     ) -> None:
         self.path = path
         self._span = span
-        if schema is None:
-            reader = self._open({})
+        if schema is None:  # from the first block, as every reader of the file infers it
+            reader = self._open({}, head=True)
             schema = reader.schema
             reader.close()
         self.schema = schema
@@ -120,11 +120,17 @@ class CsvSource:
         prefix, start, stop = self._span
         return io.BufferedReader(_ByteRange(self.path, prefix, start, stop), 1 << 20)
 
-    def _open(self, column_types: dict[str, Any]) -> Any:
+    def _open(self, column_types: dict[str, Any], head: bool = False) -> Any:
+        """A pyarrow CSV reader; with ``head``, of the file's first two blocks only (the
+        reader would read ahead far into the file just to tell its schema)."""
         pacsv = import_optional("pyarrow.csv")
         try:
             options = pacsv.ConvertOptions(column_types=column_types)
-            return pacsv.open_csv(self._stream(), convert_options=options)
+            stream = self._stream()
+            if head and self._span is None:
+                blocks = 2 * pacsv.ReadOptions().block_size
+                stream = io.BufferedReader(_ByteRange(self.path, b"", 0, blocks), 1 << 16)
+            return pacsv.open_csv(stream, convert_options=options)
         except (_arrow_error(), OSError) as exc:
             raise EtlError(f"{self._where()}: cannot read CSV ({exc}){self._hint()}") from None
 
