@@ -55,6 +55,10 @@ log = logging.getLogger("pool")
 #: its workers kept dying) before the job fails.
 MAX_PARTITION_ROUNDS = 3
 
+#: An automatic ``chunk_rows`` leaves at least this many partitions per worker when the input
+#: is small enough for fewer (so that every worker has work, and a straggler is short).
+PARTITIONS_PER_WORKER = 2
+
 #: The layout of a cluster job's manifest (parts per partition, any of them committed).
 LAYOUT = "partitions"
 
@@ -366,6 +370,7 @@ def run(
     started = time.perf_counter()
     source, staging = job.source, job.staging
     signature = pool.signature
+    workers = max(1, sum(client.nthreads().values()))  # threads: tasks that run at once
     sources, named = job.check(signature)
     strings = tuple(job._text_columns(sources, signature))
     header, line_break, data_start = b"", b"\n", 0
@@ -377,7 +382,15 @@ def run(
         chunk_rows = int(resume_from["chunk_rows"])
         partitions = plan_from_json(resume_from["partitions"])
     else:
-        chunk_rows = chunk_rows or auto_chunk_rows(row_bytes, signature, shard_size or 1)
+        if not chunk_rows:
+            chunk_rows = auto_chunk_rows(row_bytes, signature, shard_size or 1)
+            rows = source.num_rows
+            if rows is None:  # a CSV: rows estimated from its size
+                rows = int((os.stat(source.path).st_size - data_start) / max(1.0, row_bytes))
+            # enough partitions to keep every worker busy on a small input
+            chunk_rows = max(
+                1, min(chunk_rows, math.ceil(rows / (PARTITIONS_PER_WORKER * workers)))
+            )
         partitions = plan(source, chunk_rows, row_bytes, data_start)
         staging.write_manifest(
             {
