@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--cluster",
         metavar="ADDRESS",
-        help="run on the workers of a Dask cluster, e.g. tcp://10.0.0.5:8786 (needs "
-        "pip install 'prediction-pool[dask]'; see docs/scale-out.md)",
+        help="run on the workers of a Dask cluster, e.g. tcp://10.0.0.5:8786: they read the "
+        "input and write the output themselves, so both must be on storage every worker sees "
+        "(needs pip install 'prediction-pool[dask]'; see docs/etl.md)",
     )
     predict.add_argument(
         "--shard-size", type=positive_int, help="rows per shard (default: automatic)"

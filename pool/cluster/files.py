@@ -140,22 +140,10 @@ def csv_layout(path: Path) -> tuple[bytes, bytes, int, float]:
     (what the client reads of a CSV input besides its size)."""
     text = CsvRecords(path, block=1 << 16)
     try:
-        records = int(len(text._lengths))
-        size = int(text._lengths.sum()) + records * len(text.line_break)
+        records, size = text.buffered()
         return text.header, text.line_break, text.header_end, size / max(1, records)
     finally:
         text.close()
-
-
-def input_row_bytes(source: Any) -> float:
-    """Bytes per input row of a Parquet or .npy input, from metadata (Parquet: the row groups'
-    uncompressed sizes)."""
-    if source.format == "parquet":
-        meta = source._file.metadata
-        size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-        return size / max(1, meta.num_rows)
-    array = source._array
-    return float(array.dtype.itemsize * math.prod(array.shape[1:]))
 
 
 def auto_shard(row_bytes: float) -> int:
@@ -372,12 +360,12 @@ def run(
     signature = pool.signature
     workers = max(1, sum(client.nthreads().values()))  # threads: tasks that run at once
     sources, named = job.check(signature)
-    strings = tuple(job._text_columns(sources, signature))
+    strings = tuple(job.text_columns(sources, signature))
     header, line_break, data_start = b"", b"\n", 0
     if source.format == "csv":  # the header and the first 64 KiB: names, sizes
         header, line_break, data_start, row_bytes = csv_layout(source.path)
     else:
-        row_bytes = input_row_bytes(source)
+        row_bytes = source.row_bytes()
     if resume_from is not None:
         chunk_rows = int(resume_from["chunk_rows"])
         partitions = plan_from_json(resume_from["partitions"])

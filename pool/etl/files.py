@@ -214,7 +214,7 @@ class _Job:
             c for name, source in sources.items() if name in text for c in source_columns(source)
         ]
 
-    def _text_columns(self, sources: Mapping[str, Any], signature: SignatureInfo) -> list[str]:
+    def text_columns(self, sources: Mapping[str, Any], signature: SignatureInfo) -> list[str]:
         """The CSV columns read as text: all but those feeding a numeric input, so a column
         the model does not read keeps its text (``01234`` stays ``01234``, dates stay as
         written) in a CSV or Parquet output."""
@@ -237,7 +237,7 @@ class _Job:
         started = time.perf_counter()
         signature = pool.signature
         sources, named = self.check(signature)
-        strings = self._text_columns(sources, signature)
+        strings = self.text_columns(sources, signature)
         sample = next(self.source.batches(0, SAMPLE_ROWS, strings), None)
         if sample is not None:
             try:
@@ -457,6 +457,12 @@ def predict_file(
     unless ``overwrite=True`` or ``resume=True`` continues the job that was writing it. Memory
     stays bounded by ``chunk_rows`` plus ``max_in_flight`` shards of ``shard_size`` rows,
     whatever the size of the input.
+
+    With ``cluster=`` (a Dask scheduler address, client or cluster object, as for
+    :class:`PredictionPool`), or a running pool on a cluster as ``model``, the cluster's workers
+    read their own partitions and write their own parts, and this process only plans, tracks and
+    renames (:mod:`pool.cluster.files`): the input and the output's directory must be at the
+    same path on every worker (``EtlError`` before any model loads otherwise).
 
     Raises ``EtlError`` for a missing input, an unknown column, a column whose type does not fit
     the model, or an unwritable output; all but the type check happen before any worker starts

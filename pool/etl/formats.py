@@ -77,6 +77,12 @@ class ParquetSource:
             self._file.iter_batches(batch_size=batch_rows, row_groups=groups), skip
         )
 
+    def row_bytes(self) -> float:
+        """Bytes per row, uncompressed, from the footer (the row groups' sizes)."""
+        meta = self._file.metadata
+        size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+        return size / max(1, meta.num_rows)
+
     def close(self) -> None:
         self._file.close()
 
@@ -316,6 +322,10 @@ class NpySource:
         for begin in range(start, self._array.shape[0], batch_rows):
             values = np.ascontiguousarray(self._array[begin : begin + batch_rows])
             yield pa.record_batch([arrow_column(values)], names=[self.name or DEFAULT_INPUT])
+
+    def row_bytes(self) -> float:
+        """Bytes per row, from the array's header."""
+        return float(self._array.dtype.itemsize * int(np.prod(self._array.shape[1:])))
 
     def close(self) -> None:
         self._array = None
@@ -805,6 +815,11 @@ class CsvRecords:
         size = int(self._lengths[:n].sum())
         self._data, self._lengths = self._data[size:], self._lengths[n:]
         return taken
+
+    def buffered(self) -> tuple[int, int]:
+        """``(records, bytes)`` read and not taken yet, line breaks counted as the header's."""
+        records = len(self._lengths)
+        return records, int(self._lengths.sum()) + records * len(self.line_break)
 
     def skip(self, n: int) -> None:
         while n > 0:
