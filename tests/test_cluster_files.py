@@ -348,3 +348,16 @@ def test_the_documented_read_parquet_map_partitions_to_parquet_example(client, m
     assert out["id"].tolist() == list(range(300))
     want = in_process(models["text_embedding"], np.asarray(texts, dtype=object))["embedding"]
     assert_rows_equal(np.stack(list(out["embedding"])), want)
+
+
+def test_a_cluster_job_resumes_only_on_a_cluster(tmp_path):
+    """Parts are laid out per partition on a cluster, per chunk locally: a resume that would
+    mix them is refused (status 2) before any worker starts."""
+    path = write_input(tmp_path, "parquet", 100)
+    staging = tmp_path / ".out.parquet.partial"
+    staging.mkdir()
+    (staging / "manifest.json").write_text('{"layout": "partitions", "chunk_rows": 50}')
+    (staging / "part-000001-50.parquet").write_bytes(b"committed by a cluster job")
+    with pytest.raises(etl.EtlError, match=r"it was written with --cluster .* resume it the same"):
+        etl.predict_file(LoggedDouble(), path, tmp_path / "out.parquet", columns="x", resume=True)
+    assert (staging / "part-000001-50.parquet").exists()  # kept for a resume on the cluster

@@ -271,8 +271,7 @@ def line_start(path: Path, offset: int, size: int) -> int:
         return min(max(offset, 0), size)
     with open(path, "rb") as f:
         f.seek(offset - 1)
-        window = f.read(1 << 16)
-        at = offset - 1
+        window = f.read(1 << 16)  # from the byte before ``offset``: does a line end there?
         if window[:1] == b"\n" or (window[:1] == b"\r" and window[1:2] != b"\n"):
             return offset
         window, at = window[1:], offset  # look from ``offset`` on
