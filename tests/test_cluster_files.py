@@ -361,3 +361,17 @@ def test_a_cluster_job_resumes_only_on_a_cluster(tmp_path):
     with pytest.raises(etl.EtlError, match=r"it was written with --cluster .* resume it the same"):
         etl.predict_file(LoggedDouble(), path, tmp_path / "out.parquet", columns="x", resume=True)
     assert (staging / "part-000001-50.parquet").exists()  # kept for a resume on the cluster
+
+
+def test_a_csv_cut_inside_a_quoted_line_break_stops_with_a_clear_error(cluster_pool, tmp_path):
+    """A CSV partition starts at a line start; where that is inside a quoted field, the job
+    stops (status 2 from the command line) instead of writing rows split wrongly."""
+    path = tmp_path / "in.csv"
+    path.write_bytes(
+        b"id,x,note\n" + b"".join(b'%d,%d.5,"line one\nline two"\n' % (i, i) for i in range(2000))
+    )
+    with pytest.raises(etl.EtlError, match=r"quoted field that holds a line break .* Parquet"):
+        etl.predict_file(
+            cluster_pool, path, tmp_path / "out.csv", columns="x", output_column="y", chunk_rows=50
+        )
+    assert not (tmp_path / "out.csv").exists()
