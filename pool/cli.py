@@ -11,7 +11,8 @@ stdout without starting workers, read from ``saved_model.pb`` without TensorFlow
 - 1: the job failed while running (the model failed to load or raised, an I/O error);
 - 2: the command cannot run as given (bad option, missing input, unknown column, a column that
   does not fit the model, a value out of its input's range, an existing output without
-  ``--overwrite``, unwritable output, a resume that does not match), reported in one
+  ``--overwrite``, unwritable output, a resume that does not match, a ``--cluster`` worker
+  that cannot see the input or the output's directory), reported in one
   line ``error: ...``, before any worker starts where the check does not need the model;
 - 130 / 143: interrupted by Ctrl-C / SIGTERM; committed chunks are kept for ``--resume``.
 """
@@ -121,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--cluster",
         metavar="ADDRESS",
-        help="run on the workers of a Dask cluster, e.g. tcp://10.0.0.5:8786 (needs "
-        "pip install 'prediction-pool[dask]'; see docs/scale-out.md)",
+        help="run on the workers of a Dask cluster, e.g. tcp://10.0.0.5:8786: they read the "
+        "input and write the output themselves, so both must be on storage every worker sees "
+        "(needs pip install 'prediction-pool[dask]'; see docs/etl.md)",
     )
     predict.add_argument(
         "--shard-size", type=positive_int, help="rows per shard (default: automatic)"

@@ -11,3 +11,37 @@ def slow_double(seconds: float = 8.0):
     """A factory that takes ``seconds`` to load, then doubles its input."""
     time.sleep(seconds)
     return factories.plain_double()
+
+
+class LoggedDouble:
+    """A factory (for file jobs on the cluster): its model doubles its input after ``delay``
+    seconds per call and, with ``log``, appends every row it saw to that file, one line
+    ``PID VALUE`` per row. Its ``repr`` is stable across processes, so a resumed job names
+    the same model."""
+
+    def __init__(self, log: str | None = None, delay: float = 0.0) -> None:
+        self.log, self.delay = log, delay
+
+    def __repr__(self) -> str:
+        return f"LoggedDouble({self.log!r}, {self.delay!r})"
+
+    def __call__(self):
+        import os
+
+        import numpy as np
+
+        log, delay = self.log, self.delay
+
+        def double(x):
+            time.sleep(delay)
+            x = np.asarray(x)
+            if log is not None and len(x):
+                fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    pid = os.getpid()
+                    os.write(fd, "".join(f"{pid} {v:.0f}\n" for v in x.ravel()).encode())
+                finally:
+                    os.close(fd)
+            return x * 2
+
+        return double

@@ -18,8 +18,12 @@ imports this package, ``PredictionPool`` imports it only when ``cluster=`` is gi
     dask DataFrame ──frames.map_partitions──▶ dask DataFrame with prediction columns
                    (each partition runs as a Dask task on the worker's loaded model)
 
+    predict_file(..., cluster=X) ──files.run──▶ one task per partition of the input file:
+                   the worker reads it, predicts, writes its part into .OUT.partial/; the
+                   client renames the assembled output (it never holds a row)
+
 Modules: ``plugin`` (runs on the workers), ``backend`` (the client side), ``frames``
-(Dask DataFrames). See docs/scale-out.md.
+(Dask DataFrames), ``files`` (file jobs). See docs/scale-out.md.
 """
 
 from __future__ import annotations

@@ -62,13 +62,15 @@ def _malloc_trim() -> Any:
         return None
 
 
-def return_free_memory() -> None:
+def return_free_memory(collect: bool = True) -> None:
     """Hand memory freed since the last chunk back to the OS, so the process's footprint follows
     what it holds (a chunk or two) instead of ratcheting up with the rows done.
 
     ``gc.collect`` first, so that any cyclic garbage of the chunk (pandas and Arrow objects)
-    is freed before Arrow's pool and the C heap are trimmed."""
-    gc.collect()
+    is freed before Arrow's pool and the C heap are trimmed (``collect=False``: not, where a
+    full collection is slow, as in a Dask worker holding a model)."""
+    if collect:
+        gc.collect()
     import_optional("pyarrow").default_memory_pool().release_unused()
     trim = _malloc_trim()
     if trim is not None:

@@ -129,6 +129,14 @@ def _bytes_per_row(spec_outputs: tuple[TensorInfo, ...] | None) -> int:
     return total
 
 
+def auto_chunk_rows(in_bytes: float, signature: SignatureInfo, shard: int) -> int:
+    """Rows per chunk: about ``TARGET_CHUNK_BYTES`` of input (``in_bytes`` per row) plus
+    output, at most ``MAX_CHUNK_ROWS``, a multiple of ``shard``."""
+    per_row = max(1, int(in_bytes) + _bytes_per_row(signature.outputs))
+    chunk_rows = min(MAX_CHUNK_ROWS, max(shard, TARGET_CHUNK_BYTES // per_row))
+    return max(shard, chunk_rows // shard * shard)
+
+
 class _Job:
     """One :func:`predict_file` call, from checked arguments to the renamed output."""
 
@@ -206,7 +214,7 @@ class _Job:
             c for name, source in sources.items() if name in text for c in source_columns(source)
         ]
 
-    def _text_columns(self, sources: Mapping[str, Any], signature: SignatureInfo) -> list[str]:
+    def text_columns(self, sources: Mapping[str, Any], signature: SignatureInfo) -> list[str]:
         """The CSV columns read as text: all but those feeding a numeric input, so a column
         the model does not read keeps its text (``01234`` stays ``01234``, dates stay as
         written) in a CSV or Parquet output."""
@@ -229,7 +237,7 @@ class _Job:
         started = time.perf_counter()
         signature = pool.signature
         sources, named = self.check(signature)
-        strings = self._text_columns(sources, signature)
+        strings = self.text_columns(sources, signature)
         sample = next(self.source.batches(0, SAMPLE_ROWS, strings), None)
         if sample is not None:
             try:
@@ -249,9 +257,7 @@ class _Job:
         if resume_from is not None:
             chunk_rows = resume_from["chunk_rows"]
         elif not chunk_rows:
-            per_row = max(1, int(in_bytes) + _bytes_per_row(signature.outputs))
-            chunk_rows = min(MAX_CHUNK_ROWS, max(shard, TARGET_CHUNK_BYTES // per_row))
-            chunk_rows = max(shard, chunk_rows // shard * shard)
+            chunk_rows = auto_chunk_rows(in_bytes, signature, shard)
         total = self.source.num_rows
         if total is None and self.progress and sys.stderr is not None and sys.stderr.isatty():
             total = self.source.count_rows()  # so the bar has an ETA
@@ -319,7 +325,7 @@ class _Job:
                 if keep_text
                 else self.source.batches(start, shard, strings)
             )
-            pieces = _pieces(batches, start, shard, chunk_rows)
+            pieces = cut_pieces(batches, start, shard, chunk_rows)
             for row, piece in pieces:
                 try:
                     arrays = to_inputs(piece, signature, sources, first_row=row)
@@ -382,7 +388,7 @@ class _Job:
         self.staging.commit(0, 0, [empty], [{names[k]: v for k, v in values.items()}])
 
 
-def _pieces(
+def cut_pieces(
     batches: Iterable[Any], start: int, rows: int, chunk_rows: int
 ) -> Iterator[tuple[int, Any]]:
     """``(first row, batch)`` of at most ``rows`` rows, never across a multiple of ``chunk_rows``.
@@ -452,6 +458,12 @@ def predict_file(
     stays bounded by ``chunk_rows`` plus ``max_in_flight`` shards of ``shard_size`` rows,
     whatever the size of the input.
 
+    With ``cluster=`` (a Dask scheduler address, client or cluster object, as for
+    :class:`PredictionPool`), or a running pool on a cluster as ``model``, the cluster's workers
+    read their own partitions and write their own parts, and this process only plans, tracks and
+    renames (:mod:`pool.cluster.files`): the input and the output's directory must be at the
+    same path on every worker (``EtlError`` before any model loads otherwise).
+
     Raises ``EtlError`` for a missing input, an unknown column, a column whose type does not fit
     the model, or an unwritable output; all but the type check happen before any worker starts
     (the type check too, for a local SavedModel whose signature can be read from disk).
@@ -472,6 +484,9 @@ def predict_file(
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise EtlError(f"{name} must be a positive integer, got {value!r}")
+    on_cluster = pool_options.get("cluster") is not None or (
+        running is not None and _on_dask(running)
+    )
     in_format = format_of(input_path, input_format, "input")
     out_format = format_of(output_path, output_format, "output")
     source = open_source(input_path, in_format, columns)
@@ -517,7 +532,7 @@ def predict_file(
         try:
             previous = staging.read_manifest() if resume else None
             if previous is not None:
-                _check_resumable(previous, identity, chunk_rows, output_path)
+                _check_resumable(previous, identity, chunk_rows, output_path, on_cluster)
             elif output_path.exists() and not overwrite:
                 raise EtlError(
                     f"output {str(output_path)!r} already exists; pass overwrite=True / "
@@ -534,6 +549,18 @@ def predict_file(
                         dropped,
                         output_path,
                     )
+            if on_cluster:  # the workers read and write the files (pool/cluster/files.py)
+                return _run_on_cluster(
+                    job,
+                    running or model,
+                    previous,
+                    chunk_rows,
+                    shard_size,
+                    workers=workers,
+                    signature=signature,
+                    output=model_output,
+                    **pool_options,
+                )
             if running is not None:
                 return job.run(running, previous, chunk_rows, shard_size)
             if previous is not None and (done := _finish_committed(staging, previous, source)):
@@ -552,6 +579,46 @@ def predict_file(
             staging.release()
     finally:
         source.close()
+
+
+def _on_dask(running: PredictionPool) -> bool:
+    """Whether a running pool's workers are a Dask cluster's (without importing Dask)."""
+    module = sys.modules.get("pool.cluster.backend")
+    return module is not None and isinstance(running.backend, module.DaskBackend)
+
+
+def _run_on_cluster(
+    job: _Job,
+    model: Any,
+    previous: dict[str, Any] | None,
+    chunk_rows: int | None,
+    shard_size: int | None,
+    **pool_options: Any,
+) -> FileReport:
+    """The job with the cluster's workers reading and writing the files: check that they see
+    them, start a pool on the cluster unless ``model`` is one, run
+    :func:`pool.cluster.files.run`."""
+    from ..cluster import files as cluster_files
+    from ..cluster.backend import connect
+
+    source_path = Path(job.source.path).resolve()
+    stat = source_path.stat()
+    paths = (str(source_path), stat.st_size, stat.st_mtime_ns, str(job.staging.dir.resolve()))
+    if isinstance(model, PredictionPool):
+        client = model.backend.client  # type: ignore[attr-defined]
+        cluster_files.check_workers_see(client, paths)
+        return cluster_files.run(job, client, model, previous, chunk_rows, shard_size)
+    client, owned = connect(pool_options.pop("cluster"))
+    try:
+        cluster_files.check_workers_see(client, paths)  # before the model loads anywhere
+        started = PredictionPool(
+            model, cluster=client, shard_size=shard_size, **pool_options
+        ).start()
+        with started:
+            return cluster_files.run(job, client, started, previous, chunk_rows, shard_size)
+    finally:
+        if owned:
+            client.close()
 
 
 def _finish_committed(
@@ -582,8 +649,19 @@ def _finish_committed(
 
 
 def _check_resumable(
-    previous: Mapping[str, Any], identity: Mapping[str, Any], chunk_rows: int | None, output: Path
+    previous: Mapping[str, Any],
+    identity: Mapping[str, Any],
+    chunk_rows: int | None,
+    output: Path,
+    on_cluster: bool = False,
 ) -> None:
+    was_cluster = previous.get("layout") == "partitions"
+    if was_cluster != on_cluster:
+        raise EtlError(
+            f"cannot resume {str(output)!r}: it was written "
+            f"{'with' if was_cluster else 'without'} --cluster (cluster=), and parts are "
+            "laid out differently; resume it the same way, or run without --resume"
+        )
     for key, value in identity.items():
         if previous.get(key) != value:
             raise EtlError(

@@ -77,6 +77,12 @@ class ParquetSource:
             self._file.iter_batches(batch_size=batch_rows, row_groups=groups), skip
         )
 
+    def row_bytes(self) -> float:
+        """Bytes per row, uncompressed, from the footer (the row groups' sizes)."""
+        meta = self._file.metadata
+        size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+        return size / max(1, meta.num_rows)
+
     def close(self) -> None:
         self._file.close()
 
@@ -93,24 +99,46 @@ def _skip_rows(batches: Iterable[Any], skip: int) -> Iterator[Any]:
 
 
 class CsvSource:
-    """A CSV file, parsed a block at a time; columns that feed text inputs are read as text."""
+    """A CSV file, parsed a block at a time; columns that feed text inputs are read as text.
+
+    With ``span=(prefix, start, stop)`` it is the records of bytes ``[start, stop)`` of the file
+    read after ``prefix`` (the header and its line break), parsed with the column types of
+    ``schema`` (the whole file's, read where it starts): one partition of a file job on a
+    cluster (:func:`line_start` finds where its records start)."""
 
     format = "csv"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, schema: Any = None, span: tuple[bytes, int, int] | None = None
+    ) -> None:
         self.path = path
-        reader = self._open({})
-        self.schema = reader.schema
-        reader.close()
+        self._span = span
+        if schema is None:  # from the first block, as every reader of the file infers it
+            reader = self._open({}, head=True)
+            schema = reader.schema
+            reader.close()
+        self.schema = schema
         self.num_rows: int | None = None
 
-    def _open(self, column_types: dict[str, Any]) -> Any:
+    def _stream(self) -> Any:
+        if self._span is None:
+            return self.path
+        prefix, start, stop = self._span
+        return io.BufferedReader(_ByteRange(self.path, prefix, start, stop), 1 << 20)
+
+    def _open(self, column_types: dict[str, Any], head: bool = False) -> Any:
+        """A pyarrow CSV reader; with ``head``, of the file's first two blocks only (the
+        reader would read ahead far into the file just to tell its schema)."""
         pacsv = import_optional("pyarrow.csv")
         try:
             options = pacsv.ConvertOptions(column_types=column_types)
-            return pacsv.open_csv(self.path, convert_options=options)
+            stream = self._stream()
+            if head and self._span is None:
+                blocks = 2 * pacsv.ReadOptions().block_size
+                stream = io.BufferedReader(_ByteRange(self.path, b"", 0, blocks), 1 << 16)
+            return pacsv.open_csv(stream, convert_options=options)
         except (_arrow_error(), OSError) as exc:
-            raise EtlError(f"{self.path}: cannot read CSV ({exc})") from None
+            raise EtlError(f"{self._where()}: cannot read CSV ({exc}){self._hint()}") from None
 
     def batches(
         self, start: int, batch_rows: int, strings: Sequence[str] = (), records: bool = False
@@ -119,8 +147,16 @@ class CsvSource:
         others as pyarrow infers them). With ``records``, each batch carries one more column,
         ``RECORD``: each row's own bytes in the file, for a CSV output that keeps them."""
         pa = import_optional("pyarrow")
-        reader = self._open({name: pa.string() for name in strings})
-        text = CsvRecords(self.path) if records else None
+        types = {name: pa.string() for name in strings}
+        if self._span is not None:  # a partition: the whole file's types, not its own guess
+            types = {**{f.name: f.type for f in self.schema}, **types}
+        reader = self._open(types)
+        # A partition always splits its records itself too: a count that differs from pyarrow's
+        # means that it does not start or end where a record does.
+        split = records or self._span is not None
+        text: CsvRecords | None = None
+        if split:
+            text = CsvRecords(self.path, file=None if self._span is None else self._stream())
 
         def read() -> Iterator[Any]:
             while True:
@@ -129,17 +165,20 @@ class CsvSource:
                 except StopIteration:
                     if text is not None and not text.exhausted():
                         raise EtlError(
-                            f"{self.path}: the CSV text holds more records than the rows read "
-                            "(unusual quoting?); write Parquet instead"
+                            f"{self._where()}: the CSV text holds more records than the rows read "
+                            f"(unusual quoting?); write Parquet instead{self._hint()}"
                         ) from None
                     return
                 except _arrow_error() as exc:
-                    raise EtlError(f"{self.path}: cannot read CSV ({exc})") from None
+                    raise EtlError(
+                        f"{self._where()}: cannot read CSV ({exc}){self._hint()}"
+                    ) from None
                 if text is not None:
-                    batch = pa.RecordBatch.from_arrays(
-                        [*batch.columns, text.take(batch.num_rows)],
-                        names=[*batch.schema.names, RECORD],
-                    )
+                    kept = text.take(batch.num_rows)
+                    if records:
+                        batch = pa.RecordBatch.from_arrays(
+                            [*batch.columns, kept], names=[*batch.schema.names, RECORD]
+                        )
                 yield batch
 
         try:
@@ -148,6 +187,19 @@ class CsvSource:
             reader.close()
             if text is not None:
                 text.close()
+
+    def _hint(self) -> str:
+        if self._span is None:
+            return ""
+        return (
+            "; a partition starts where a line starts, so a quoted field that holds a line "
+            "break cannot be split there: convert the input to Parquet, or run without --cluster"
+        )
+
+    def _where(self) -> str:
+        if self._span is None:
+            return str(self.path)
+        return f"{self.path} (bytes {self._span[1]}..{self._span[2]})"
 
     def text_header(self) -> tuple[bytes, bytes]:
         """The header's own bytes and its line break (``\\r\\n`` or ``\\n``)."""
@@ -174,6 +226,67 @@ class CsvSource:
 
     def close(self) -> None:
         pass
+
+
+class _ByteRange(io.RawIOBase):
+    """``prefix``, then bytes ``[start, stop)`` of the file at ``path``: a readable stream."""
+
+    def __init__(self, path: Path, prefix: bytes, start: int, stop: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._file.seek(start)
+        self._prefix = memoryview(prefix)
+        self._left = max(0, stop - start)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if len(self._prefix):
+            n = min(len(view), len(self._prefix))
+            view[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        n = min(len(view), self._left)
+        if n <= 0:
+            return 0
+        got = self._file.readinto(view[:n]) or 0
+        self._left -= got
+        return got
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+_BREAK = re.compile(rb"[\r\n]")
+
+
+def line_start(path: Path, offset: int, size: int) -> int:
+    """The first position at or after ``offset`` where a line of the file starts (after a
+    ``\n``, a ``\r\n`` or a lone ``\r``); ``size`` if none does. Where a CSV file is cut for
+    its partitions: a line start is a record start unless a quoted field holds a line break."""
+    if offset <= 0 or offset >= size:
+        return min(max(offset, 0), size)
+    with open(path, "rb") as f:
+        f.seek(offset - 1)
+        window = f.read(1 << 16)  # from the byte before ``offset``: does a line end there?
+        if window[:1] == b"\n" or (window[:1] == b"\r" and window[1:2] != b"\n"):
+            return offset
+        window, at = window[1:], offset  # look from ``offset`` on
+        while window:
+            found = _BREAK.search(window)
+            if found is None:
+                at += len(window)
+                window = f.read(1 << 16)
+                continue
+            i = found.start()
+            if window[i : i + 1] == b"\r":
+                following = window[i + 1 : i + 2] or f.read(1)
+                return at + i + (2 if following == b"\n" else 1)
+            return at + i + 1
+    return size
 
 
 class NpySource:
@@ -208,6 +321,10 @@ class NpySource:
         for begin in range(start, self._array.shape[0], batch_rows):
             values = np.ascontiguousarray(self._array[begin : begin + batch_rows])
             yield pa.record_batch([arrow_column(values)], names=[self.name or DEFAULT_INPUT])
+
+    def row_bytes(self) -> float:
+        """Bytes per row, from the array's header."""
+        return float(self._array.dtype.itemsize * int(np.prod(self._array.shape[1:])))
 
     def close(self) -> None:
         self._array = None
@@ -318,6 +435,8 @@ class ParquetSink:
 
     format = "parquet"
     suffix = ".parquet"
+    #: ``gc.collect()`` after each part assembled (off on a cluster worker: see assemble)
+    collect_garbage = True
 
     def write_part(self, pieces: Sequence[Any], outputs: Sequence[Any], path: Path) -> None:
         pq = import_optional("pyarrow.parquet")
@@ -339,7 +458,7 @@ class ParquetSink:
                             table = table.cast(schema)
                         writer.write_table(table, row_group_size=max(1, table.num_rows))
                         del table
-                return_free_memory()
+                return_free_memory(self.collect_garbage)
         finally:
             if writer is not None:
                 writer.close()
@@ -644,15 +763,18 @@ class CsvRecords:
     lets a CSV output keep every input column byte for byte. ``header`` is the first record,
     ``line_break`` the header's line break (``\\n`` unless it is ``\\r\\n``)."""
 
-    def __init__(self, path: Path, block: int = 1 << 20) -> None:
+    def __init__(self, path: Path, block: int = 1 << 20, file: Any = None) -> None:
         self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        # ``file``: a binary stream to split instead of ``path`` (a byte range, see csv_range)
+        self._file = open(path, "rb") if file is None else file  # noqa: SIM115 (close())
         self._block = block
         self._buf = b""
         self._eof = False
         self._data = np.empty(0, np.uint8)  # records read and not taken: their bytes...
         self._lengths = np.empty(0, np.int64)  # ...and lengths
         self.line_break = b"\n"
+        self.header_end = 0  # where the record after the header starts (with its line break)
+        self._at = 0  # the offset in the file of ``_buf``'s first byte
         self._started = False
         self._read()
         while not len(self._lengths) and not self._eof:
@@ -671,9 +793,13 @@ class CsvRecords:
             if not self._started:  # the header: its line break is the output's
                 self._started = True
                 self.line_break = b"\r\n" if buf[stops[0] : stops[0] + 2] == b"\r\n" else b"\n"
+                after = buf[stops[0] : stops[0] + 2]
+                width = 2 if after == b"\r\n" else 1 if after[:1] in (b"\r", b"\n") else 0
+                self.header_end = self._at + int(stops[0]) + width
             self._data = np.concatenate((self._data, _bytes_of(buf, starts, stops)))
             self._lengths = np.concatenate((self._lengths, stops - starts))
         self._buf = buf[consumed:]
+        self._at += consumed
 
     def take(self, n: int) -> Any:
         """The next ``n`` records as an Arrow binary array; ``EtlError`` if the file has fewer."""
@@ -688,6 +814,11 @@ class CsvRecords:
         size = int(self._lengths[:n].sum())
         self._data, self._lengths = self._data[size:], self._lengths[n:]
         return taken
+
+    def buffered(self) -> tuple[int, int]:
+        """``(records, bytes)`` read and not taken yet, line breaks counted as the header's."""
+        records = len(self._lengths)
+        return records, int(self._lengths.sum()) + records * len(self.line_break)
 
     def skip(self, n: int) -> None:
         while n > 0:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,37 @@ class Staging:
         log.debug("committed chunk %d (%d rows) of %s", index, rows, self.output)
         return_free_memory()
 
+    def partitions(self, expected: Sequence[int | None]) -> dict[int, int]:
+        """``{partition: rows}`` of the parts a cluster job's workers committed (any of them,
+        not only a prefix: they run in parallel). A part whose row count differs from
+        ``expected[index]`` (``None``: any count), a part beyond the plan and any ``.tmp-``
+        file (a write a killed worker did not finish) are deleted."""
+        found: dict[int, int] = {}
+        for entry in self.dir.iterdir():
+            match = self._part.fullmatch(entry.name)
+            if match:
+                index, rows = int(match[1]), int(match[2])
+                wanted = expected[index] if index < len(expected) else -1
+                if index in found or (wanted is not None and wanted != rows):
+                    entry.unlink()
+                else:
+                    found[index] = rows
+            elif entry.name.startswith(".tmp-"):
+                entry.unlink()
+        return found
+
+    def publish(self, assembled: Path) -> None:
+        """Rename ``assembled`` (the output, written in the staging directory by a cluster
+        worker) over the output, atomically, and clean up."""
+        try:
+            fsync_path(assembled)
+            os.replace(assembled, self.output)
+        finally:
+            assembled.unlink(missing_ok=True)
+        fsync_path(self.output.parent)
+        self._locked = False
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def parts(self) -> list[Path]:
         numbered = []
         for entry in self.dir.iterdir():
@@ -185,3 +217,20 @@ class Staging:
         fsync_path(self.output.parent)
         self._locked = False
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_part(directory: Path, index: int, rows: int, suffix: str, write: Any) -> Path:
+    """Write part ``index`` of ``rows`` rows with ``write(path)`` into a staging directory:
+    to a temporary name of its own (two runs of one partition never share one), flushed, then
+    renamed to ``part-<index>-<rows><suffix>``: the part exists under its final name complete.
+    What a cluster worker does for its partition."""
+    name = f"part-{index:06d}-{rows}{suffix}"
+    temporary = directory / f".tmp-{uuid.uuid4().hex}-{name}"
+    try:
+        write(temporary)
+        fsync_path(temporary)
+        os.replace(temporary, directory / name)
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_path(directory)
+    return directory / name
