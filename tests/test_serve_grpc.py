@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +21,7 @@ import psutil
 import pytest
 import tensorflow as tf
 from conftest import assert_rows_equal, in_process
-from serve_helpers import Server, metric
+from serve_helpers import REPO, Server, metric
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -82,18 +85,14 @@ def images(rows: int, side: int = 32, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cnn(models):
-    server = Server(
-        models["small_cnn"], "--workers", "2", "--model-name", "cnn", "--grpc-port", "0"
-    )
+    server = Server(models["small_cnn"], "--workers", "2", "--model-name", "cnn")
     yield server
     assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")
 def multi(models):
-    server = Server(
-        models["multi_io"], "--workers", "1", "--model-name", "multi", "--grpc-port", "0"
-    )
+    server = Server(models["multi_io"], "--workers", "1", "--model-name", "multi")
     yield server
     assert server.stop() == 0
 
@@ -107,7 +106,7 @@ def limited(models):
         models["text_embedding"],
         *("--workers", "1", "--model-name", "limited", "--max-batch-rows", "4"),
         *("--batch-timeout-micros", "3000000", "--max-queued-requests", "2"),
-        *("--request-timeout", "1", "--grpc-port", "0"),
+        *("--request-timeout", "1"),
     )
     yield server
     assert server.stop() == 0
@@ -544,7 +543,7 @@ def test_the_server_process_never_loads_tensorflow(cnn):
 def test_sigterm_finishes_rpcs_in_flight_refuses_new_ones_then_stops(models):
     server = Server(
         models["text_embedding"],
-        *("--workers", "1", "--model-name", "t", "--drain-timeout", "20", "--grpc-port", "0"),
+        *("--workers", "1", "--model-name", "t", "--drain-timeout", "20"),
         *("--batch-timeout-micros", "2000000", "-v"),  # a lone request waits 2 s in the queue
     )
     try:
@@ -573,3 +572,22 @@ def test_sigterm_finishes_rpcs_in_flight_refuses_new_ones_then_stops(models):
         assert "draining" in server.stderr
     finally:
         assert server.stop() == 0, server.stderr[-3000:]
+
+
+def test_a_grpc_port_in_use_fails_fast_with_exit_2(models):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "pool", "serve", models["small_cnn"], "--port", "0"]
+            + ["--grpc-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"cannot bind 127.0.0.1:{port}" in done.stderr
+    assert time.monotonic() - started < 60  # before any worker loads the model
