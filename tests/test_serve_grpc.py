@@ -79,20 +79,20 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
     return info.value
 
 
-def images(rows: int, side: int = 32, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((rows, side, side, 3), dtype=np.float32)
+def pair(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of multi_io: ``a`` float32 [rows, 4], ``b`` int32 [rows, 3]."""
+    rng = np.random.default_rng(seed)
+    a = rng.random((rows, 4), dtype=np.float32)
+    return {"a": a, "b": rng.integers(-9, 9, (rows, 3)).astype(np.int32)}
 
 
-@pytest.fixture(scope="module")
-def cnn(models):
-    server = Server(models["small_cnn"], "--workers", "2", "--model-name", "cnn")
-    yield server
-    assert server.stop() == 0
+def stacked(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([x[k] for x in items]) for k in items[0]}
 
 
 @pytest.fixture(scope="module")
 def multi(models):
-    server = Server(models["multi_io"], "--workers", "1", "--model-name", "multi")
+    server = Server(models["multi_io"], "--workers", "2", "--model-name", "multi")
     yield server
     assert server.stop() == 0
 
@@ -268,22 +268,23 @@ def test_pool_errors_map_to_tf_servings_status_codes():
 
 
 # --- Predict, metadata, status against a real server ------------------------------------------
-def test_tf_serving_client_code_on_an_image_model(cnn, models):
-    x = images(3)
-    # TF Serving's gRPC client code (its ResNet example), unchanged:
-    channel = grpc.insecure_channel(grpc_address(cnn))
+def test_tf_serving_client_code_unchanged(multi, models):
+    x = pair(3)
+    # TF Serving's gRPC client code (as in its examples), unchanged:
+    channel = grpc.insecure_channel(grpc_address(multi))
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     request = predict_pb2.PredictRequest()
-    request.model_spec.name = "cnn"
+    request.model_spec.name = "multi"
     request.model_spec.signature_name = "serving_default"
-    request.inputs["images"].CopyFrom(tf.make_tensor_proto(x, shape=x.shape))
+    request.inputs["a"].CopyFrom(tf.make_tensor_proto(x["a"], shape=x["a"].shape))
+    request.inputs["b"].CopyFrom(tf.make_tensor_proto(x["b"], shape=x["b"].shape))
     result = stub.Predict(request, 30.0)  # 30 secs timeout
-    got = tf.make_ndarray(result.outputs["probabilities"])
-    assert_rows_equal(got, in_process(models["small_cnn"], x)["probabilities"])
-    assert result.model_spec.name == "cnn"
+    got = {k: tf.make_ndarray(v) for k, v in result.outputs.items()}
+    assert_rows_equal(got, in_process(models["multi_io"], x))
+    assert result.model_spec.name == "multi"
     assert result.model_spec.version.value == 1
     assert result.model_spec.signature_name == "serving_default"
-    assert not result.outputs["probabilities"].tensor_content  # typed fields, as TF Serving
+    assert not result.outputs["logits"].tensor_content  # typed fields, as TF Serving
     channel.close()
 
 
@@ -452,54 +453,56 @@ def test_a_full_queue_is_resource_exhausted_at_once(limited):
 
 
 # --- concurrency, a killed worker, no TensorFlow in the server --------------------------------
-def test_concurrent_rpcs_and_rest_requests_are_combined_into_batches(cnn, models):
-    before = cnn.metrics()
-    clients = [Client(cnn) for _ in range(4)]
-    inputs = [images(1 + i % 3, seed=i) for i in range(64)]
+def test_concurrent_rpcs_and_rest_requests_are_combined_into_batches(multi, models):
+    before = multi.metrics()
+    clients = [Client(multi) for _ in range(4)]
+    inputs = [pair(1 + i % 3, seed=i) for i in range(64)]
 
-    def one(i: int):
+    def one(i: int) -> dict[str, np.ndarray]:
         if i % 8 == 7:  # REST requests join the same queue
-            response = cnn.predict({"instances": inputs[i].tolist()})
+            body = {"inputs": {k: v.tolist() for k, v in inputs[i].items()}}
+            response = multi.predict(body)
             assert response.status_code == 200, response.text
-            return np.asarray(response.json()["predictions"], np.float32)
+            outputs = response.json()["outputs"]
+            return {k: np.asarray(v, np.float32) for k, v in outputs.items()}
         client = clients[i % 4]
-        response = client.predict(client.request(images=inputs[i]))
-        return tf.make_ndarray(response.outputs["probabilities"])
+        return outputs_of(client.predict(client.request(**inputs[i])))
 
     with ThreadPoolExecutor(32) as executor:
         answers = list(executor.map(one, range(64)))
-    want = in_process(models["small_cnn"], np.concatenate(inputs))["probabilities"]
-    assert_rows_equal(np.concatenate(answers), want)
-    after = cnn.metrics()
+    assert_rows_equal(stacked(answers), in_process(models["multi_io"], stacked(inputs)))
+    after = multi.metrics()
     calls = metric(after, "pool_model_calls_total") - metric(before, "pool_model_calls_total")
     rows = metric(after, "pool_model_rows_total") - metric(before, "pool_model_rows_total")
-    assert rows == sum(len(x) for x in inputs)
+    assert rows == sum(len(x["a"]) for x in inputs)
     assert rows / calls > 1, (rows, calls)  # concurrent requests shared model calls
-    grpc_ok = metric(after, "pool_serve_requests_total", api="grpc_predict", code="OK")
+    ok = {"api": "grpc_predict", "code": "OK"}
     assert (
-        grpc_ok - metric(before, "pool_serve_requests_total", api="grpc_predict", code="OK") == 56
+        metric(after, "pool_serve_requests_total", **ok)
+        - metric(before, "pool_serve_requests_total", **ok)
+        == 56
     )
 
 
-def test_a_worker_sigkilled_under_load_fails_no_rpc(cnn, models):
-    before = metric(cnn.metrics(), "pool_worker_restarts_total")
-    victims = cnn.worker_pids()
+def test_a_worker_sigkilled_under_load_fails_no_rpc(multi, models):
+    before = metric(multi.metrics(), "pool_worker_restarts_total")
+    victims = multi.worker_pids()
     assert len(victims) == 2, victims
     stop = threading.Event()
     failures: list[str] = []
-    answered: list[tuple[np.ndarray, np.ndarray]] = []
+    answered: list[tuple[dict, dict]] = []
 
     def client(seed: int) -> None:
-        rpc = Client(cnn)
+        rpc = Client(multi)
         n = 0
         while not stop.is_set():
-            x = images(1 + n % 4, seed=seed * 1000 + n)
+            x = pair(1 + n % 4, seed=seed * 1000 + n)
             try:
-                response = rpc.predict(rpc.request(images=x))
+                response = rpc.predict(rpc.request(**x))
             except grpc.RpcError as exc:
                 failures.append(f"{exc.code()} {exc.details()}")
             else:
-                answered.append((x, tf.make_ndarray(response.outputs["probabilities"])))
+                answered.append((x, outputs_of(response)))
             n += 1
 
     threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
@@ -512,7 +515,7 @@ def test_a_worker_sigkilled_under_load_fails_no_rpc(cnn, models):
         killed_at = len(answered)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not failures:  # until the replacement answers
-            if metric(cnn.metrics(), "pool_worker_restarts_total") > before and (
+            if metric(multi.metrics(), "pool_worker_restarts_total") > before and (
                 len(answered) > killed_at + 40
             ):
                 break
@@ -522,21 +525,21 @@ def test_a_worker_sigkilled_under_load_fails_no_rpc(cnn, models):
         for t in threads:
             t.join(120)
     assert not failures, failures[:3]
-    assert metric(cnn.metrics(), "pool_worker_restarts_total") >= before + 1
-    assert victims[0] not in cnn.worker_pids() and len(cnn.worker_pids()) == 2
-    stacked = np.concatenate([x for x, _ in answered])
-    want = in_process(models["small_cnn"], stacked)["probabilities"]
-    assert_rows_equal(np.concatenate([p for _, p in answered]), want)
+    assert metric(multi.metrics(), "pool_worker_restarts_total") >= before + 1
+    assert victims[0] not in multi.worker_pids() and len(multi.worker_pids()) == 2
+    want = in_process(models["multi_io"], stacked([x for x, _ in answered]))
+    assert_rows_equal(stacked([p for _, p in answered]), want)
 
 
 def _maps_tensorflow(pid: int) -> bool:
     return any("tensorflow" in m.path for m in psutil.Process(pid).memory_maps(grouped=True))
 
 
-def test_the_server_process_never_loads_tensorflow(cnn):
-    Client(cnn).predict(Client(cnn).request(images=images(1)))  # gRPC has been used
-    assert not _maps_tensorflow(cnn.process.pid)
-    assert _maps_tensorflow(cnn.worker_pids()[0])  # the check sees TensorFlow where it is
+def test_the_server_process_never_loads_tensorflow(multi):
+    client = Client(multi)
+    client.predict(client.request(**pair(1)))  # gRPC has been used
+    assert not _maps_tensorflow(multi.process.pid)
+    assert any(_maps_tensorflow(p) for p in multi.worker_pids())  # it sees TF where it is
 
 
 # --- SIGTERM -----------------------------------------------------------------------------------
@@ -591,3 +594,23 @@ def test_a_grpc_port_in_use_fails_fast_with_exit_2(models):
     assert done.returncode == 2, done.stderr
     assert f"cannot bind 127.0.0.1:{port}" in done.stderr
     assert time.monotonic() - started < 60  # before any worker loads the model
+
+
+def test_grpc_load_generator_quick_run(multi, models):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import grpc_load
+
+    inputs = [pair(1, seed=i) for i in range(4)]
+    result = grpc_load.run_load(
+        grpc_address(multi),
+        grpc_load.predict_bodies("multi", inputs),
+        concurrency=4,
+        seconds=1.0,
+        processes=2,
+    )
+    assert result["errors"] == {} and result["ok"] > 4, result
+    assert result["requests_per_second"] > 0 and result["client_cpu_us_per_request"] > 0
+    assert set(result["answers"]) == set(range(4))
+    for i, answer in result["answers"].items():
+        got = {k: grpc_codec.to_array(k, v, "float32").copy() for k, v in answer.outputs.items()}
+        assert_rows_equal(got, in_process(models["multi_io"], inputs[i]))
