@@ -24,6 +24,7 @@ from conftest import assert_rows_equal, in_process
 from serve_helpers import REPO, Server, metric
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -391,6 +392,10 @@ def test_every_mistake_has_tf_servings_status_code_and_the_server_goes_on(multi,
     no_field.model_spec.name = "multi"
     error = rpc_error(client.predictions.GetModelMetadata, no_field, timeout=30)
     assert error.code() == Code.INVALID_ARGUMENT and "metadata_field" in error.details()
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.name = "multi"
+    error = rpc_error(client.predictions.Classify, classify, timeout=30)
+    assert error.code() == Code.UNIMPLEMENTED
     unknown = get_model_status_pb2.GetModelStatusRequest()
     unknown.model_spec.name = "other"
     error = rpc_error(client.models.GetModelStatus, unknown, timeout=30)

@@ -1,12 +1,16 @@
-"""``pool.serve``: a model served over HTTP with TensorFlow Serving's REST API, backed by a pool.
+"""``pool.serve``: a model served with TensorFlow Serving's REST and gRPC APIs, backed by a pool.
 
-    python -m pool serve MODEL [--port 8501] ...        (pip install 'prediction-pool[serve]')
+    python -m pool serve MODEL [--port 8501] [--grpc-port 8500 | --no-grpc] ...
+                                                        (pip install 'prediction-pool[serve]')
 
     client ─HTTP─▶ uvicorn ─▶ app.create_app(pool) ──pool.submit──▶ PredictionPool ─▶ workers
                                │ codec: TF Serving JSON <-> arrays      (dynamic batching of
-                               │ v2: Open Inference Protocol             concurrent requests)
-                               │ metrics: Prometheus
-                   server.serve: bind, start the pool, run uvicorn, drain on SIGTERM
+                               │ v2: Open Inference Protocol             concurrent requests
+                               │ metrics: Prometheus                     of both protocols)
+    client ─gRPC─▶ grpc.aio ─▶ grpc_service (same loop, state, metrics) ──┘
+                               │ grpc_codec: TensorProto <-> arrays
+                               │ grpc_protos: TF Serving's messages, no TensorFlow
+                   server.serve: bind, start the pool, run uvicorn and gRPC, drain on SIGTERM
 
 Modules: ``codec`` (TF Serving's REST JSON, status and metadata; NumPy only), ``v2`` (the Open
 Inference Protocol), ``metrics`` (prometheus-client), ``limits`` (the parse budget: bytes of
@@ -14,9 +18,12 @@ request bodies parsed at once; the limits' defaults), ``app`` (the Starlette app
 entry point for mounting into an existing Starlette/FastAPI app; admission, body reading,
 parsing off the event loop), ``server`` (uvicorn, signals, draining, the checks made before
 any worker starts), ``command`` (the ``serve`` subcommand and the pool options of a command
-line). An edge of the package: the core never
-imports it. Importing ``pool.serve`` imports no web framework; :func:`create_app` and
-:func:`serve` import Starlette and uvicorn when first used. See docs/serving.md.
+line), ``grpc_service`` (TF Serving's ``PredictionService`` and ``ModelService`` on
+``grpc.aio``), ``grpc_codec`` (``TensorProto`` <-> arrays), ``grpc_protos`` (TF Serving's
+messages built from descriptors in a private pool: the server never imports TensorFlow).
+An edge of the package: the core never imports it. Importing ``pool.serve`` imports no web
+framework; :func:`create_app` and :func:`serve` import Starlette and uvicorn (and grpcio)
+when first used. See docs/serving.md.
 """
 
 from __future__ import annotations
