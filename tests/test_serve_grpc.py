@@ -258,14 +258,14 @@ def test_tensor_mistakes_name_what_was_expected():
 
 
 def test_pool_errors_map_to_tf_servings_status_codes():
-    assert grpc_service._status_of(QueueFullError("full"))[0] == Code.RESOURCE_EXHAUSTED
-    crashed = grpc_service._status_of(WorkerCrashedError("worker 0 died"))
+    assert grpc_service.status_of(QueueFullError("full"))[0] == Code.RESOURCE_EXHAUSTED
+    crashed = grpc_service.status_of(WorkerCrashedError("worker 0 died"))
     assert crashed == (Code.INTERNAL, "worker 0 died")
     bad = WorkerError("x < 0", "", "InvalidArgumentError")
-    assert grpc_service._status_of(bad)[0] == Code.INVALID_ARGUMENT
+    assert grpc_service.status_of(bad)[0] == Code.INVALID_ARGUMENT
     broken = WorkerError("boom", "", "RuntimeError")
-    assert grpc_service._status_of(broken)[0] == Code.INTERNAL
-    assert grpc_service._status_of(ValueError("shape"))[0] == Code.INVALID_ARGUMENT
+    assert grpc_service.status_of(broken)[0] == Code.INTERNAL
+    assert grpc_service.status_of(ValueError("shape"))[0] == Code.INVALID_ARGUMENT
 
 
 # --- Predict, metadata, status against a real server ------------------------------------------

@@ -185,7 +185,7 @@ class Service:
             self._observe(api, code, started, rows)
             raise
         except Exception as exc:
-            code, message = _status_of(exc)
+            code, message = status_of(exc)
             self._log(api, code, message, exc)
             context.set_code(code)
             context.set_details(message)
@@ -398,7 +398,7 @@ def _signature_def(name: str, signature: SignatureInfo, out: Any) -> None:
                     info.tensor_shape.dim.add(size=-1 if size is None else size)
 
 
-def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message for a failed RPC (docs/serving.md, "gRPC")."""
     if isinstance(exc, RpcError):
         return exc.code, exc.message
