@@ -243,18 +243,31 @@ class Service:
                 f"(max_concurrent_requests={state.max_concurrent_requests}); retry later",
             )
         state.predicting += 1
+        timeout = self.request_timeout
+        timer, expired = None, []
+        task = asyncio.current_task()
+        if timeout is not None and task is not None:  # cheaper than asyncio.wait_for (a task)
+
+            def expire() -> None:
+                expired.append(True)
+                task.cancel()
+
+            timer = asyncio.get_running_loop().call_later(timeout, expire)
         try:
-            call = apredict(served.pool, inputs)
-            timeout = self.request_timeout
-            try:
-                result = await (call if timeout is None else asyncio.wait_for(call, timeout))
-            except asyncio.TimeoutError:
-                raise RpcError(
-                    _Code.DEADLINE_EXCEEDED,
-                    f"deadline exceeded: no answer within the request timeout of {timeout} s",
-                ) from None
+            result = await apredict(served.pool, inputs)
+        except asyncio.CancelledError:
+            if not expired:
+                raise  # the client's deadline or cancellation, or the drain's end
+            if task is not None and hasattr(task, "uncancel"):  # 3.11+: handled here
+                task.uncancel()
+            raise RpcError(
+                _Code.DEADLINE_EXCEEDED,
+                f"deadline exceeded: no answer within the request timeout of {timeout} s",
+            ) from None
         finally:
             state.predicting -= 1
+            if timer is not None:
+                timer.cancel()
         outputs = codec.named_outputs(result, signature)
         if outputs_wanted:
             outputs = {k: outputs[k] for k in outputs_wanted}
