@@ -548,22 +548,37 @@ def test_the_server_process_never_loads_tensorflow(multi):
 
 
 # --- SIGTERM -----------------------------------------------------------------------------------
-def test_sigterm_finishes_rpcs_in_flight_refuses_new_ones_then_stops(models):
-    server = Server(
-        models["text_embedding"],
-        *("--workers", "1", "--model-name", "t", "--drain-timeout", "20"),
-        *("--batch-timeout-micros", "2000000", "-v"),  # a lone request waits 2 s in the queue
-    )
+def test_sigterm_finishes_rpcs_in_flight_refuses_new_ones_cancels_at_the_drain_timeout(models):
+    """Two servers (started together): a lone request waits in the queue 2 s on the first, 10 s
+    on the second; SIGTERM; the first's RPC finishes within its 20 s drain, the second's is
+    cancelled at its 1 s drain timeout; both exit 0 and leave no process."""
+
+    def start(args: tuple[str, ...]) -> Server:
+        return Server(models["text_embedding"], "--workers", "1", "--model-name", "t", *args)
+
+    with ThreadPoolExecutor(2) as executor:
+        finishing, stalled = executor.map(
+            start,
+            [
+                ("--drain-timeout", "20", "--batch-timeout-micros", "2000000", "-v"),
+                ("--drain-timeout", "1", "--batch-timeout-micros", "10000000", "-v"),
+            ],
+        )
     try:
-        client = Client(server)
-        family = server.descendants()
         texts = np.array([b"in flight at SIGTERM", "ünïcode".encode()], dtype=object)
-        in_flight = client.predictions.Predict.future(client.request(text=texts), 60)
-        deadline = time.monotonic() + 10
-        while metric(server.metrics(), "pool_queued_requests") < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        server.process.send_signal(signal.SIGTERM)
+        families, calls = [], []
+        for server in (finishing, stalled):
+            client = Client(server)
+            families.append(server.descendants())
+            calls.append(client.predictions.Predict.future(client.request(text=texts), 60))
+        for server in (finishing, stalled):
+            deadline = time.monotonic() + 10
+            while metric(server.metrics(), "pool_queued_requests") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        client = Client(finishing)
         deadline = time.monotonic() + 10
         while True:  # new RPCs are refused while the one in flight finishes
             try:
@@ -572,14 +587,21 @@ def test_sigterm_finishes_rpcs_in_flight_refuses_new_ones_then_stops(models):
                 assert exc.code() == Code.UNAVAILABLE, (exc.code(), exc.details())
                 break
             assert time.monotonic() < deadline, "still answering after SIGTERM"
-        got = tf.make_ndarray(in_flight.result().outputs["embedding"])
+        got = tf.make_ndarray(calls[0].result().outputs["embedding"])
         assert_rows_equal(got, in_process(models["text_embedding"], texts)["embedding"])
-        assert server.process.wait(60) == 0
-        _, alive = psutil.wait_procs(family, timeout=15)
-        assert not alive, [p.pid for p in alive]
-        assert "draining" in server.stderr
+        cancelled = calls[1].exception()
+        assert cancelled is not None and cancelled.code() == Code.UNAVAILABLE, cancelled
+        assert time.monotonic() - signalled < 9  # at the drain timeout, not the batch's
+        for server, family in zip((finishing, stalled), families, strict=True):
+            assert server.process.wait(60) == 0
+            _, alive = psutil.wait_procs(family, timeout=15)
+            assert not alive, [p.pid for p in alive]
+            assert "draining" in server.stderr
+        assert "1 RPC(s) still running at the drain timeout: cancelled" in stalled.stderr
+        assert "requests in flight were cancelled" in stalled.stderr
     finally:
-        assert server.stop() == 0, server.stderr[-3000:]
+        for server in (finishing, stalled):
+            assert server.stop() == 0, server.stderr[-3000:]
 
 
 def test_a_grpc_port_in_use_fails_fast_with_exit_2(models):
