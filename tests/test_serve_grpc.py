@@ -6,6 +6,7 @@ One server per configuration, started once per module; the SIGTERM test starts i
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -93,7 +94,9 @@ def stacked(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def multi(models):
-    server = Server(models["multi_io"], "--workers", "2", "--model-name", "multi")
+    server = Server(
+        models["multi_io"], "--workers", "2", "--model-name", "multi", "-vv", "--log-json"
+    )
     yield server
     assert server.stop() == 0
 
@@ -348,6 +351,15 @@ def test_metadata_and_status_as_tf_serving_answers(multi):
     assert version.version == 1
     assert version.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
     assert version.status.error_code == 0 and version.status.error_message == ""
+    deadline = time.monotonic() + 10
+    while True:  # -vv --log-json: one structured access record per RPC
+        records = [json.loads(line) for line in multi.lines if line.startswith("{")]
+        logged = [r for r in records if r.get("path", "").endswith("ModelService/GetModelStatus")]
+        if logged or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert logged and logged[-1]["method"] == "gRPC" and logged[-1]["status"] == "OK"
+    assert logged[-1]["logger"] == "pool.serve.access" and logged[-1]["model"] == "multi"
 
 
 def test_every_mistake_has_tf_servings_status_code_and_the_server_goes_on(multi, models):

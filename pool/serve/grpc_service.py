@@ -47,6 +47,7 @@ from .app import INLINE_BYTES, INLINE_VALUES, INPUT_ERRORS, ServingState
 from .metrics import Metrics
 
 log = logging.getLogger("pool.serve")
+access_log = logging.getLogger("pool.serve.access")
 
 #: TF Serving's gRPC port.
 DEFAULT_GRPC_PORT = 8500
@@ -54,6 +55,12 @@ DEFAULT_GRPC_PORT = 8500
 SIGNATURE_DEF = "signature_def"
 
 _Code = grpc.StatusCode
+#: The method each ``api`` label counts (access log ``path``).
+_PATHS = {
+    "grpc_predict": "/tensorflow.serving.PredictionService/Predict",
+    "grpc_metadata": "/tensorflow.serving.PredictionService/GetModelMetadata",
+    "grpc_status": "/tensorflow.serving.ModelService/GetModelStatus",
+}
 
 
 class RpcError(Exception):
@@ -182,7 +189,7 @@ class Service:
             # The client went away or its deadline passed (gRPC answers it), or the drain's
             # grace period ended (the server stops): the pool's request is cancelled already.
             code = _Code.DEADLINE_EXCEEDED if _past_deadline(context) else _Code.CANCELLED
-            self._observe(api, code, started, rows)
+            self._observe(api, code, started, rows, context)
             raise
         except Exception as exc:
             code, message = status_of(exc)
@@ -195,13 +202,40 @@ class Service:
             self.active -= 1
             if not self.active:
                 self.idle.set()
-        self._observe(api, code, started, rows)
+        self._observe(api, code, started, rows, context)
         return answer
 
-    def _observe(self, api: str, code: grpc.StatusCode, started: float, rows: int | None) -> None:
-        self.metrics.observe(api, code.name, time.perf_counter() - started)
+    def _observe(
+        self,
+        api: str,
+        code: grpc.StatusCode,
+        started: float,
+        rows: int | None,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.observe(api, code.name, seconds)
         if rows is not None:
             self.metrics.rows.labels(api).observe(rows)
+        if access_log.isEnabledFor(logging.INFO):
+            path = _PATHS[api]
+            access_log.info(
+                "gRPC %s %s %.1f ms%s",
+                path,
+                code.name,
+                seconds * 1e3,
+                "" if rows is None else f" rows={rows}",
+                extra={
+                    "method": "gRPC",
+                    "path": path,
+                    "status": code.name,
+                    "seconds": round(seconds, 6),
+                    "rows": rows,
+                    "api": api,
+                    "model": self.state.model_name,
+                    "client": context.peer(),
+                },
+            )
 
     def _log(self, api: str, code: grpc.StatusCode, message: str, exc: Exception) -> None:
         if code is _Code.INTERNAL and not isinstance(exc, PoolError):
