@@ -653,3 +653,62 @@ def test_grpc_load_generator_quick_run(multi, models):
     for i, answer in result["answers"].items():
         got = {k: grpc_codec.to_array(k, v, "float32").copy() for k, v in answer.outputs.items()}
         assert_rows_equal(got, in_process(models["multi_io"], inputs[i]))
+
+
+def test_grpc_server_beside_a_mounted_app_maps_worker_faults_to_internal():
+    """GrpcServer started on an event loop of this process next to create_app (as an embedder
+    would in a lifespan), around a pool of a signature-less model that fails on marker rows:
+    a worker crash and a model error are INTERNAL, a message past max_message_bytes is
+    RESOURCE_EXHAUSTED, and the server answers afterwards."""
+    import asyncio
+
+    import factories
+
+    from pool import PredictionPool
+    from pool.serve import create_app
+
+    pool = PredictionPool(factories.faulty, workers=1, max_retries=0)
+    serving = create_app(pool, "faulty", model_version=4)
+    grpc_server = grpc_service.GrpcServer(
+        pool,
+        serving.state.serving,
+        serving.state.serving_metrics,
+        "127.0.0.1",
+        0,
+        request_timeout=60.0,
+        max_message_bytes=100_000,
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    with pool:
+        thread.start()
+        asyncio.run_coroutine_threadsafe(grpc_server.start(), loop).result(30)
+        try:
+            channel = grpc.insecure_channel(grpc_server.address)
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+            def predict(rows: np.ndarray):
+                request = predict_pb2.PredictRequest()
+                request.model_spec.name = "faulty"
+                request.model_spec.version.value = 4
+                request.inputs["x"].CopyFrom(tf.make_tensor_proto(rows))
+                return stub.Predict(request, 60)
+
+            rows = np.array([[1.0, 2.0], [3.0, 4.0]])
+            answer = predict(rows)
+            assert np.array_equal(tf.make_ndarray(answer.outputs["y"]), rows)
+            assert set(answer.outputs) == {"y", "pid"}
+            assert answer.model_spec.version.value == 4
+            crashed = rpc_error(predict, np.array([[factories.KILL, 0.0]]))
+            assert crashed.code() == Code.INTERNAL, crashed.details()
+            raised = rpc_error(predict, np.array([[factories.RAISE, 0.0]]))
+            assert raised.code() == Code.INTERNAL, raised.details()
+            large = rpc_error(predict, np.zeros((20_000, 2)))  # 320 KB > 100 KB
+            assert large.code() == Code.RESOURCE_EXHAUSTED, large.details()
+            assert np.array_equal(tf.make_ndarray(predict(rows).outputs["y"]), rows)
+            channel.close()
+        finally:
+            loop.call_soon_threadsafe(grpc_server.begin_drain, 5.0)
+            asyncio.run_coroutine_threadsafe(grpc_server.stop(), loop).result(30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)

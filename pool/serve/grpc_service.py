@@ -40,7 +40,7 @@ import grpc
 import numpy as np
 
 from ..errors import PoolClosedError, PoolError, QueueFullError, WorkerCrashedError, WorkerError
-from ..messages import SignatureInfo
+from ..messages import DEFAULT_INPUT, SignatureInfo
 from . import codec, grpc_codec
 from . import grpc_protos as protos
 from .app import INLINE_BYTES, INLINE_VALUES, INPUT_ERRORS, ServingState
@@ -391,7 +391,7 @@ def _inputs(request: Any, signature: SignatureInfo) -> dict[str, np.ndarray]:
             f"Sent extra: {{{','.join(extra)}}}. Missing but required: {{{','.join(missing)}}}.",
         )
     try:
-        return {
+        arrays = {
             name: grpc_codec.to_array(
                 name, tensor, specs[name].dtype if specs is not None else None
             )
@@ -399,6 +399,9 @@ def _inputs(request: Any, signature: SignatureInfo) -> dict[str, np.ndarray]:
         }
     except grpc_codec.TensorError as exc:
         raise RpcError(_Code.INVALID_ARGUMENT, str(exc)) from None
+    if specs is None and len(arrays) == 1:  # a callable with no signature takes one array
+        return {DEFAULT_INPUT: next(iter(arrays.values()))}
+    return arrays
 
 
 def _output_filter(request: Any, signature: SignatureInfo) -> list[str]:
