@@ -703,6 +703,12 @@ def test_grpc_server_beside_a_mounted_app_maps_worker_faults_to_internal():
             assert crashed.code() == Code.INTERNAL, crashed.details()
             raised = rpc_error(predict, np.array([[factories.RAISE, 0.0]]))
             assert raised.code() == Code.INTERNAL, raised.details()
+            state = serving.state.serving  # the REST app's admission limit applies to gRPC
+            state.max_concurrent_requests = state.predicting  # as if that many were running
+            busy = rpc_error(predict, rows)
+            assert busy.code() == Code.RESOURCE_EXHAUSTED
+            assert "max_concurrent_requests=0" in busy.details(), busy.details()
+            state.max_concurrent_requests = 256
             large = rpc_error(predict, np.zeros((20_000, 2)))  # 320 KB > 100 KB
             assert large.code() == Code.RESOURCE_EXHAUSTED, large.details()
             assert np.array_equal(tf.make_ndarray(predict(rows).outputs["y"]), rows)
