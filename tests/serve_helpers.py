@@ -1,6 +1,7 @@
 """A real ``python -m pool serve`` in a subprocess, for the server tests and the benchmark smoke
-test: started on a free loopback port (``--port 0``; the port is read from the line the command
-prints once the workers are ready), its stderr kept, its workers found with psutil."""
+test: started on free loopback ports (``--port 0 --grpc-port 0``; the REST port is read from
+the line the command prints once the workers are ready, the gRPC port from the line before
+it), its stderr kept, its workers found with psutil."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ class Server:
     """``python -m pool serve MODEL --port 0 ARGS...``; :meth:`stop` sends a signal and waits."""
 
     def __init__(self, model: str, *args: str, start_timeout: float = 300.0) -> None:
-        self.command = [sys.executable, "-m", "pool", "serve", model, "--port", "0", *args]
+        self.command = [
+            *(sys.executable, "-m", "pool", "serve", model, "--port", "0", "--grpc-port", "0"),
+            *args,
+        ]
         self.process = subprocess.Popen(
             self.command,
             cwd=REPO,
@@ -61,6 +65,14 @@ class Server:
     @property
     def stderr(self) -> str:
         return "\n".join(self.lines)
+
+    @property
+    def grpc_address(self) -> str:
+        """``HOST:PORT`` from the line ``gRPC on HOST:PORT`` printed before the ready line."""
+        for line in self.lines:
+            if line.startswith("gRPC on "):
+                return line.split(" on ", 1)[1]
+        raise AssertionError(f"no gRPC line in {self.stderr[-2000:]}")
 
     def model_url(self, suffix: str = "") -> str:
         return f"{self.url}/v1/models/{self.name}{suffix}"

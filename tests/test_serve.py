@@ -930,7 +930,7 @@ def test_sigterm_drains_requests_in_flight_then_stops_everything(models):
 
 def test_sigterm_while_the_workers_load_exits_143_and_leaves_nothing(models):
     process = subprocess.Popen(
-        [sys.executable, "-m", "pool", "serve", models["mobilenet_v2"], "--port", "0"],
+        [sys.executable, "-m", "pool", "serve", models["mobilenet_v2"], "--port", "0", "--no-grpc"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -358,6 +358,57 @@ def test_pinned_versions_labels_and_two_models_from_a_config_file(configured, wa
         assert (r.status_code, message in r.json()["error"]) == (code, True), (path, r.text)
 
 
+def test_grpc_finds_versions_and_labels_through_the_same_registry(configured, want):
+    """TF Serving's gRPC client: ``model_spec.version`` / ``version_label`` pick the version,
+    ``GetModelStatus`` lists every version, unknown ones get TF Serving's codes."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import (
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
+
+    channel = grpc.insecure_channel(configured.grpc_address)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+    def predict(name: str, version: int | None = None, label: str | None = None):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = name
+        if version is not None:
+            request.model_spec.version.value = version
+        if label is not None:
+            request.model_spec.version_label = label
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto(X))
+        return stub.Predict(request, 60)
+
+    def answer(*args, **kwargs) -> tuple[int, int]:
+        response = predict(*args, **kwargs)
+        rows = tf.make_ndarray(next(iter(response.outputs.values()))).tolist()
+        return which(rows, want), response.model_spec.version.value
+
+    assert answer("a") == (2, 2)
+    assert answer("a", version=1) == (1, 1)
+    assert answer("a", label="stable") == (1, 1) and answer("a", label="canary") == (2, 2)
+    assert answer("b") == (3, 3)
+    for kwargs, code, message in [
+        ({"name": "a", "version": 3}, grpc.StatusCode.NOT_FOUND, "Specific(a, 3)"),
+        ({"name": "a", "label": "nope"}, grpc.StatusCode.INVALID_ARGUMENT, "label: nope"),
+        ({"name": "zzz"}, grpc.StatusCode.NOT_FOUND, "Latest(zzz)"),
+    ]:
+        with pytest.raises(grpc.RpcError) as failed:
+            predict(**kwargs)
+        assert failed.value.code() == code and message in failed.value.details(), kwargs
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = "a"
+    got = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status, 30)
+    states = {s.version: s.state for s in got.model_version_status}
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert states == {1: available, 2: available}
+    channel.close()
+
+
 def test_a_config_reload_adds_and_removes_models_without_a_restart(configured, want):
     url, root = configured.url, configured.root
     config = root / "models.config"

@@ -220,6 +220,7 @@ def create_app(
     )
     app.state.serving = state
     app.state.metrics = handlers.metrics_registry
+    app.state.serving_metrics = handlers._metrics  # shared with the gRPC server (grpc_service)
     return app
 
 

@@ -41,7 +41,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         description=(
             "Serve MODEL over HTTP: TensorFlow Serving's REST API (/v1/models/NAME:predict), "
             "the Open Inference Protocol (/v2) and Prometheus metrics "
-            "(/monitoring/prometheus/metrics). The workers load the model before the port "
+            "(/monitoring/prometheus/metrics), and TensorFlow Serving's gRPC API on "
+            "--grpc-port (PredictionService.Predict, GetModelMetadata, "
+            "ModelService.GetModelStatus). The workers load the model before the port "
             "listens; SIGTERM or Ctrl-C drains the requests in flight and stops. No "
             "authentication: keep the default 127.0.0.1 or put a proxy in front "
             "(docs/serving.md). Needs pip install 'prediction-pool[serve]'."
@@ -64,6 +66,14 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--port", type=non_negative_int, default=8501, help="port (default: 8501; 0: any free)"
     )
+    p.add_argument(
+        "--grpc-port",
+        type=non_negative_int,
+        default=8500,
+        help="port of TensorFlow Serving's gRPC API (PredictionService, ModelService) on "
+        "--host (default: 8500; 0: any free)",
+    )
+    p.add_argument("--no-grpc", action="store_true", help="serve REST only: no gRPC port is opened")
     p.add_argument("--workers", "-w", type=positive_int, help="worker processes (default: cores)")
     p.add_argument("--signature", default="serving_default", help="signature to serve")
     p.add_argument(
@@ -216,12 +226,19 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"serving {name!r} version {version} on {url}\n")
         sys.stderr.flush()
 
+    def grpc_ready(address: str) -> None:
+        # printed before the ready line, so a script that waits for that line has both
+        sys.stderr.write(f"gRPC on {address}\n")
+        sys.stderr.flush()
+
     try:
         return server.serve(
             args.model,
             model_name=args.model_name,
             host=args.host,
             port=args.port,
+            grpc_port=None if args.no_grpc else args.grpc_port,
+            on_grpc_ready=grpc_ready,
             request_timeout=args.request_timeout,
             max_body_bytes=args.max_body_bytes,
             max_concurrent_requests=args.max_concurrent_requests,

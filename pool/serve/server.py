@@ -22,6 +22,7 @@ models").
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -40,6 +41,7 @@ from ..errors import ModelLoadError
 from ..prediction_pool import PredictionPool
 from ..savedmodel_pb import check_signature, not_a_savedmodel
 from .app import create_app
+from .grpc_service import DEFAULT_GRPC_PORT, GrpcServer
 from .limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
@@ -130,11 +132,32 @@ def bind(host: str, port: int) -> socket.socket:
 class _Server(uvicorn.Server):
     """uvicorn's server, with our own signal handling: the first SIGTERM/SIGINT marks the app
     draining and asks uvicorn to shut down gracefully; unlike uvicorn's default, the signal is
-    not re-raised afterwards, so the process can stop its workers and exit 0."""
+    not re-raised afterwards, so the process can stop its workers and exit 0. A gRPC server
+    (:class:`pool.serve.grpc_service.GrpcServer`) runs on the same event loop: started before
+    uvicorn serves, drained from the signal on, stopped after uvicorn returns."""
 
-    def __init__(self, config: uvicorn.Config, on_signal: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_signal: Callable[[int], None],
+        grpc_server: GrpcServer | None = None,
+        on_listening: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self._on_signal = on_signal
+        self._grpc = grpc_server
+        self._on_listening = on_listening
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._grpc is not None:
+            await self._grpc.start()
+        try:
+            if self._on_listening is not None:
+                self._on_listening()
+            await super().serve(sockets)
+        finally:
+            if self._grpc is not None:
+                await self._grpc.stop(force=self.force_exit)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -169,16 +192,20 @@ def run_app(
     *,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     on_listening: Callable[[], None] | None = None,
+    grpc_server: GrpcServer | None = None,
 ) -> bool:
     """Serve ``app`` (from :func:`pool.serve.create_app`) with uvicorn on the bound ``sock``
-    until SIGTERM or SIGINT, then drain: stop accepting, let the requests in flight finish for
-    at most ``drain_timeout`` seconds, cancel the rest. ``on_listening()`` runs once the socket
-    listens. Returns whether requests in flight were abandoned (the pool's owner should then
-    stop it with ``kill=True``). Run it in the main thread (signals are only seen there)."""
+    (and ``grpc_server`` on the same event loop) until SIGTERM or SIGINT, then drain: stop
+    accepting, let the requests in flight finish for at most ``drain_timeout`` seconds, cancel
+    the rest. ``on_listening()`` runs once the sockets listen. Returns whether requests in
+    flight were abandoned (the pool's owner should then stop it with ``kill=True``). Run it in
+    the main thread (signals are only seen there)."""
     state = app.state.serving
 
     def on_signal(signum: int) -> None:
         state.draining = True
+        if grpc_server is not None:  # the handler runs on the loop's thread, between callbacks
+            asyncio.get_running_loop().call_soon_threadsafe(grpc_server.begin_drain, drain_timeout)
         log.info(
             "%s: draining %d request(s) in flight (at most %.0f s), then stopping",
             signal.Signals(signum).name,
@@ -195,10 +222,8 @@ def run_app(
         # uvicorn declares an int, and waits with asyncio.wait_for: a float works as well
         timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]
     )
-    server = _Server(config, on_signal)
+    server = _Server(config, on_signal, grpc_server, on_listening)
     sock.listen(config.backlog)  # from here connections wait in the backlog for uvicorn
-    if on_listening is not None:
-        on_listening()
     server.run(sockets=[sock])
     return state.cancelled > 0 or server.force_exit
 
@@ -213,6 +238,7 @@ def serve(
     model_name: str | None = None,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
+    grpc_port: int | None = DEFAULT_GRPC_PORT,
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -220,6 +246,7 @@ def serve(
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     on_ready: Callable[[str, str, str], None] | None = None,
+    on_grpc_ready: Callable[[str], None] | None = None,
     model_config_file: str | None = None,
     file_system_poll_wait_seconds: float = 1.0,
     model_config_file_poll_wait_seconds: float = 0.0,
@@ -233,18 +260,30 @@ def serve(
     :class:`pool.PredictionPool` (``workers``, ``signature``, ``threads_per_worker``,
     ``timeout``, ``max_batch_rows``, ``max_batch_bytes``, ``batch_timeout_micros``,
     ``max_queued_requests``...). ``on_ready(url, name, version)`` is called once the workers
-    are ready and the port listens. Raises ``ValueError`` for a bad option, a local ``model``
-    that is not a SavedModel or lacks the signature (before any worker starts), ``OSError``
-    (:class:`BindError`) if the address cannot be bound, :class:`pool.ModelLoadError` if the
-    model does not load.
+    are ready and the port listens. ``grpc_port``: TF Serving's gRPC API on that port of
+    ``host`` (0: any free port; ``None``: no gRPC); ``on_grpc_ready(address)`` is called just
+    before ``on_ready`` with its ``HOST:PORT``. Raises ``ValueError`` for a bad option, a local
+    ``model`` that is not a SavedModel or lacks the signature (before any worker starts),
+    ``OSError`` (:class:`BindError`) if an address cannot be bound,
+    :class:`pool.ModelLoadError` if the model does not load.
 
     Versions and several models (``pool.serve.models``): ``model`` a base path holding numbered
     versions, or ``model_config_file`` (TF Serving's ``model_config_list``; ``model`` is then
     ``None``), is served by a registry that polls every ``file_system_poll_wait_seconds`` (0:
     once) under ``model_version_policy`` (``latest[:N]``, ``all``, ``specific:V1,V2``) and
-    re-reads the config file every ``model_config_file_poll_wait_seconds`` (0: once)."""
+    re-reads the config file every ``model_config_file_poll_wait_seconds`` (0: once). Both
+    protocols find models through the same registry."""
     if drain_timeout is None or not drain_timeout > 0:
         raise ValueError(f"drain_timeout must be > 0 seconds, got {drain_timeout!r}")
+    app_options: dict[str, Any] = dict(
+        request_timeout=request_timeout,
+        max_body_bytes=max_body_bytes,
+        max_concurrent_requests=max_concurrent_requests,
+        max_parse_bytes=max_parse_bytes,
+        body_timeout=body_timeout,
+    )
+    # Every check that needs no worker, cheapest first: the options (the pool, the registry
+    # and the app validate theirs when built; none starts anything), the model, the addresses.
     registry = build_registry(
         model,
         model_name,
@@ -254,39 +293,22 @@ def serve(
         model_config_file_poll_wait_seconds,
         pool_options,
     )
-    if registry is not None:
-        return _serve_registry(
-            registry,
-            host=host,
-            port=port,
-            drain_timeout=drain_timeout,
-            on_ready=on_ready,
-            app_options=dict(
-                request_timeout=request_timeout,
-                max_body_bytes=max_body_bytes,
-                max_concurrent_requests=max_concurrent_requests,
-                max_parse_bytes=max_parse_bytes,
-                body_timeout=body_timeout,
-            ),
-        )
-    assert model is not None
-    path, default_name, version = model_identity(model)
-    name = model_name or default_name
-    # Every check that needs no worker, cheapest first: the options (the pool and the app
-    # validate theirs when built; neither starts anything), the model, the address.
-    pool = PredictionPool(path, **pool_options)
-    app = create_app(
-        pool,
-        name,
-        model_version=version,
-        request_timeout=request_timeout,
-        max_body_bytes=max_body_bytes,
-        max_concurrent_requests=max_concurrent_requests,
-        max_parse_bytes=max_parse_bytes,
-        body_timeout=body_timeout,
-    )
-    check_model(path, pool.signature_name)
+    pool: PredictionPool | None = None
+    if registry is None:
+        assert model is not None
+        path, default_name, version = model_identity(model)
+        name = model_name or default_name
+        pool = PredictionPool(path, **pool_options)
+        app = create_app(pool, name, model_version=version, **app_options)
+        check_model(path, pool.signature_name)
+        start, stop = pool.start, pool.shutdown
+    else:
+        app = create_app(registry, **app_options)
+        start, stop = registry.start, registry.stop
     sock = bind(host, port)
+    grpc_server = None
+    if grpc_port is not None:
+        grpc_server = _grpc_server(app, host, grpc_port, sock, request_timeout, max_body_bytes)
     in_main = threading.current_thread() is threading.main_thread()
 
     def terminate(signum: int, frame: Any) -> None:
@@ -295,51 +317,79 @@ def serve(
     previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
     try:
         started = time.perf_counter()
-        pool.start()
+        start()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
             previous = None
         url = url_of(sock)
-        log.info(
-            "serving %s as %r version %s on %s: %d workers ready in %.1f s (pid %d)",
-            path,
-            name,
-            version,
-            url,
-            pool.workers,
-            time.perf_counter() - started,
-            os.getpid(),
-            extra={"model": name, "version": version, "url": url, "workers": pool.workers},
-        )
-        runtime = pool.runtime_info()
-        if runtime["runtime"] != "tensorflow" or runtime.get("requested") != "tensorflow":
-            worst = max(
-                (d["max_rel"] for d in runtime.get("differences", {}).values()), default=0.0
-            )
+        if pool is not None:
+            _log_ready(pool, path, name, version, url, time.perf_counter() - started)
+        else:
+            assert registry is not None
+            serving = registry.serving()
             log.info(
-                "runtime %s (asked: %s); largest difference to TensorFlow %.2g of the output's "
-                "scale (tolerance %s)%s",
-                runtime["runtime"],
-                runtime.get("requested"),
-                worst,
-                runtime.get("tolerance", "-"),
-                f"; fallback: {runtime['fallback']}" if runtime.get("fallback") else "",
-                extra={"runtime": runtime["runtime"], "max_rel_difference": worst},
+                "serving %s on %s: ready in %.1f s (pid %d)",
+                ", ".join(f"{n!r} version(s) {', '.join(v)}" for n, v in serving.items()),
+                url,
+                time.perf_counter() - started,
+                os.getpid(),
+                extra={"url": url},
             )
+            name = next(iter(serving))
+            version = serving[name][-1]
+
+        def on_listening() -> None:
+            if grpc_server is not None:
+                log.info("gRPC (TensorFlow Serving's PredictionService) on %s", grpc_server.address)
+                if on_grpc_ready is not None:
+                    on_grpc_ready(grpc_server.address)
+            if on_ready is not None:
+                on_ready(url, name, version)
+
         abandoned = run_app(
             app,
             sock,
             drain_timeout=drain_timeout,
-            on_listening=None if on_ready is None else lambda: on_ready(url, name, version),
+            on_listening=on_listening,
+            grpc_server=grpc_server,
         )
-        pool.shutdown(kill=abandoned)
+        stop(kill=abandoned)
         log.info("stopped%s", " (requests in flight were cancelled)" if abandoned else "")
         return 0
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         sock.close()
-        pool.shutdown(kill=True)  # no-op after a clean stop
+        stop(kill=True)  # no-op after a clean stop
+
+
+def _log_ready(
+    pool: PredictionPool, path: str, name: str, version: str, url: str, seconds: float
+) -> None:
+    log.info(
+        "serving %s as %r version %s on %s: %d workers ready in %.1f s (pid %d)",
+        path,
+        name,
+        version,
+        url,
+        pool.workers,
+        seconds,
+        os.getpid(),
+        extra={"model": name, "version": version, "url": url, "workers": pool.workers},
+    )
+    runtime = pool.runtime_info()
+    if runtime["runtime"] != "tensorflow" or runtime.get("requested") != "tensorflow":
+        worst = max((d["max_rel"] for d in runtime.get("differences", {}).values()), default=0.0)
+        log.info(
+            "runtime %s (asked: %s); largest difference to TensorFlow %.2g of the output's "
+            "scale (tolerance %s)%s",
+            runtime["runtime"],
+            runtime.get("requested"),
+            worst,
+            runtime.get("tolerance", "-"),
+            f"; fallback: {runtime['fallback']}" if runtime.get("fallback") else "",
+            extra={"runtime": runtime["runtime"], "max_rel_difference": worst},
+        )
 
 
 def build_registry(
@@ -389,51 +439,32 @@ def build_registry(
     return registry
 
 
-def _serve_registry(
-    registry: Any,
-    *,
+def _grpc_server(
+    app: Any,
     host: str,
     port: int,
-    drain_timeout: float,
-    on_ready: Callable[[str, str, str], None] | None,
-    app_options: dict[str, Any],
-) -> int:
-    """:func:`serve` for a model registry: load every model's versions, listen, poll."""
-    app = create_app(registry, **app_options)
-    sock = bind(host, port)
-    in_main = threading.current_thread() is threading.main_thread()
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    rest: socket.socket,
+    request_timeout: float | None,
+    max_body_bytes: int,
+) -> GrpcServer:
+    """The gRPC server for ``host:port``, its address checked now (fails fast, before any
+    worker starts, like the REST port): bound once here and released for gRPC to bind when
+    the loop starts (port 0: the free port found here). The same port as REST is refused."""
+    if port and port == rest.getsockname()[1]:
+        raise BindError(f"cannot bind gRPC on {host}:{port}: it is the REST port (--port)")
+    probe = bind(host, port)
     try:
-        started = time.perf_counter()
-        registry.start()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-            previous = None
-        url = url_of(sock)
-        serving = registry.serving()
-        log.info(
-            "serving %s on %s: ready in %.1f s (pid %d)",
-            ", ".join(f"{n!r} version(s) {', '.join(v)}" for n, v in serving.items()),
-            url,
-            time.perf_counter() - started,
-            os.getpid(),
-            extra={"url": url},
-        )
-        name = next(iter(serving))
-        ready = None if on_ready is None else lambda: on_ready(url, name, serving[name][-1])
-        abandoned = run_app(app, sock, drain_timeout=drain_timeout, on_listening=ready)
-        registry.stop(kill=abandoned)
-        log.info("stopped%s", " (requests in flight were cancelled)" if abandoned else "")
-        return 0
+        port = probe.getsockname()[1]
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        sock.close()
-        registry.stop(kill=True)  # no-op after a clean stop
+        probe.close()
+    return GrpcServer(
+        app.state.serving,
+        app.state.serving_metrics,
+        host,
+        port,
+        request_timeout=request_timeout,
+        max_message_bytes=max_body_bytes,
+    )
 
 
 class JsonFormatter(logging.Formatter):
