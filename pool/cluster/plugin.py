@@ -303,24 +303,25 @@ class ShardBatcher:
     # --- the tasks' side --------------------------------------------------------------------
     def put(
         self,
-        request: ShardRequest,
+        requests: list[ShardRequest],
         key: str,
         solo: bool = False,
         before_call: Callable[[], None] | None = None,
-    ) -> PoolFuture:
+    ) -> list[PoolFuture]:
+        """Queue one task's shards at once (so a parcel's shards can share a model call)."""
         from ..batching import input_bytes
 
-        nbytes = input_bytes(request.inputs)
         with self._cond:
             if self._stopped:
                 raise PoolClosedError(f"the pool {self._plugin.name} was shut down")
-            (future,) = self._queue.put([request], bounded=False, solo=solo)
-            rows = request.stop - request.start
-            self._waiting[id(future)] = _Waiting(future, key, rows, nbytes, before_call)
-            self._rows += rows
-            self._bytes += nbytes
+            futures = self._queue.put(requests, bounded=False, solo=solo)
+            for request, future in zip(requests, futures, strict=True):
+                rows, nbytes = request.stop - request.start, input_bytes(request.inputs)
+                self._waiting[id(future)] = _Waiting(future, key, rows, nbytes, before_call)
+                self._rows += rows
+                self._bytes += nbytes
             self._cond.notify_all()
-        return future
+        return futures
 
     def wait_for_room(self, futures: list[PoolFuture]) -> None:
         """Hold the caller (and so Dask's thread slot) while a full batch waits besides the
@@ -629,10 +630,7 @@ def run_parcel(
             worker.address,
         )
     batcher = plugin.batcher()
-    futures = [
-        batcher.put(r, key, solo=solo or suspect is not None, before_call=before_call)
-        for r in requests
-    ]
+    futures = batcher.put(requests, key, solo=solo or suspect is not None, before_call=before_call)
     batcher.wait_for_room(futures)
     if not all(f.done() for f in futures):
         secede()
