@@ -3,19 +3,22 @@
 ::
 
     PredictionPool._dispatch ──[ShardRequest, ...]──▶ DaskBackend.submit
-        │  Client.scatter(shards, direct=True): each shard straight into one worker's memory
-        │  (round-robin); the scheduler is told only keys, sizes and who holds them
-        │  Client.map(plugin.run_shard, <those keys>): one small task per shard, placed on
-        │  the worker that holds its data; one concurrent.futures.Future per shard, at once
+        │  one concurrent.futures.Future per shard, handed back at once; on the Dask
+        │  client's event loop (the caller does not wait for the sending):
+        │  parcels: consecutive shards, one per worker, at most max_batch_rows rows each
+        │  Client.scatter(parcels, direct=True): each parcel straight into one worker's
+        │  memory; the scheduler is told only keys, sizes and who holds them
+        │  Client.submit(plugin.run_parcel, <parcel key>): one small task per parcel, placed
+        │  on the worker that holds its data
         ▼
-    Dask worker: run_shard ──▶ ShardBatcher: waiting shards combined into model calls
+    Dask worker: run_parcel ──▶ ShardBatcher: waiting shards combined into model calls
         │  Dask future done ──(Dask's callback thread)──▶ queue
         ▼
-    gatherer thread: Client.gather(direct=True) of every finished shard at once, from the
-    workers ──▶ Future.set_result (the shard's scattered copy is released with it)
+    gatherer thread: Client.gather(direct=True) of every finished parcel at once, from the
+    workers ──▶ each shard's Future.set_result (the parcel's copy is released with them)
         ├─ data lost      ─▶ its worker died with the scattered copy (Dask cancels the task):
         │                    scattered again from the shard the client still holds, and run
-        │                    as a *suspect* (alone; plugin.run_shard counts its deaths)
+        │                    as a *suspect* (alone; plugin.run_parcel counts its deaths)
         ├─ ShardTimedOut  ─▶ (that worker exits; its Nanny restarts it) re-submit, or
         │                    TimeoutError after max_retries (a combined call: re-run alone)
         ├─ KilledWorker   ─▶ re-submit as a *suspect* run
@@ -30,6 +33,7 @@ imports TensorFlow; :mod:`pool.cluster.plugin` runs on the workers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
@@ -353,26 +357,42 @@ class DaskBackend:
             # Inline (quick, never raises) and holding the shard only weakly: a strong reference
             # would make a future -> callback -> shard -> future cycle keeping the arrays alive.
             shard.future.add_inline_callback(partial(self._on_answered_future, weakref.ref(shard)))
+        self._run_on_loop(self._send_all(shards))
+        return [s.future for s in shards]
+
+    def _run_on_loop(self, coroutine: Any) -> None:
+        """Run ``coroutine`` on the Dask client's event loop without waiting for it: the
+        caller (an ``imap`` window, a server's request) goes on while the shards are
+        scattered, and several calls' scatters overlap."""
+        try:
+            loop = self.client.loop.asyncio_loop  # type: ignore[union-attr]  # tornado's loop
+            asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except BaseException:
+            coroutine.close()
+            raise
+
+    async def _send_all(
+        self, shards: list[_Shard], suspect: bool = False, priority: int = 0
+    ) -> None:
+        """Send one call's shards, group after group; a failure settles what is left."""
         pending = list(shards)
         try:
             for group in _groups(shards):
-                self._send(group)
+                await self._send(group, suspect, priority)
                 del pending[: len(group)]
         except BaseException as exc:
             for shard in pending:
                 self._settle(shard, error=exc)
-            if len(pending) == len(shards):
-                raise
-        return [s.future for s in shards]
 
-    def _send(self, group: list[_Shard], suspect: bool = False, priority: int = 0) -> None:
+    async def _send(self, group: list[_Shard], suspect: bool = False, priority: int = 0) -> None:
         """Scatter the shards' inputs straight to the workers, in parcels of consecutive shards
         (one per worker, at most ``max_batch_rows`` rows each), then submit one small task per
         parcel on its data: the scheduler is told keys, sizes and who holds them, never the
         data."""
-        parcels = [_Parcel(part) for part in self._parcels(group)]
+        workers = await self._worker_list()
+        parcels = [_Parcel(part) for part in self._parcels(group, len(workers))]
         keys = [self._key() for _ in parcels]
-        data = self._scatter(
+        data = await self._scatter(
             {f"{k}d": [s.request for s in p.shards] for k, p in zip(keys, parcels, strict=True)},
             len(parcels),
         )
@@ -392,14 +412,14 @@ class DaskBackend:
                 shard.parcel = parcel
             self._watch(parcel, dask_future)
 
-    def _parcels(self, group: list[_Shard]) -> list[list[_Shard]]:
+    def _parcels(self, group: list[_Shard], workers: int) -> list[list[_Shard]]:
         """Consecutive, near-equal runs of ``group``: one per worker (as far as there are
         shards), more when that is needed to keep each at most ``max_batch_rows`` rows."""
         if len(group) == 1:
             return [group]
         rows = sum(s.request.stop - s.request.start for s in group)
         count = max(
-            min(len(group), max(1, len(self._worker_list()))),
+            min(len(group), max(1, workers)),
             -(-rows // self._settings.batching.max_batch_rows),
         )
         count = min(count, len(group))
@@ -411,25 +431,22 @@ class DaskBackend:
             start = stop
         return parts
 
-    def _worker_list(self, refresh: bool = False) -> list[str]:
+    async def _worker_list(self, refresh: bool = False) -> list[str]:
         """The Dask workers (cached for ``WORKERS_REFRESH_SECONDS``: the scheduler's answer
-        grows with the cluster, so it is not asked once per call)."""
+        grows with the cluster, so it is not asked once per call). On the client's loop."""
         now = time.monotonic()
-        with self._lock:
-            fresh = now - self._workers_at < WORKERS_REFRESH_SECONDS and self._workers
-        if refresh or not fresh:
-            workers = sorted(self.client.nthreads())
-            with self._lock:
-                self._workers, self._workers_at = workers, now
+        if refresh or not self._workers or now - self._workers_at >= WORKERS_REFRESH_SECONDS:
+            scheduler: Any = self.client.scheduler
+            self._workers = sorted(await scheduler.ncores())
+            self._workers_at = now
         return self._workers
 
     def _targets(self, count: int) -> list[str] | None:
         """``count`` workers, taken in turn from the cached list (``None``: let Dask pick)."""
-        workers = self._worker_list()
+        workers = self._workers
         if not workers:
             return None
-        with self._lock:
-            first, self._turn = self._turn, self._turn + count
+        first, self._turn = self._turn, self._turn + count
         return sorted({workers[(first + i) % len(workers)] for i in range(count)})
 
     def _key(self) -> str:
@@ -438,21 +455,23 @@ class DaskBackend:
             self._keys += 1
             return f"{self._tag}{self._keys:x}"
 
-    def _scatter(self, parcels: dict[str, list[ShardRequest]], count: int) -> list[Any]:
+    async def _scatter(self, parcels: dict[str, list[ShardRequest]], count: int) -> list[Any]:
         """``Client.scatter(direct=True)`` onto ``count`` workers taken in turn (Dask asks the
         scheduler only about those), again while a worker it picked has just died (the
         scheduler drops a dead worker within moments)."""
         deadline = time.monotonic() + SCATTER_RETRY_SECONDS
         while True:
             try:
-                copies = self.client.scatter(parcels, workers=self._targets(count), direct=True)
+                copies = await self.client._scatter(
+                    parcels, workers=self._targets(count), direct=True
+                )
                 return [copies[key] for key in parcels]
             except (OSError, TimeoutError) as exc:  # CommClosedError: a worker went away
                 if time.monotonic() > deadline or self.client.status != "running":
                     raise
                 log.debug("scattering %d parcel(s) failed (%s): again", len(parcels), exc)
-                time.sleep(0.1)
-                self._worker_list(refresh=True)
+                await asyncio.sleep(0.1)
+                await self._worker_list(refresh=True)
 
     def _resubmit(self, shard: _Shard, suspect: bool) -> None:
         """Send the shard again, alone, from the copy the client holds (its scattered copy may
@@ -461,7 +480,7 @@ class DaskBackend:
         shard.parcel = None
         shard.suspect = shard.suspect or suspect
         try:
-            self._send([shard], suspect=shard.suspect, priority=1)
+            self._run_on_loop(self._send_all([shard], suspect=shard.suspect, priority=1))
         except Exception as exc:  # the cluster is gone
             self._settle(shard, error=exc)
 

@@ -8,11 +8,13 @@
                             (a converted runtime's artifact travels inside the plugin and is
                             installed in the worker's own runtime cache when the client's
                             path is not whole there)
-    client ──scatter(ShardRequest, direct=True)──▶ a worker's memory (not via the scheduler)
-    client ──submit(run_shard, <key of that data>)──▶ the task, on the worker holding the data:
-        run_shard           waits for the load (or raises its real reason), hands the shard
+    client ──scatter([ShardRequest, ...], direct=True)──▶ a worker's memory (a parcel; never
+                                                          through the scheduler)
+    client ──submit(run_parcel, <key of that parcel>)──▶ the task, on the worker holding it:
+        run_parcel          waits for the load (or raises its real reason), hands the shards
                             to the worker's ShardBatcher, secedes from Dask's thread pool (so
-                            the next queued shard can join the queue) and waits for its rows
+                            the next parcel queued there can join the queue) and waits for
+                            each shard's rows (or the exception that ended it)
         ShardBatcher        one model thread per worker: pool.batching.BatchQueue combines the
                             waiting shards (max_batch_rows / max_batch_bytes); a combined call
                             that fails is re-run shard by shard; with a timeout, the tasks of a
@@ -70,7 +72,7 @@ def load_topic(plugin_name: str) -> str:
 
 
 def suspect_topic(plugin_name: str, shard_id: str) -> str:
-    """The event topic where the runs of one suspect shard log their starts (see run_shard)."""
+    """The event topic where the runs of one suspect shard log their starts (see run_parcel)."""
     return f"{plugin_name}-suspect-{shard_id}"
 
 
@@ -270,7 +272,7 @@ class _Running:
 
 
 class ShardBatcher:
-    """One model thread per Dask worker fed by the shard tasks (:func:`run_shard`).
+    """One model thread per Dask worker fed by the parcel tasks (:func:`run_parcel`).
 
     Waiting shards are combined by :class:`pool.batching.BatchQueue` under the pool's
     ``max_batch_rows`` / ``max_batch_bytes`` / ``batch_timeout_micros``, as the local pool
