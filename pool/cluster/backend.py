@@ -199,6 +199,9 @@ _STOP = object()
 #: Seconds between refreshes of the client's list of Dask workers (parcels are spread over it).
 WORKERS_REFRESH_SECONDS = 2.0
 
+#: Seconds a scatter waits for the workers it picked to be running (then it picks again).
+SCATTER_WAIT = 2.0
+
 #: Seconds to keep scattering again while the workers picked die under it.
 SCATTER_RETRY_SECONDS = 60.0
 
@@ -463,7 +466,7 @@ class DaskBackend:
         while True:
             try:
                 copies = await self.client._scatter(
-                    parcels, workers=self._targets(count), direct=True
+                    parcels, workers=self._targets(count), direct=True, timeout=SCATTER_WAIT
                 )
                 return [copies[key] for key in parcels]
             except (OSError, TimeoutError) as exc:  # CommClosedError: a worker went away
@@ -608,6 +611,7 @@ class DaskBackend:
         """The shard's scattered copy (or its result) died with its worker: send it again."""
         if shard.future.done():
             return
+        self._workers_at = 0.0  # a worker is gone: ask the scheduler before the next scatter
         shard.lost += 1
         if shard.lost > MAX_LOST_RESULTS:
             r = shard.request
