@@ -5,8 +5,10 @@
     PredictionPool ──ShardRequest──▶ Backend.submit ──▶ Future[{output name: array}]
 
 Two backends exist: :class:`pool.local.LocalBackend` (worker processes on this machine, the
-default) and ``pool.cluster.DaskBackend`` (workers of a Dask cluster, ``cluster=``). Both take
-the same validated :class:`Settings`. This module imports neither of them, nor TensorFlow.
+default) and ``pool.cluster.DaskBackend`` (workers of a Dask cluster, ``cluster=``: shards
+scattered straight to the workers, never through the scheduler, and combined there by the same
+:class:`pool.batching.BatchQueue`). Both take the same validated :class:`Settings`. This
+module imports neither of them, nor TensorFlow.
 """
 
 from __future__ import annotations

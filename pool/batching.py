@@ -111,9 +111,11 @@ class BatchQueue:
         requests: Iterable[ShardRequest],
         bounded: bool = True,
         finish: Callable[[dict[str, np.ndarray]], Any] | None = None,
+        solo: bool = False,
     ) -> list[PoolFuture]:
         """Queue the shards of one call; when ``bounded``, refuse the call whole if the queue
-        is full (an unbounded call is counted all the same)."""
+        is full (an unbounded call is counted all the same). ``solo``: each runs alone (a
+        shard already known to have been in a failed combined call)."""
         requests = list(requests)
         call = Call(len(requests))
         now = time.monotonic()
@@ -130,6 +132,7 @@ class BatchQueue:
                 nbytes=input_bytes(request.inputs),
                 queued_at=now,
                 finish=finish,
+                solo=solo,
             )
             future.add_inline_callback(self._on_cancel(task))
             tasks.append(task)

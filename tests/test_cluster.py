@@ -20,6 +20,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import cluster_factories
@@ -85,9 +86,12 @@ def client(cluster):
 
 @pytest.fixture(scope="module")
 def faulty_pool(client):
-    """Identity on float rows with fault markers (tests/factories.py); 50 ms per shard."""
+    """Identity on float rows with fault markers (tests/factories.py); 50 ms per model call,
+    which carries at most two shards (8 rows)."""
     model = functools.partial(factories.faulty, delay=0.05)
-    with PredictionPool(model, cluster=client, shard_size=4, max_retries=0) as pool:
+    with PredictionPool(
+        model, cluster=client, shard_size=4, max_retries=0, max_batch_rows=8
+    ) as pool:
         yield pool
 
 
@@ -248,16 +252,32 @@ def test_a_hanging_shard_times_out_with_its_rows_and_the_worker_is_restarted(cli
         np.testing.assert_array_equal(pool.predict(others[0])["y"], others[0])
 
 
-def test_sigkill_mid_predict_loses_no_row_and_the_cluster_heals(faulty_pool, client):
+def scattered_copies(client, pool: PredictionPool) -> dict[str, int]:
+    """How many of the pool's scattered parcels each Dask worker holds now."""
+    tag = pool.backend._tag
+    held: dict[str, int] = {}
+    for key, where in client.who_has().items():
+        if str(key).startswith(tag) and str(key).endswith("d"):
+            for address in where:
+                held[address] = held.get(address, 0) + 1
+    return held
+
+
+def test_sigkill_of_a_worker_holding_scattered_shards_loses_no_row(faulty_pool, client):
+    """The shards reach the workers scattered (not in the task graph), so a killed worker takes
+    its copies with it: the client still holds every shard and sends the lost ones again."""
     client.wait_for_workers(2, timeout=120)
     wait_until(lambda: all_loaded(faulty_pool), 120, "both workers loaded")
     loads_before = loads(faulty_pool)
     shards_before = sum(s.shards for s in faulty_pool.stats())
-    x = rows(240)  # 60 shards of 50 ms
+    x = rows(240)  # 60 shards, 30 model calls of 50 ms
     future = faulty_pool.submit(x)
     wait_until(lambda: sum(s.shards for s in faulty_pool.stats()) >= shards_before + 4)
-    kill_one_worker(client)
-    np.testing.assert_array_equal(future.result(timeout=120)["y"], x)
+    held = scattered_copies(client, faulty_pool)
+    victim = max(held, key=lambda a: held[a])
+    assert held[victim] >= 1 and not future.done()
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    np.testing.assert_array_equal(future.result(timeout=120)["y"], x)  # the model: identity
     healed(client, faulty_pool, loads_before)
 
 
@@ -272,6 +292,52 @@ def test_sigkill_mid_imap_loses_no_row_and_the_cluster_heals(faulty_pool, client
             kill_one_worker(client)
     np.testing.assert_array_equal(np.concatenate(out), np.concatenate(batches))
     healed(client, faulty_pool, loads_before)
+
+
+def test_shards_on_a_worker_share_model_calls_and_a_bad_one_fails_alone(faulty_pool, client):
+    """Shards that reach a Dask worker together are combined (max_batch_rows=8: two shards of
+    4 per call); a combined call that raises is re-run shard by shard, so only the shard with
+    the bad row fails, with its rows, and its neighbour in the same call is answered."""
+    client.wait_for_workers(2, timeout=120)
+    wait_until(lambda: all_loaded(faulty_pool), 120, "both workers loaded")
+    before = faulty_pool.stats()
+    bad, healthy = rows(16), rows(16)  # 4 shards each: 2 parcels of 2 shards each
+    bad[5, 0] = factories.RAISE
+    failing, answered = faulty_pool.submit(bad), faulty_pool.submit(healthy)
+    with pytest.raises(
+        WorkerError, match=r"rows 4:8: the model raised ValueError: bad rows: \[1\]"
+    ):
+        failing.result(timeout=120)
+    np.testing.assert_array_equal(answered.result(timeout=120)["y"], healthy)
+    after = faulty_pool.stats()
+    assert [s.pid for s in after] == [s.pid for s in before]  # nothing restarted
+    delta = {
+        name: sum(getattr(a, name) - getattr(b, name) for a, b in zip(after, before, strict=True))
+        for name in ("shards", "batches", "rows")
+    }
+    # healthy: 2 calls of 8 rows; bad: 0:8 failed combined, then 0:4 alone answered, 4:8 alone
+    # failed; 8:16 in one call. Failed calls are not counted.
+    assert delta == {"shards": 7, "batches": 4, "rows": 28}, delta
+
+
+def test_a_large_job_keeps_its_data_out_of_the_task_graph(client, caplog):
+    """48 MB of inputs: the scheduler is given task specs of a few hundred bytes (the data is
+    scattered straight to the workers), and Dask never warns of a large graph."""
+    client.register_plugin(cluster_factories.GraphSizes())
+    x = RNG.random((12_000, 1000), dtype=np.float32)
+    try:
+        with (
+            PredictionPool(factories.plain_double, cluster=client, shard_size=500) as pool,
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always")
+            np.testing.assert_array_equal(pool.predict(x), x * 2)
+        sizes = client.run_on_scheduler(cluster_factories.graph_sizes)  # only the pool's tasks
+    finally:
+        client.unregister_scheduler_plugin(cluster_factories.GraphSizes.name)
+    assert sizes and max(sizes.values()) < 1024, sizes
+    assert not [w for w in caught if "large graph" in str(w.message).lower()]
+    assert "large graph" not in caplog.text.lower()
 
 
 def test_imap_over_an_endless_generator_stays_flat(faulty_pool):
@@ -563,27 +629,84 @@ def test_map_partitions_computes_on_a_pool_given_the_cluster_object(cluster):
         distributed.default_client()  # closed with the pool: no default left behind
 
 
-@pytest.mark.skipif(
+needs_onnx = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("tf2onnx") is None,
     reason="ONNX Runtime (the onnx extra) is not installed",
 )
-def test_a_converted_runtime_runs_on_the_cluster_workers(client, models, tmp_path, monkeypatch):
+
+
+@pytest.fixture(scope="module")
+def runtime_cache(tmp_path_factory):
+    """The client's runtime cache for this module: the model is converted once, by the first
+    test that needs it."""
+    return tmp_path_factory.mktemp("runtimes")
+
+
+@needs_onnx
+def test_a_converted_runtime_runs_on_the_cluster_workers(
+    client, models, runtime_cache, monkeypatch
+):
     """``runtime=`` with ``cluster=``: converted once in the client (in a subprocess), verified,
-    and loaded by every Dask worker from the runtime cache; rows within the f32 tolerance of
-    TensorFlow in-process, in order."""
+    and loaded by every Dask worker from the runtime cache they share with the client; rows
+    within the f32 tolerance of TensorFlow in-process, in order."""
     from pool.runtimes import TOLERANCES
 
-    monkeypatch.setenv("POOL_RUNTIME_CACHE", str(tmp_path))
+    monkeypatch.setenv("POOL_RUNTIME_CACHE", str(runtime_cache))
     x = images(20)
     want = in_process(models["small_cnn"], x)["probabilities"]
     with PredictionPool(
         models["small_cnn"], cluster=client, shard_size=4, runtime="onnxruntime"
     ) as pool:
         info = pool.runtime_info()
-        assert info["runtime"] == "onnxruntime" and info["artifact"].startswith(str(tmp_path))
+        assert info["runtime"] == "onnxruntime" and info["artifact"].startswith(str(runtime_cache))
         assert {r.runtime for r in pool.ready_info} == {"onnxruntime"}
+        where = client.run(cluster_factories.loaded_artifact, pool.backend.name)
+        assert set(where.values()) == {info["artifact"]}  # the shared path, as it is
         got = pool.predict(x)
         parts = list(pool.imap(x[i : i + 7] for i in range(0, 20, 7)))
     scale = float(np.max(np.abs(want)))
     assert_rows_equal(got, want, rtol=0, atol=TOLERANCES["f32"] * scale + 1e-7)
     assert_rows_equal(np.concatenate(parts), want, rtol=0, atol=TOLERANCES["f32"] * scale + 1e-7)
+
+
+@needs_onnx
+def test_a_converted_runtime_reaches_workers_that_do_not_see_the_clients_cache(
+    client, models, runtime_cache, tmp_path, monkeypatch
+):
+    """Workers with their own ``POOL_RUNTIME_CACHE`` that cannot read the client's entry (it is
+    moved away as soon as the client has packed it, as if it were on another machine) install
+    the files the plugin carries into their own cache, checked against the manifest's hashes,
+    and load from there; nothing converts on them."""
+    from pool.runtimes import TOLERANCES, cache
+
+    monkeypatch.setenv("POOL_RUNTIME_CACHE", str(runtime_cache))
+    workers_cache = tmp_path / "workers-cache"
+    previous = client.run(cluster_factories.set_runtime_cache, str(workers_cache))
+    pack_entry, hidden = cache.pack_entry, []
+
+    def pack_then_hide(directory):
+        files = pack_entry(directory)
+        os.rename(directory, f"{directory}.hidden")
+        hidden.append(str(directory))
+        return files
+
+    monkeypatch.setattr(cache, "pack_entry", pack_then_hide)
+    x = images(12)
+    want = in_process(models["small_cnn"], x)["probabilities"]
+    try:
+        with PredictionPool(
+            models["small_cnn"], cluster=client, shard_size=4, runtime="onnxruntime"
+        ) as pool:
+            where = client.run(cluster_factories.loaded_artifact, pool.backend.name)
+            got = pool.predict(x)
+    finally:
+        for address, value in previous.items():
+            client.run(cluster_factories.set_runtime_cache, value, workers=[address])
+        for directory in hidden:
+            os.rename(f"{directory}.hidden", directory)
+    assert hidden and not os.path.exists(f"{hidden[0]}.hidden")
+    name = Path(hidden[0]).name
+    assert set(where.values()) == {str(workers_cache / name)}, where
+    assert cache.valid_manifest(workers_cache / name) is not None
+    scale = float(np.max(np.abs(want)))
+    assert_rows_equal(got, want, rtol=0, atol=TOLERANCES["f32"] * scale + 1e-7)

@@ -7,11 +7,17 @@ imports this package, ``PredictionPool`` imports it only when ``cluster=`` is gi
 
     caller: pool.predict / submit / imap / pool.etl.map_batches        (client process)
       ▼  sharding.prepare, split           validated in the client, before anything is sent
-      ▼  backend.DaskBackend.submit        one Dask task per shard, the shard as its argument
-      ▼  Dask scheduler ──▶ Dask workers   plugin.ModelPlugin: the model loaded once per worker
-      │                                    (in a thread; again after a Nanny restart)
-      │                                    plugin.run_shard: pool.worker.call_model
-      ▲  backend gatherer thread           results, re-runs (KilledWorker, timeouts), errors
+      ▼  backend.DaskBackend.submit        shards in parcels (one per worker, at most
+      │                                    max_batch_rows rows): Client.scatter(direct=True)
+      │                                    straight into the workers' memory, then one small
+      │                                    task per parcel (the scheduler sees keys and sizes)
+      ▼  Dask workers                      plugin.ModelPlugin: the model loaded once per worker
+      │                                    (in a thread; again after a Nanny restart; a
+      │                                    converted runtime's artifact carried in the plugin)
+      │                                    plugin.ShardBatcher: the shards waiting on a worker
+      │                                    combined into model calls (pool.batching.BatchQueue)
+      ▲  backend gatherer thread           Client.gather(direct=True) from the workers; lost
+      │                                    copies sent again (suspects), timeouts, errors
       ▲  sharding.gather                   in input order
     caller: np.ndarray, or dict[str, np.ndarray]
 

@@ -3,26 +3,37 @@
 ::
 
     PredictionPool._dispatch ──[ShardRequest, ...]──▶ DaskBackend.submit
-        │  one Dask task per shard (Client.map, unique keys; the shard is the task's argument)
-        │  one concurrent.futures.Future per shard, handed back at once
+        │  one concurrent.futures.Future per shard, handed back at once; on the Dask
+        │  client's event loop (the caller does not wait for the sending):
+        │  parcels: consecutive shards, one per worker, at most max_batch_rows rows each
+        │  Client.scatter(parcels, direct=True): each parcel straight into one worker's
+        │  memory; the scheduler is told only keys, sizes and who holds them
+        │  Client.submit(plugin.run_parcel, <parcel key>): one small task per parcel, placed
+        │  on the worker that holds its data
         ▼
-    Dask scheduler ──▶ workers: plugin.run_shard ──▶ {output name: array}
+    Dask worker: run_parcel ──▶ ShardBatcher: waiting shards combined into model calls
         │  Dask future done ──(Dask's callback thread)──▶ queue
         ▼
-    gatherer thread: Client.gather of every finished shard at once ──▶ Future.set_result
+    gatherer thread: Client.gather(direct=True) of every finished parcel at once, from the
+    workers ──▶ each shard's Future.set_result (the parcel's copy is released with them)
+        ├─ data lost      ─▶ its worker died with the scattered copy (Dask cancels the task):
+        │                    scattered again from the shard the client still holds, and run
+        │                    as a *suspect* (alone; plugin.run_parcel counts its deaths)
         ├─ ShardTimedOut  ─▶ (that worker exits; its Nanny restarts it) re-submit, or
-        │                    TimeoutError after max_retries
-        ├─ KilledWorker   ─▶ re-submit as a *suspect* run (plugin.run_shard counts its deaths)
+        │                    TimeoutError after max_retries (a combined call: re-run alone)
+        ├─ KilledWorker   ─▶ re-submit as a *suspect* run
         └─ anything else  ─▶ Future.set_exception (WorkerError, ModelLoadError, ...)
 
 The gatherer thread owns the shards' Dask futures once submitted; callers only put events on
-its queue (a cancelled Future asks it to cancel the Dask task). Results keep no Dask future
-alive once gathered, so the cluster releases them at once. This module never imports
-TensorFlow; :mod:`pool.cluster.plugin` runs on the workers.
+its queue (a cancelled Future asks it to cancel the Dask task). Each shard's ``ShardRequest``
+stays in the client until its answer is in, so a lost copy can be sent again. Results keep no
+Dask future alive once gathered, so the cluster releases them at once. This module never
+imports TensorFlow; :mod:`pool.cluster.plugin` runs on the workers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
@@ -45,13 +56,14 @@ from ..backend import Settings
 from ..errors import ModelLoadError, PoolClosedError, QueueFullError, WorkerCrashedError
 from ..futures import PoolFuture
 from ..messages import ShardRequest, WorkerReady, WorkerStats
+from ..runtimes import cache as runtime_cache
 from ..runtimes.resolve import Resolution, describe, for_workers
 from . import plugin as worker_side
 
 log = logging.getLogger("pool")
 
-#: How many times a finished shard's result may be lost (its worker died before the client
-#: gathered it) and computed again before the pool gives up on it.
+#: How many times a shard's scattered copy or its result may be lost with its worker (and the
+#: shard sent again) before the pool gives up on it.
 MAX_LOST_RESULTS = 20
 
 #: How many times a shard may come back as ``KilledWorker`` from its suspect runs before the
@@ -153,17 +165,48 @@ class _Shard:
     future: PoolFuture
     call: _Call
     shard_id: str
-    dask_future: Any = None
+    parcel: _Parcel | None = None  # how it travels now
     finish: Callable[[Any], Any] | None = None  # applied to the outputs (one-shard calls)
     timeouts: int = 0
     suspect_rounds: int = 0
     lost: int = 0
+    solo: bool = False  # re-run alone: its combined model call ran past the timeout
+    suspect: bool = False  # it was on a worker that died: its runs log their starts
+
+
+@dataclass(eq=False)
+class _Parcel:
+    """Consecutive shards of one call sent to one worker as one scattered copy and one task
+    (a re-sent shard travels alone)."""
+
+    shards: list[_Shard]
+    dask_future: Any = None
+    data: Any = None  # the Dask future of the scattered copy
+
+    def done(self) -> bool:
+        return all(s.future.done() for s in self.shards)
+
+    def forget(self) -> None:
+        self.dask_future = None
+        self.data = None
+        for shard in self.shards:
+            if shard.parcel is self:
+                shard.parcel = None
 
 
 _STOP = object()
 
-#: Input bytes sent to the scheduler in one graph; below Dask's large-graph warning (10 MB).
-GRAPH_BYTES = 8 << 20
+#: Seconds between refreshes of the client's list of Dask workers (parcels are spread over it).
+WORKERS_REFRESH_SECONDS = 2.0
+
+#: Seconds a scatter waits for the workers it picked to be running (then it picks again).
+SCATTER_WAIT = 2.0
+
+#: Seconds to keep scattering again while the workers picked die under it.
+SCATTER_RETRY_SECONDS = 60.0
+
+#: Input bytes scattered in one ``Client.scatter`` call (straight to the workers).
+SCATTER_BYTES = 64 << 20
 
 
 class DaskBackend:
@@ -174,6 +217,11 @@ class DaskBackend:
         self._settings = settings
         self._cluster = cluster
         self.name = f"pool-{uuid.uuid4().hex[:12]}"
+        self._tag = f"p{uuid.uuid4().hex[:10]}-"  # the parcels' Dask keys: <tag><n>, <tag><n>d
+        self._keys = 0
+        self._workers: list[str] = []
+        self._workers_at = 0.0
+        self._turn = 0
         self.runtime: Resolution | None = None  # a converted runtime=, resolved at start()
         self._client: Client | None = None
         self._owns_client = False
@@ -208,12 +256,18 @@ class DaskBackend:
                 ) from None
             me = psutil.Process()
             config = s.worker_config(cluster_model_path(s.model), me.pid, me.create_time())
+            artifact_files = None
             if s.runtime != "tensorflow":
-                # Converted here, once (a subprocess: this process never imports TensorFlow);
-                # the workers load the artifact from the runtime cache, which must be on
-                # storage they see, like the model itself (docs/scale-out.md).
+                # Converted here, once (a subprocess: this process never imports TensorFlow).
+                # The plugin carries the verified artifact's files: a worker that does not
+                # see the client's cache path installs them into its own runtime cache,
+                # checking the manifest's hashes, instead of converting (docs/scale-out.md).
                 self.runtime, config = for_workers(s, config)
-            model_plugin = worker_side.ModelPlugin(config, self.name, s.start_timeout)
+                if config.artifact is not None:
+                    artifact_files = runtime_cache.pack_entry(config.artifact)
+            model_plugin = worker_side.ModelPlugin(
+                config, self.name, s.start_timeout, s.batching, artifact_files, s.limits
+            )
             self.client.register_plugin(model_plugin, name=self.name)
             registered = True
             answers = self.client.run(
@@ -306,50 +360,138 @@ class DaskBackend:
             # Inline (quick, never raises) and holding the shard only weakly: a strong reference
             # would make a future -> callback -> shard -> future cycle keeping the arrays alive.
             shard.future.add_inline_callback(partial(self._on_answered_future, weakref.ref(shard)))
+        self._run_on_loop(self._send_all(shards))
+        return [s.future for s in shards]
+
+    def _run_on_loop(self, coroutine: Any) -> None:
+        """Run ``coroutine`` on the Dask client's event loop without waiting for it: the
+        caller (an ``imap`` window, a server's request) goes on while the shards are
+        scattered, and several calls' scatters overlap."""
+        try:
+            loop = self.client.loop.asyncio_loop  # type: ignore[union-attr]  # tornado's loop
+            asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except BaseException:
+            coroutine.close()
+            raise
+
+    async def _send_all(
+        self, shards: list[_Shard], suspect: bool = False, priority: int = 0
+    ) -> None:
+        """Send one call's shards, group after group; a failure settles what is left."""
         pending = list(shards)
         try:
-            for group in _graphs(shards):
-                keys = [s.shard_id for s in group]
-                dask_futures = self.client.map(
-                    worker_side.run_shard,
-                    [s.request for s in group],
-                    keys,
-                    key=keys,
-                    plugin_name=self.name,
-                    shard_timeout=self._settings.limits.timeout,
-                    suspect=None,
-                    max_retries=self._settings.limits.max_retries,
-                )
-                for shard, dask_future in zip(group, dask_futures, strict=True):
-                    self._watch(shard, dask_future)
+            for group in _groups(shards):
+                await self._send(group, suspect, priority)
                 del pending[: len(group)]
         except BaseException as exc:
             for shard in pending:
                 self._settle(shard, error=exc)
-            if len(pending) == len(shards):
-                raise
-        return [s.future for s in shards]
+
+    async def _send(self, group: list[_Shard], suspect: bool = False, priority: int = 0) -> None:
+        """Scatter the shards' inputs straight to the workers, in parcels of consecutive shards
+        (one per worker, at most ``max_batch_rows`` rows each), then submit one small task per
+        parcel on its data: the scheduler is told keys, sizes and who holds them, never the
+        data."""
+        workers = await self._worker_list()
+        parcels = [_Parcel(part) for part in self._parcels(group, len(workers))]
+        keys = [self._key() for _ in parcels]
+        data = await self._scatter(
+            {f"{k}d": [s.request for s in p.shards] for k, p in zip(keys, parcels, strict=True)},
+            len(parcels),
+        )
+        extra: tuple = ()
+        if suspect:
+            extra = (worker_side.suspect_topic(self.name, group[0].shard_id), True)
+        elif group[0].solo:
+            extra = (None, True)
+        # Each task's spec is short (its data's key, the plugin's name, rarely two flags):
+        # the scheduler relays it to the worker and its size is most of a parcel's cost there.
+        for key, parcel, copy in zip(keys, parcels, data, strict=True):
+            parcel.data = copy
+            dask_future = self.client.submit(
+                worker_side.run_parcel, copy, self.name, *extra, key=key, priority=priority
+            )
+            for shard in parcel.shards:
+                shard.parcel = parcel
+            self._watch(parcel, dask_future)
+
+    def _parcels(self, group: list[_Shard], workers: int) -> list[list[_Shard]]:
+        """Consecutive, near-equal runs of ``group``: one per worker (as far as there are
+        shards), more when that is needed to keep each at most ``max_batch_rows`` rows."""
+        if len(group) == 1:
+            return [group]
+        rows = sum(s.request.stop - s.request.start for s in group)
+        count = max(
+            min(len(group), max(1, workers)),
+            -(-rows // self._settings.batching.max_batch_rows),
+        )
+        count = min(count, len(group))
+        size, extra = divmod(len(group), count)
+        parts, start = [], 0
+        for i in range(count):
+            stop = start + size + (1 if i < extra else 0)
+            parts.append(group[start:stop])
+            start = stop
+        return parts
+
+    async def _worker_list(self, refresh: bool = False) -> list[str]:
+        """The Dask workers (cached for ``WORKERS_REFRESH_SECONDS``: the scheduler's answer
+        grows with the cluster, so it is not asked once per call). On the client's loop."""
+        now = time.monotonic()
+        if refresh or not self._workers or now - self._workers_at >= WORKERS_REFRESH_SECONDS:
+            scheduler: Any = self.client.scheduler
+            self._workers = sorted(await scheduler.ncores())
+            self._workers_at = now
+        return self._workers
+
+    def _targets(self, count: int) -> list[str] | None:
+        """``count`` workers, taken in turn from the cached list (``None``: let Dask pick)."""
+        workers = self._workers
+        if not workers:
+            return None
+        first, self._turn = self._turn, self._turn + count
+        return sorted({workers[(first + i) % len(workers)] for i in range(count)})
+
+    def _key(self) -> str:
+        """A short key unique on the cluster (keys ride in most of the scheduler's messages)."""
+        with self._lock:
+            self._keys += 1
+            return f"{self._tag}{self._keys:x}"
+
+    async def _scatter(self, parcels: dict[str, list[ShardRequest]], count: int) -> list[Any]:
+        """``Client.scatter(direct=True)`` onto ``count`` workers taken in turn (Dask asks the
+        scheduler only about those), again while a worker it picked has just died (the
+        scheduler drops a dead worker within moments)."""
+        deadline = time.monotonic() + SCATTER_RETRY_SECONDS
+        while True:
+            try:
+                copies = await self.client._scatter(
+                    parcels, workers=self._targets(count), direct=True, timeout=SCATTER_WAIT
+                )
+                return [copies[key] for key in parcels]
+            except (OSError, TimeoutError) as exc:  # CommClosedError: a worker went away
+                if time.monotonic() > deadline or self.client.status != "running":
+                    raise
+                log.debug("scattering %d parcel(s) failed (%s): again", len(parcels), exc)
+                await asyncio.sleep(0.1)
+                await self._worker_list(refresh=True)
 
     def _resubmit(self, shard: _Shard, suspect: bool) -> None:
-        key = f"pool-shard-{uuid.uuid4().hex}"
-        dask_future = self.client.submit(
-            worker_side.run_shard,
-            shard.request,
-            key,
-            key=key,
-            priority=1,  # ahead of later shards, as the local pool re-runs at the front
-            plugin_name=self.name,
-            shard_timeout=self._settings.limits.timeout,
-            suspect=worker_side.suspect_topic(self.name, shard.shard_id) if suspect else None,
-            max_retries=self._settings.limits.max_retries,
-        )
-        self._watch(shard, dask_future)
+        """Send the shard again, alone, from the copy the client holds (its scattered copy may
+        have died with its worker), ahead of later shards as the local pool re-runs at the
+        front."""
+        shard.parcel = None
+        shard.suspect = shard.suspect or suspect
+        try:
+            self._run_on_loop(self._send_all([shard], suspect=shard.suspect, priority=1))
+        except Exception as exc:  # the cluster is gone
+            self._settle(shard, error=exc)
 
-    def _watch(self, shard: _Shard, dask_future: Any) -> None:
-        shard.dask_future = dask_future
-        dask_future.add_done_callback(lambda f, shard=shard: self._events.put(("done", shard, f)))
-        if shard.future.cancelled():  # cancelled before its Dask future was known
-            self._events.put(("cancel", shard))
+    def _watch(self, parcel: _Parcel, dask_future: Any) -> None:
+        parcel.dask_future = dask_future
+        dask_future.add_done_callback(lambda f, p=parcel: self._events.put(("done", p, f)))
+        if any(s.future.cancelled() for s in parcel.shards):  # before its future was known
+            self._events.put(("cancel", parcel.shards[0]))
 
     def _on_answered(self, shard: _Shard) -> None:
         """A shard's Future is done (answered, failed or cancelled by the pool)."""
@@ -405,70 +547,105 @@ class DaskBackend:
 
     def _handle(self, items: list[tuple]) -> None:
         cancels, finished = [], []
-        for kind, shard, *rest in items:
-            if kind == "cancel":
-                if shard.dask_future is not None:
-                    cancels.append(shard.dask_future)
-                    shard.dask_future = None
+        for kind, item, *rest in items:
+            if kind == "cancel":  # a shard's Future is done: drop its parcel once all are
+                parcel = item.parcel
+                if parcel is not None and parcel.done():
+                    if parcel.dask_future is not None:
+                        cancels.append(parcel.dask_future)
+                    parcel.forget()
                 continue
-            dask_future = rest[0]
-            if dask_future is not shard.dask_future:
-                continue  # stale: cancelled or re-submitted since
-            if shard.future.done():
+            parcel, dask_future = item, rest[0]
+            if dask_future is not parcel.dask_future:
+                continue  # stale: cancelled or re-sent since
+            if parcel.done():
                 cancels.append(dask_future)
-                shard.dask_future = None
+                parcel.forget()
             elif dask_future.status == "finished":
-                finished.append(shard)
+                finished.append(parcel)
             else:
-                self._failed(shard, dask_future)
+                self._failed(parcel, dask_future)
         if cancels:
             try:
                 self.client.cancel(cancels)
             except Exception as exc:
                 log.debug("could not cancel %d Dask task(s): %s", len(cancels), exc)
         if finished:
-            futures = [s.dask_future for s in finished]
-            try:
-                results = self.client.gather(futures)
+            futures = [p.dask_future for p in finished]
+            try:  # straight from the workers' memory, not through the scheduler
+                results = self.client.gather(futures, direct=True)
             except Exception as exc:  # one of them failed or was lost meanwhile
-                log.debug("gathering %d shard(s) failed (%s): one by one", len(futures), exc)
-                results = [None] * len(futures)
-            for shard, dask_future, value in zip(finished, futures, results, strict=True):
-                if isinstance(value, dict):  # run_shard's {output name: array}
-                    shard.dask_future = None
-                    self._settle(shard, result=value)
-                elif dask_future.status in ("error", "cancelled"):
-                    self._failed(shard, dask_future)
-                else:  # its worker died before it was gathered: Dask computes it again
-                    self._rewatch(shard, dask_future)
+                log.debug("gathering %d parcel(s) failed (%s): one by one", len(futures), exc)
+                results = [self._gather_one(f) for f in futures]
+            for parcel, dask_future, value in zip(finished, futures, results, strict=True):
+                if isinstance(value, list):  # run_parcel's outcome per shard
+                    parcel.forget()
+                    for shard, outcome in zip(parcel.shards, value, strict=True):
+                        self._outcome(shard, outcome)
+                elif dask_future.status == "error":
+                    self._failed(parcel, dask_future)
+                else:  # its worker died before it was gathered: send the shards again
+                    parcel.forget()
+                    for shard in parcel.shards:
+                        self._lost(shard, suspect=False)
 
-    def _rewatch(self, shard: _Shard, dask_future: Any) -> None:
+    def _gather_one(self, dask_future: Any) -> Any:
+        try:
+            return self.client.gather(dask_future, direct=True)
+        except Exception:
+            return None
+
+    def _outcome(self, shard: _Shard, outcome: Any) -> None:
+        if shard.future.done():
+            return
+        if isinstance(outcome, dict):  # {output name: array}
+            self._settle(shard, result=outcome)
+        elif outcome == worker_side.NOT_RUN:  # its parcel was cut short by a timeout
+            self._resubmit(shard, suspect=False)
+        elif isinstance(outcome, BaseException):
+            self._error(shard, outcome)
+        else:
+            self._settle(shard, error=WorkerCrashedError(f"unexpected answer {outcome!r}"))
+
+    def _lost(self, shard: _Shard, suspect: bool) -> None:
+        """The shard's scattered copy (or its result) died with its worker: send it again."""
+        if shard.future.done():
+            return
+        self._workers_at = 0.0  # a worker is gone: ask the scheduler before the next scatter
         shard.lost += 1
         if shard.lost > MAX_LOST_RESULTS:
             r = shard.request
             self._settle(
                 shard,
                 error=WorkerCrashedError(
-                    f"rows {r.start}:{r.stop}: their result was lost {shard.lost} times "
-                    "before it could be gathered"
+                    f"rows {r.start}:{r.stop}: they were lost with their Dask worker "
+                    f"{shard.lost} times"
                 ),
             )
             return
-        if dask_future.status == "finished":
-            time.sleep(0.05)  # not yet marked lost by the client: look again shortly
-        self._watch(shard, dask_future)
+        self._resubmit(shard, suspect=suspect)
 
-    def _failed(self, shard: _Shard, dask_future: Any) -> None:
-        r = shard.request
-        shard.dask_future = None
+    def _failed(self, parcel: _Parcel, dask_future: Any) -> None:
+        parcel.forget()
         if dask_future.status == "cancelled":
-            self._settle(
-                shard,
-                error=PoolClosedError(f"rows {r.start}:{r.stop}: the cluster cancelled the shard"),
-            )
+            # Not cancelled by the pool (that forgets the future first): the scheduler dropped
+            # the task because the worker holding its scattered copy died. It may have been
+            # running there: its shards' next runs are suspects.
+            for shard in parcel.shards:
+                self._lost(shard, suspect=True)
             return
         exc = dask_future.exception()
+        for shard in parcel.shards:
+            if not shard.future.done():
+                self._error(shard, exc)
+
+    def _error(self, shard: _Shard, exc: BaseException) -> None:
+        r = shard.request
         limits = self._settings.limits
+        if isinstance(exc, worker_side.ShardTimedOut) and exc.combined:
+            shard.solo = True  # not counted: which shard of the call hung is not known yet
+            self._resubmit(shard, suspect=False)
+            return
         if isinstance(exc, worker_side.ShardTimedOut):
             shard.timeouts += 1
             if shard.timeouts > limits.max_retries:
@@ -481,7 +658,7 @@ class DaskBackend:
                     ),
                 )
             else:
-                self._resubmit(shard, suspect=shard.suspect_rounds > 0)
+                self._resubmit(shard, suspect=False)
             return
         if isinstance(exc, KilledWorker):
             shard.suspect_rounds += 1
@@ -530,7 +707,7 @@ class DaskBackend:
                     load_seconds=answer["load_seconds"],
                     loads=count,
                     shards=answer["shards"],
-                    batches=answer["shards"],
+                    batches=answer["batches"],
                     rows=answer["rows"],
                     busy_seconds=answer["busy_seconds"],
                     rss_bytes=answer["rss_bytes"],
@@ -555,14 +732,14 @@ class DaskBackend:
             return self._open_calls
 
 
-def _graphs(shards: list[_Shard]) -> list[list[_Shard]]:
-    """Consecutive groups of shards of at most ``GRAPH_BYTES`` of inputs (at least one each):
-    one ``Client.map`` each, so no task graph sent to the scheduler is large."""
+def _groups(shards: list[_Shard]) -> list[list[_Shard]]:
+    """Consecutive groups of shards of at most ``SCATTER_BYTES`` of inputs (at least one
+    each): one ``Client.scatter`` and one ``Client.map`` each."""
     groups: list[list[_Shard]] = []
-    size = GRAPH_BYTES
+    size = SCATTER_BYTES
     for shard in shards:
         nbytes = sum(a.nbytes for a in shard.request.inputs.values())
-        if size + nbytes > GRAPH_BYTES:
+        if size + nbytes > SCATTER_BYTES:
             groups.append([])
             size = 0
         groups[-1].append(shard)

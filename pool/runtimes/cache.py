@@ -161,3 +161,41 @@ def commit(staged: Path, target: Path) -> None:
         os.rename(target, trash / "entry")
         shutil.rmtree(trash, ignore_errors=True)
     os.rename(staged, target)
+
+
+def pack_entry(directory: str | Path) -> dict[str, bytes]:
+    """Every file of a whole entry (its manifest included), by relative path: what a worker
+    without the client's cache installs with :func:`install_entry`."""
+    root = Path(directory)
+    if valid_manifest(root) is None:
+        raise FileNotFoundError(f"the runtime cache entry {root} is not whole")
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def install_entry(files: dict[str, bytes], root: Path, name: str) -> Path:
+    """Install an entry packed by :func:`pack_entry` as ``<root>/<name>`` (unless a whole one
+    is there already), under the entry's lock; every file must match the manifest's hash."""
+    target = root / name
+    if valid_manifest(target) is not None:
+        return target
+    with locked(root, name):
+        if valid_manifest(target) is not None:
+            return target
+        staged = staging(root, name)
+        try:
+            for relative, data in files.items():
+                path = (staged / relative).resolve()
+                if not path.is_relative_to(staged.resolve()):
+                    raise ValueError(f"refusing to install {relative!r} outside {staged}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            if valid_manifest(staged) is None:
+                raise ValueError(
+                    f"the artifact received for {name} does not match its manifest's hashes"
+                )
+            commit(staged, target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    return target
