@@ -9,6 +9,7 @@ module never imports TensorFlow.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -322,6 +323,40 @@ class PredictionPool:
         backend, signature = self._running()
         arrays, rows = sharding.prepare(inputs, signature, check_finite)
         return self._dispatch(backend, signature, arrays, rows, shard_size)[0]
+
+    # --- asyncio ---------------------------------------------------------------------------
+    def asubmit(
+        self,
+        inputs: Any,
+        *,
+        shard_size: int | None = None,
+        check_finite: bool = False,
+    ) -> asyncio.Future[Prediction]:
+        """Like :meth:`submit`, but return an ``asyncio.Future`` of the running event loop.
+
+        Call it from a coroutine. The inputs are validated and queued at once (bad inputs
+        raise ``ValueError``/``TypeError`` here, a full queue ``QueueFullError``); awaiting the
+        future gives the result or raises the call's error. Cancelling it (or the task
+        awaiting it, e.g. through ``asyncio.wait_for``) cancels the call: its shards still
+        waiting for a worker are dropped from the queue; shards a worker has taken finish.
+        The event loop never blocks: the dispatcher thread completes the call and the loop is
+        woken once, with the result."""
+        future = self.submit(inputs, shard_size=shard_size, check_finite=check_finite)
+        return asyncio.wrap_future(future)
+
+    async def apredict(
+        self,
+        inputs: Any,
+        *,
+        shard_size: int | None = None,
+        check_finite: bool = False,
+    ) -> Prediction:
+        """``await pool.apredict(inputs)``: :meth:`predict` for asyncio code (a FastAPI or
+        Starlette handler, for example); concurrent awaits are combined into model calls like
+        concurrent ``submit`` calls. Cancelling the awaiting task (a client gone,
+        ``asyncio.wait_for``'s timeout) drops the call's shards still waiting for a worker;
+        errors are raised as :meth:`predict` raises them."""
+        return await self.asubmit(inputs, shard_size=shard_size, check_finite=check_finite)
 
     def imap(
         self,

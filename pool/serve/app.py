@@ -37,12 +37,11 @@ own it). ``app.state.serving`` (:class:`ServingState`) is the served model's ide
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -337,8 +336,7 @@ class _Handlers:
             return _json(content), parsed.rows
 
     # --- admission, the body and its parsing ------------------------------------------------
-    @contextlib.contextmanager
-    def _admitted(self) -> Iterator[None]:
+    def _admitted(self) -> _Admission:
         """Admit a prediction, or refuse it at once with 503: the server is draining, or
         ``max_concurrent_requests`` predictions are in progress already."""
         state = self.state
@@ -350,11 +348,7 @@ class _Handlers:
                 f"(max_concurrent_requests={state.max_concurrent_requests}); retry later",
                 503,
             )
-        state.predicting += 1
-        try:
-            yield
-        finally:
-            state.predicting -= 1
+        return _Admission(state)
 
     async def _parse(
         self, request: Request, started: float, parse: Callable[..., _Parsed], *args: Any
@@ -433,34 +427,41 @@ class _Handlers:
         )
 
     async def _call(self, request: Request, inputs: dict, started: float) -> Any:
+        """Submit ``inputs`` to the pool and await the answer (``PredictionPool.asubmit``),
+        until the request's deadline (else 504) or its client's disconnect (then 499); either
+        cancels the call, which drops it from the pool's queue if no worker took it yet."""
         try:
             if sum(a.nbytes for a in inputs.values()) > INLINE_BYTES:  # validated, copied
                 future = await run_in_threadpool(self.pool.submit, inputs)
+                waiter = asyncio.wrap_future(future)
             else:
-                future = self.pool.submit(inputs)  # validates; may raise QueueFullError at once
+                waiter = self.pool.asubmit(inputs)  # validates; may raise QueueFullError at once
         except (ValueError, TypeError) as exc:  # the input does not fit the signature
             raise RequestError(str(exc)) from None
-        waiter = asyncio.wrap_future(future)
-        gone = asyncio.ensure_future(_disconnected(request))
+        loop = asyncio.get_running_loop()
+        watch = _Watch(request, waiter)
         timeout = self.state.request_timeout
-        remaining = None if timeout is None else max(0.0, timeout - _since(started))
+        timer = None
+        if timeout is not None:
+            timer = loop.call_at(
+                loop.time() + max(0.0, timeout - _since(started)), watch.expire, timeout
+            )
+        # The common request is answered before this fires: it costs no task at all.
+        check = loop.call_later(DISCONNECT_CHECK_SECONDS, watch.start)
         try:
-            done, _ = await asyncio.wait(
-                {waiter, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            if waiter in done:
-                return waiter.result()
-            if gone in done:
-                raise _ClientGone
-            raise RequestError(
-                f"deadline exceeded: no answer within the request timeout of {timeout} s",
-                504,
-            )
+            return await waiter
+        except asyncio.CancelledError:
+            if watch.reason is not None:  # our deadline or the client's disconnect
+                raise watch.reason from None
+            raise  # the task itself was cancelled (the drain timed out)
         finally:
-            gone.cancel()
-            if not future.done():
-                future.cancel()  # drops it from the pool's queue if no worker took it yet
-                waiter.cancel()
+            check.cancel()
+            if timer is not None:
+                timer.cancel()
+            if watch.task is not None:
+                watch.task.cancel()
+            if not waiter.done():
+                waiter.cancel()  # cancels the pool's future: drops its queued shards
 
     # --- errors, logs, counters ------------------------------------------------------------
     def _failure(self, exc: Exception, request: Request) -> Response:
@@ -674,6 +675,62 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+#: Seconds a prediction waits before its client's disconnect is watched for (by a task reading
+#: the ASGI ``receive`` channel). Most answers come sooner and cost no task; a client that goes
+#: away is noticed at most this much later than it would be otherwise.
+DISCONNECT_CHECK_SECONDS = 0.05
+
+
+class _Admission:
+    """One admitted prediction, counted in ``state.predicting`` while the ``with`` lasts."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    def __enter__(self) -> None:
+        self.state.predicting += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.state.predicting -= 1
+
+
+class _Watch:
+    """Cancels a prediction's waiter when its deadline passes or its client disconnects, and
+    says why (``reason``); the disconnect is watched only once :meth:`start` is called."""
+
+    __slots__ = ("request", "waiter", "reason", "task")
+
+    def __init__(self, request: Request, waiter: asyncio.Future) -> None:
+        self.request = request
+        self.waiter = waiter
+        self.reason: BaseException | None = None
+        self.task: asyncio.Task | None = None
+
+    def stop(self, reason: BaseException) -> None:
+        if not self.waiter.done():
+            self.reason = reason
+            self.waiter.cancel()
+
+    def expire(self, timeout: float) -> None:
+        self.stop(
+            RequestError(
+                f"deadline exceeded: no answer within the request timeout of {timeout} s", 504
+            )
+        )
+
+    def start(self) -> None:
+        if not self.waiter.done():
+            self.task = asyncio.ensure_future(_disconnected(self.request))
+            self.task.add_done_callback(self._gone)
+
+    def _gone(self, task: asyncio.Task) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed receive counts as the client gone
+            self.stop(_ClientGone())
 
 
 def _status_of(exc: BaseException) -> tuple[int, str]:

@@ -32,6 +32,11 @@ from typing import Any
 import numpy as np
 
 from .. import sharding
+
+try:  # the serve extra installs orjson: a faster parser and a NumPy-aware encoder
+    import orjson
+except ImportError:  # pragma: no cover - the standard library does everything, slower
+    orjson = None  # type: ignore[assignment]
 from ..messages import DEFAULT_INPUT, DEFAULT_OUTPUT, STRING, SignatureInfo, TensorInfo
 
 #: Keys of the request and response objects.
@@ -102,9 +107,20 @@ def show(value: Any) -> str:
 
 
 def loads(body: bytes | bytearray) -> Any:
-    """Parse a JSON body (NaN, Infinity and -Infinity accepted), or raise a 400."""
+    """Parse a JSON body (NaN, Infinity and -Infinity accepted), or raise a 400.
+
+    With orjson installed it parses first, unless the body has a run of 19 or more digits
+    (orjson reads an integer past 64 bits as a float: the standard library keeps it an
+    integer, which the codec refuses by its rules); a body orjson refuses (NaN or Infinity
+    tokens, a lone surrogate, a syntax error) is parsed again by the standard library, whose
+    result and error messages are the reference."""
     if not body:
         raise RequestError("JSON Parse error: the document is empty; expected a JSON object")
+    if orjson is not None and _LONG_DIGITS not in body.translate(_DIGITS):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass  # the standard library decides (and words the error)
     try:
         return json.loads(body)
     except UnicodeDecodeError as exc:
@@ -120,6 +136,12 @@ def loads(body: bytes | bytearray) -> Any:
         ) from None
     except ValueError as exc:  # an integer of more than 4300 digits (sys.int_max_str_digits)
         raise RequestError(f"JSON Parse error: {_first_line(exc)}") from None
+
+
+#: ``bytes.translate`` table: every digit to ``1``, anything else to a space; a run of 19 of
+#: them may be an integer that does not fit 64 bits (and ``loads`` leaves it to ``json``).
+_DIGITS = bytes(49 if 48 <= i <= 57 else 32 for i in range(256))
+_LONG_DIGITS = b"1" * 19
 
 
 def signature_name(body: Any, default: str) -> str:
@@ -419,6 +441,9 @@ def encode_predict(outputs: Mapping[str, np.ndarray], columnar: bool) -> bytes:
         ((name, array),) = outputs.items()
         if array.ndim == 0:
             raise ValueError(f"output {name!r} is a scalar with no batch axis: it has no rows")
+        fast = _fast_json(array)
+        if fast is not None:
+            return b'{"predictions":' + fast + b"}"
         return ('{"predictions":' + json_value(array, name) + "}").encode()
     rows = {len(a) if a.ndim else -1 for a in outputs.values()}
     if len(rows) != 1 or -1 in rows:
@@ -435,7 +460,44 @@ def _object(members: Mapping[str, str]) -> str:
 
 def json_value(array: np.ndarray, name: str = "") -> str:
     """``array`` as JSON text: nested lists of its values (see the module docstring)."""
-    return _nest(_tokens(np.asarray(array), name))
+    array = np.asarray(array)
+    fast = _fast_json(array)
+    if fast is not None:
+        return fast.decode()
+    return _nest(_tokens(array, name))
+
+
+#: dtypes orjson writes exactly as :func:`_tokens` does (for floats: within _FAST_RANGE).
+_FAST_DTYPES = frozenset(
+    np.dtype(t)
+    for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+)
+_FAST_FLOATS = frozenset((np.dtype("float32"), np.dtype("float64")))
+#: Magnitudes (besides 0) whose shortest form orjson writes as NumPy does (no exponent); outside
+#: it the two differ in notation only (``1e-5`` against ``1e-05``), and NaN/Infinity need the
+#: bare tokens orjson does not write: those arrays take the NumPy path.
+_FAST_RANGE = (1e-4, 1e6)
+
+
+def _fast_json(array: np.ndarray) -> bytes | None:
+    """``array`` as JSON by orjson when it writes exactly what :func:`_tokens` would write,
+    else ``None``. About 10x faster than formatting each value with NumPy."""
+    if orjson is None or array.size == 0:
+        return None
+    dtype = array.dtype
+    if dtype in _FAST_FLOATS:
+        low, high = _FAST_RANGE
+        magnitude = np.abs(array)
+        if not (magnitude.min() > low and magnitude.max() < high):
+            zero_or_in_range = ((magnitude > low) & (magnitude < high)) | (array == 0)
+            if not zero_or_in_range.all():  # NaN fails every comparison: it lands here
+                return None
+    elif dtype not in _FAST_DTYPES:
+        return None
+    try:
+        return orjson.dumps(np.ascontiguousarray(array), option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:  # pragma: no cover - a layout orjson does not take
+        return None
 
 
 def _tokens(array: np.ndarray, name: str) -> np.ndarray:
