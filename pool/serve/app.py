@@ -374,7 +374,9 @@ class _Handlers:
         finally:
             reservation.release()
 
-    async def _body(self, request: Request, started: float, reservation: Reservation) -> bytearray:
+    async def _body(
+        self, request: Request, started: float, reservation: Reservation
+    ) -> bytes | bytearray:
         """The request body, read once its declared size fits the parse budget (waiting until
         the request's deadline for it, else 503), within ``body_timeout`` (else 408)."""
         state = self.state
@@ -393,30 +395,47 @@ class _Handlers:
             if not await reservation.take(declared, max(0.0, wait)):
                 raise self._busy()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + state.body_timeout
-        body = bytearray()
-        while True:
-            try:
-                message = await asyncio.wait_for(request.receive(), deadline - loop.time())
-            except asyncio.TimeoutError:
-                raise RequestError(
-                    f"request body not received within {state.body_timeout:g} s (body_timeout): "
-                    f"got {len(body)} of {header if declared is not None else 'an unknown'} bytes",
-                    408,
-                ) from None
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            body += message.get("body", b"")
-            if len(body) > limit:  # a chunked body with no declared size
-                raise RequestError(
-                    f"request body too large: expected at most {limit} bytes (max_body_bytes), "
-                    f"got more than {limit}",
-                    413,
-                )
-            if not reservation.grow_to(len(body)):
-                raise self._busy()
-            if not message.get("more_body", False):
-                return body  # not copied into bytes: json reads a bytearray as well
+        # One timer for the whole body, which cancels this task if it still waits then (no
+        # task per receive, as asyncio.wait_for would make): a body that came with its
+        # headers, the common case, is received without waiting at all.
+        expiry = _Expiry(asyncio.current_task())
+        timer = loop.call_at(loop.time() + state.body_timeout, expiry.fire)
+        body: bytes | bytearray = b""
+        try:
+            while True:
+                expiry.waiting = True
+                message = await request.receive()
+                expiry.waiting = False
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                chunk = message.get("body", b"")
+                if not body:
+                    body = chunk  # one message (the common case): not copied
+                elif chunk:
+                    if not isinstance(body, bytearray):
+                        body = bytearray(body)
+                    body += chunk
+                if len(body) > limit:  # a chunked body with no declared size
+                    raise RequestError(
+                        f"request body too large: expected at most {limit} bytes "
+                        f"(max_body_bytes), got more than {limit}",
+                        413,
+                    )
+                if not reservation.grow_to(len(body)):
+                    raise self._busy()
+                if not message.get("more_body", False):
+                    return body  # json and orjson read a bytearray as well
+        except asyncio.CancelledError:
+            if not expiry.fired:
+                raise  # the task itself was cancelled (the drain timed out)
+            expiry.uncancel()
+            raise RequestError(
+                f"request body not received within {state.body_timeout:g} s (body_timeout): "
+                f"got {len(body)} of {header if declared is not None else 'an unknown'} bytes",
+                408,
+            ) from None
+        finally:
+            timer.cancel()
 
     def _busy(self) -> RequestError:
         budget = self._budget
@@ -681,6 +700,29 @@ async def _disconnected(request: Request) -> None:
 #: the ASGI ``receive`` channel). Most answers come sooner and cost no task; a client that goes
 #: away is noticed at most this much later than it would be otherwise.
 DISCONNECT_CHECK_SECONDS = 0.05
+
+
+class _Expiry:
+    """Cancels ``task`` when fired while it waits for a message (``waiting``); ``fired`` tells
+    the task that the cancellation was this timer's, which :meth:`uncancel` then takes back
+    (Python 3.11+ counts cancellations)."""
+
+    __slots__ = ("task", "waiting", "fired")
+
+    def __init__(self, task: asyncio.Task | None) -> None:
+        self.task = task
+        self.waiting = False
+        self.fired = False
+
+    def fire(self) -> None:
+        if self.waiting and self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def uncancel(self) -> None:
+        uncancel = getattr(self.task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
 
 
 class _Admission:
