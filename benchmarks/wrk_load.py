@@ -13,9 +13,9 @@ system time over the run, divided by the requests answered. Only that process is
 its threads (event loop, the pool's dispatcher) but not its child processes (the workers),
 whose time the kernel keeps apart until they exit.
 
-:func:`load_generators` is where other load generators plug in (the gRPC one of
-``grpc_load.py`` for example): each is a function taking the same arguments and returning the
-same keys.
+Without wrk, :func:`rest_load_generator` falls back to ``serving_load.py`` (Python threads),
+with the same keys and a warning. Any load generator with :func:`run_wrk`'s arguments and keys
+plugs into ``serving.py``'s ``measure_protocol`` (the gRPC one of ``grpc_load.py``, say).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -156,11 +157,56 @@ def run_wrk(
     return result
 
 
+def run_python_load(
+    url: str,
+    bodies: Sequence[bytes],
+    *,
+    connections: int,
+    seconds: float,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """The fallback when wrk is absent: ``serving_load.py`` (Python threads, ``http.client``),
+    the same keys. It costs far more CPU per request than wrk, on the cores the server needs:
+    its figures understate what the server can do (its CPU is reported to show by how much)."""
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="pyload-") as tmp:
+        data = Path(tmp) / "bodies.jsonl"
+        data.write_bytes(b"\n".join(bodies) + b"\n")
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("serving_load.py")),
+            *("--url", url, "--bodies", str(data), "--seconds", str(seconds)),
+            *("closed", "--clients", str(connections)),
+        ]
+        cpu_before = process_cpu_seconds(server_pid) if server_pid else None
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = process.communicate(timeout=seconds + 180)
+        wall = time.perf_counter() - started
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_after = process_cpu_seconds(server_pid) if server_pid else None
+    if process.returncode != 0:
+        raise RuntimeError(f"load generator failed: {' '.join(command)}\n{err.decode()[-3000:]}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    requests = max(1, result["requests"])
+    result.update(connections=connections, load_generator="python (serving_load.py)")
+    own = usage.ru_utime + usage.ru_stime - children.ru_utime - children.ru_stime
+    result["load_generator_cpu_us_per_request"] = own / requests * 1e6
+    result["load_generator_cpu_cores"] = own / wall
+    if cpu_before is not None and cpu_after is not None:
+        result["server_cpu_us_per_request"] = (cpu_after - cpu_before) / requests * 1e6
+        result["server_cpu_cores"] = (cpu_after - cpu_before) / wall
+    return result
+
+
 #: A load generator: (url, bodies, connections=, seconds=, server_pid=) -> the keys above.
 LoadGenerator = Callable[..., dict[str, Any]]
 
 
-def load_generators() -> dict[str, LoadGenerator]:
-    """The load generators ``serving.py`` runs, by protocol. The lead adds ``"grpc"`` here
-    (``grpc_load.py``) once merged: a function with :func:`run_wrk`'s signature and keys."""
-    return {"rest": run_wrk}
+def rest_load_generator() -> tuple[str, LoadGenerator]:
+    """wrk when installed, else the Python fallback (with a warning saying what it costs)."""
+    if wrk_path() is not None:
+        return "wrk", run_wrk
+    return "python", run_python_load

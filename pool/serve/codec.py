@@ -109,14 +109,14 @@ def show(value: Any) -> str:
 def loads(body: bytes | bytearray) -> Any:
     """Parse a JSON body (NaN, Infinity and -Infinity accepted), or raise a 400.
 
-    With orjson installed it parses first, unless the body has a run of 19 or more digits
-    (orjson reads an integer past 64 bits as a float: the standard library keeps it an
-    integer, which the codec refuses by its rules); a body orjson refuses (NaN or Infinity
-    tokens, a lone surrogate, a syntax error) is parsed again by the standard library, whose
-    result and error messages are the reference."""
+    With orjson installed it parses first, unless the body may hold an integer of 19 or more
+    digits (orjson reads an integer past 64 bits as a float; the standard library keeps it an
+    integer, which the codec then refuses or converts by its rules); a body orjson refuses
+    (NaN or Infinity tokens, a lone surrogate, a syntax error) is parsed again by the standard
+    library, whose result and error messages are the reference."""
     if not body:
         raise RequestError("JSON Parse error: the document is empty; expected a JSON object")
-    if orjson is not None and _LONG_DIGITS not in body.translate(_DIGITS):
+    if orjson is not None and not _may_hold_long_integers(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -138,10 +138,17 @@ def loads(body: bytes | bytearray) -> Any:
         raise RequestError(f"JSON Parse error: {_first_line(exc)}") from None
 
 
-#: ``bytes.translate`` table: every digit to ``1``, anything else to a space; a run of 19 of
-#: them may be an integer that does not fit 64 bits (and ``loads`` leaves it to ``json``).
-_DIGITS = bytes(49 if 48 <= i <= 57 else 32 for i in range(256))
-_LONG_DIGITS = b"1" * 19
+#: ``bytes.translate`` table: digits to ``1``, ``.`` kept, anything else to a space. A run of
+#: 19 digits after a space (or at the start) may be an integer that does not fit 64 bits; after
+#: a ``.`` it is the fraction of a decimal (float64 values printed in full often have one).
+_DIGITS = bytes(49 if 48 <= i <= 57 else 46 if i == 46 else 32 for i in range(256))
+_LONG_INTEGER = b" " + b"1" * 19
+
+
+def _may_hold_long_integers(body: bytes | bytearray) -> bool:
+    """Whether ``body`` may hold an integer literal of 19+ digits (a few ns per byte)."""
+    marked = body.translate(_DIGITS)
+    return _LONG_INTEGER in marked or marked.startswith(_LONG_INTEGER[1:])
 
 
 def signature_name(body: Any, default: str) -> str:
