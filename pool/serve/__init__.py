@@ -2,7 +2,7 @@
 
     python -m pool serve MODEL [--port 8501] ...        (pip install 'prediction-pool[serve]')
 
-    client ─HTTP─▶ uvicorn ─▶ app.create_app(pool) ──pool.submit──▶ PredictionPool ─▶ workers
+    client ─HTTP─▶ uvicorn ─▶ app.create_app(pool) ──pool.asubmit──▶ PredictionPool ─▶ workers
                                │ codec: TF Serving JSON <-> arrays      (dynamic batching of
                                │ v2: Open Inference Protocol             concurrent requests)
                                │ metrics: Prometheus

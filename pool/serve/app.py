@@ -5,8 +5,9 @@
                                   │ reserve the body's bytes in the parse budget (limits.py)
                                   │ read body (≤ max_body_bytes, within body_timeout, else 408)
                                   │ gunzip, JSON, codec / v2 ─ in a thread when large
-                                  │ future = pool.submit(inputs)  ── validates, queues
-                                  │ await future | deadline | client disconnect
+                                  │ future = pool.asubmit(inputs) ── validates, queues
+                                  │ await future (a timer cancels it at the deadline; a
+                                  │ client gone after 50 ms cancels it too)
                                   ▼                                      │
                               JSON answer ◀── outputs ◀── pool's dynamic batching ◀── workers
 
