@@ -1074,4 +1074,4 @@ def test_serving_benchmark_quick_run(tmp_path):
         assert workload["servers"]["pool"]["rows_per_model_call"] >= 1
     assert (tmp_path / "serving.png").read_bytes().startswith(b"\x89PNG")
     table = (tmp_path / "serving.md").read_text()
-    assert "| clients |" in table and table.strip() == done.stdout.strip()
+    assert "| connections |" in table and table.strip() == done.stdout.strip()
