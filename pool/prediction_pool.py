@@ -341,8 +341,9 @@ class PredictionPool:
         waiting for a worker are dropped from the queue; shards a worker has taken finish.
         The event loop never blocks: the dispatcher thread completes the call and the loop is
         woken once, with the result."""
-        future = self.submit(inputs, shard_size=shard_size, check_finite=check_finite)
-        return asyncio.wrap_future(future)
+        loop = asyncio.get_running_loop()
+        call = self.submit(inputs, shard_size=shard_size, check_finite=check_finite)
+        return _CallWaiter(call, loop)
 
     async def apredict(
         self,
@@ -618,6 +619,48 @@ class CallFuture(PoolFuture):
         dropped = [p for p in reversed(self.parts) if p.cancel() or p.cancelled()]
         self.cancelling = False
         return super().cancel() if dropped else False
+
+
+class _CallWaiter(asyncio.Future):
+    """The asyncio side of one call (what :meth:`PredictionPool.asubmit` returns): completed on
+    its event loop with the call's result or error, from the thread that completes the call,
+    with one wake-up of the loop. Cancelling it (the awaiting task cancelled, ``wait_for``'s
+    timeout) cancels the call. Leaner than ``asyncio.wrap_future``: no callback on this side
+    (cancel is overridden), an inline callback on the pool's side."""
+
+    def __init__(self, call: Future, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._call = call
+
+        def settle(_: Future) -> None:  # quick, never blocks, never raises
+            try:
+                loop.call_soon_threadsafe(self._settle)
+            except RuntimeError:  # the loop is closed: nobody waits for the answer any more
+                pass
+
+        if isinstance(call, PoolFuture):
+            call.add_inline_callback(settle)
+        else:  # a plain Future runs its callbacks in the completing thread as well
+            call.add_done_callback(settle)
+
+    def _settle(self) -> None:
+        if self.done():  # cancelled meanwhile
+            return
+        call = self._call
+        if call.cancelled():
+            super().cancel()
+            return
+        error = call.exception()
+        if error is not None:
+            self.set_exception(error)
+        else:
+            self.set_result(call.result())
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.done():
+            return False
+        self._call.cancel()  # drops the call's shards still waiting for a worker
+        return super().cancel(msg)
 
 
 def rows_of(result: Prediction) -> int:

@@ -148,7 +148,7 @@ def test_concurrent_awaits_are_combined_into_model_calls(batching):
 def cluster_pool():
     with (
         distributed.LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
         PredictionPool(

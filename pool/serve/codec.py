@@ -359,6 +359,10 @@ def _strings(name: str, value: Any, where: str) -> np.ndarray:
             f"input {name!r} in {where}: expected a list with one string per row, got a "
             f"single {type_name(value)} {show(value)}"
         )
+    if value and all(type(item) is str for item in value):  # the common case: one string a row
+        out = np.empty(len(value), dtype=object)
+        out[:] = value
+        return out
     shape = _check_rank(name, value, where)
     flat: list[str | bytes] = []
 
