@@ -459,15 +459,15 @@ class _Handlers:
         except (ValueError, TypeError) as exc:  # the input does not fit the signature
             raise RequestError(str(exc)) from None
         loop = asyncio.get_running_loop()
-        watch = _Watch(request, waiter)
         timeout = self.state.request_timeout
-        timer = None
-        if timeout is not None:
-            timer = loop.call_at(
-                loop.time() + max(0.0, timeout - _since(started)), watch.expire, timeout
-            )
-        # The common request is answered before this fires: it costs no task at all.
-        check = loop.call_later(DISCONNECT_CHECK_SECONDS, watch.start)
+        deadline = None if timeout is None else loop.time() + timeout - _since(started)
+        watch = _Watch(request, waiter, timeout, deadline)
+        # One timer: most answers come before it fires and cost no task and no other timer.
+        # Then the disconnect watch starts and the deadline's timer is set (if still ahead).
+        first = DISCONNECT_CHECK_SECONDS
+        if deadline is not None:
+            first = min(first, max(0.0, deadline - loop.time()))
+        watch.timer = loop.call_later(first, watch.start)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -475,9 +475,7 @@ class _Handlers:
                 raise watch.reason from None
             raise  # the task itself was cancelled (the drain timed out)
         finally:
-            check.cancel()
-            if timer is not None:
-                timer.cancel()
+            watch.timer.cancel()
             if watch.task is not None:
                 watch.task.cancel()
             if not waiter.done():
@@ -743,32 +741,50 @@ class _Admission:
 
 class _Watch:
     """Cancels a prediction's waiter when its deadline passes or its client disconnects, and
-    says why (``reason``); the disconnect is watched only once :meth:`start` is called."""
+    says why (``reason``). Nothing is watched before :meth:`start` (its first timer): then the
+    disconnect watch task starts and the deadline's timer replaces the first."""
 
-    __slots__ = ("request", "waiter", "reason", "task")
+    __slots__ = ("request", "waiter", "timeout", "deadline", "reason", "task", "timer")
 
-    def __init__(self, request: Request, waiter: asyncio.Future) -> None:
+    def __init__(
+        self,
+        request: Request,
+        waiter: asyncio.Future,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> None:
         self.request = request
         self.waiter = waiter
+        self.timeout = timeout
+        self.deadline = deadline  # loop time
         self.reason: BaseException | None = None
         self.task: asyncio.Task | None = None
+        self.timer: asyncio.Handle
 
     def stop(self, reason: BaseException) -> None:
         if not self.waiter.done():
             self.reason = reason
             self.waiter.cancel()
 
-    def expire(self, timeout: float) -> None:
+    def expire(self) -> None:
         self.stop(
             RequestError(
-                f"deadline exceeded: no answer within the request timeout of {timeout} s", 504
+                f"deadline exceeded: no answer within the request timeout of {self.timeout} s",
+                504,
             )
         )
 
     def start(self) -> None:
-        if not self.waiter.done():
-            self.task = asyncio.ensure_future(_disconnected(self.request))
-            self.task.add_done_callback(self._gone)
+        if self.waiter.done():
+            return
+        loop = self.waiter.get_loop()
+        if self.deadline is not None:
+            if loop.time() >= self.deadline:
+                self.expire()
+                return
+            self.timer = loop.call_at(self.deadline, self.expire)
+        self.task = asyncio.ensure_future(_disconnected(self.request))
+        self.task.add_done_callback(self._gone)
 
     def _gone(self, task: asyncio.Task) -> None:
         if not task.cancelled():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -212,6 +213,12 @@ def parse_predict(body: Mapping[str, Any], signature: SignatureInfo) -> PredictR
     return PredictRequest(inputs, columnar, next(iter(rows.values()), 0))
 
 
+@functools.lru_cache(maxsize=64)
+def _described(signature: SignatureInfo) -> str:
+    """``signature.describe_inputs()``, once per signature (it is in every error message)."""
+    return signature.describe_inputs()
+
+
 def _specs(signature: SignatureInfo) -> dict[str, TensorInfo | None]:
     if signature.inputs is None:  # a plain callable: one unnamed input, or whatever is named
         return {}
@@ -221,7 +228,7 @@ def _specs(signature: SignatureInfo) -> dict[str, TensorInfo | None]:
 def _from_instances(
     instances: Any, specs: dict[str, TensorInfo | None], signature: SignatureInfo
 ) -> dict[str, np.ndarray]:
-    expected = signature.describe_inputs()
+    expected = _described(signature)
     if not isinstance(instances, list):
         raise RequestError(
             f"expected 'instances' to be a list (one item per row), got {type_name(instances)} "
@@ -268,7 +275,7 @@ def _from_instances(
 def _from_inputs(
     value: Any, specs: dict[str, TensorInfo | None], signature: SignatureInfo
 ) -> dict[str, np.ndarray]:
-    expected = signature.describe_inputs()
+    expected = _described(signature)
     if not isinstance(value, dict) or is_b64(value):
         if len(specs) > 1:
             raise RequestError(
