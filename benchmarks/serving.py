@@ -1,33 +1,31 @@
 """Serving benchmark: ``python -m pool serve`` against the same HTTP stack serving a global model.
 
-    python benchmarks/serving.py [--workloads text,image] [--image-model mobilenet_v2]
-                                 [--clients 1,4,16,64] [--seconds 10] [--workers N]
-                                 [--open-loop-load 0.7] [--quick] [--output-dir DIR]
+    python benchmarks/serving.py [--workloads text,cnn,image] [--clients 1,16,64]
+                                 [--seconds 10] [--workers N] [--quick] [--output-dir DIR]
                                  [--update-docs]
 
-For each workload (``text``: the reference text-embedding model; ``image``: an image model,
-MobileNetV2 by default), two servers run one after the other on a free loopback port, each in
-its own process, never at the same time:
+Workloads: ``text`` (the reference text-embedding model), ``cnn`` (the small CNN, 32x32x3
+images) and ``image`` (MobileNetV2, 224x224x3). For each, two servers run one after the
+other on a free loopback port, each in its own process, never at the same time:
 
 1. ``baseline``: ``benchmarks/serving_baseline.py``, the model loaded once into a global and
-   called from a thread pool, behind the same Starlette + uvicorn app and JSON codec;
-2. ``pool``: ``python -m pool serve`` (default batching options: dispatch at once, combine what
-   waits, up to 256 rows per model call).
+   called from a thread pool, behind the same ``create_app`` on uvicorn (same JSON codec);
+2. ``pool``: ``python -m pool serve`` (default batching options).
 
-Each server gets, from a separate load-generator process (``serving_load.py``: threads,
-keep-alive ``http.client`` connections, loopback only, bounded in time and count):
+Load: ``wrk`` (a C load generator: ``apt-get install wrk``; without it the Python load
+generator ``serving_load.py`` runs instead, with a warning, and the figures understate the
+server), closed loop, one-row ``:predict`` requests sent round robin from 64 bodies, at each
+``--clients`` count (keep-alive connections). Reported per run: requests/s, p50/p99 latency,
+errors, the server process's CPU per request (its own user + system time over the requests
+answered; the pool's workers are other processes and are not counted; the baseline's model
+runs inside its process and is), the load generator's CPU per request, and the rows per model
+call (from the metrics endpoint). Both servers answer the same bodies first and the answers are
+compared row by row. Writes ``serving.json``, ``serving.md`` (also printed) and ``serving.png``.
 
-- closed loop: 1, 4, 16, 64 clients sending one-row ``:predict`` requests back to back;
-- open loop: a fixed arrival rate, the same for both servers (``--open-loop-load`` times the
-  baseline's best closed-loop rate), latency measured from each request's due time.
-
-Both servers answer the same request bodies first, and the answers are compared row by row
-(``outputs_match``). Reported per run: requests/s, p50/p90/p99 latency, errors, and for the
-pool the rows per model call (the batch sizes its dynamic batching formed, from the metrics
-endpoint). Writes ``serving.json`` (every figure, the machine), ``serving.png`` (p50 and p99
-latency against throughput) and ``serving.md`` (the tables and targets, also printed to stdout).
-Targets (issue 11): at 16+ clients the pool's req/s >= 2x the baseline's on the text model with
-p99 no worse, >= 1.0x on the image model.
+Targets (issue 15, 2 cores): the pool's REST req/s >= 2x the baseline's at 16 and 64 connections
+on ``text`` and ``cnn``, >= 1.0x on ``image``; the pool server's CPU per one-row REST request
+<= 200 us (text model, 16 and 64 connections). Other protocols (gRPC) plug in through
+:func:`measure_protocol`.
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +53,10 @@ if str(REPO) not in sys.path:  # `pool` from this checkout even when it is not i
     sys.path.insert(1, str(REPO))
 
 import common  # noqa: E402  (benchmarks/ is on sys.path as the script's directory)
+from wrk_load import INSTALL_HINT, LoadGenerator, rest_load_generator  # noqa: E402
 
 log = logging.getLogger("serving")
 
-LOAD = HERE / "serving_load.py"
 BASELINE = HERE / "serving_baseline.py"
 DEFAULT_OUTPUT_DIR = HERE / "results"
 DOCS_BEGIN = "<!-- serving-results:begin (pasted by serving.py --update-docs) -->"
@@ -67,6 +66,13 @@ READY = re.compile(r"^serving '(?P<name>[^']+)' version (?P<version>\d+) on (?P<
 BODIES = 64
 #: Requests whose answers are compared between the two servers.
 CHECKED = 16
+#: Workload -> reference model (``--quick`` runs text and cnn only).
+WORKLOADS = {"text": "text_embedding", "cnn": "small_cnn", "image": "mobilenet_v2"}
+#: Issue 15's targets: pool req/s over the baseline's at 16+ connections, and the pool server's
+#: CPU per one-row REST request on the text model.
+SPEEDUP = {"text": 2.0, "cnn": 2.0, "image": 1.0}
+TARGET_CONNECTIONS = (16, 64)
+CPU_TARGET_US = 200.0
 
 
 def _int_list(text: str) -> list[int]:
@@ -83,24 +89,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--workloads", default="text,image", help="text, image or both (default)")
-    p.add_argument("--text-model", default="text_embedding", help="reference model name")
     p.add_argument(
-        "--image-model", default="mobilenet_v2", help="reference model name (small_cnn...)"
+        "--workloads", default="text,cnn,image", help="any of text, cnn, image (default: all)"
     )
-    p.add_argument("--clients", type=_int_list, default=[1, 4, 16, 64])
+    p.add_argument("--clients", type=_int_list, default=[1, 16, 64], help="connections (wrk -c)")
     p.add_argument("--seconds", type=float, default=10.0, help="per closed/open-loop run")
     p.add_argument("--workers", type=int, help="pool workers (default: the pool's default)")
     p.add_argument(
-        "--open-loop-load",
-        type=float,
-        default=0.7,
-        help="open-loop rate as a fraction of the baseline's best closed-loop req/s",
-    )
-    p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: small_cnn as the image model, 1.5 s per run (figures not meaningful)",
+        help="smoke run: text and cnn only, 1 s per run (figures not meaningful)",
     )
     p.add_argument(
         "--output-dir",
@@ -118,11 +116,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.output_dir is None:
         args.output_dir = DEFAULT_OUTPUT_DIR / "quick" if args.quick else DEFAULT_OUTPUT_DIR
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    if not args.workloads or set(args.workloads) - {"text", "image"}:
-        p.error(f"--workloads: expected text, image or both, got {args.workloads}")
+    if not args.workloads or set(args.workloads) - set(WORKLOADS):
+        p.error(f"--workloads: expected some of {', '.join(WORKLOADS)}, got {args.workloads}")
     if args.quick:
-        args.image_model = "small_cnn" if args.image_model == "mobilenet_v2" else args.image_model
-        args.seconds = min(args.seconds, 1.5)
+        args.workloads = [w for w in args.workloads if w != "image"] or ["text"]
+        args.seconds = min(args.seconds, 1.0)
     return args
 
 
@@ -142,7 +140,7 @@ class ServerProcess:
             errors="replace",
         )
         self.lines: list[str] = []
-        self.url = self.name = ""
+        self.url = self.name = self.kind = ""
         ready = threading.Event()
 
         def read() -> None:
@@ -210,9 +208,10 @@ def make_bodies(workload: str, model_name: str, workdir: Path) -> tuple[Path, li
     specs = common.REFERENCE_INPUTS.get(model_name)
     if specs is None:
         raise SystemExit(f"unknown signature for {model_name!r}: use a reference model")
-    inputs = common.make_inputs(specs, BODIES, seed=11)
+    count = 8 if workload == "image" else BODIES  # a MobileNetV2 row is ~3 MB of JSON
+    inputs = common.make_inputs(specs, count, seed=11)
     bodies = []
-    for i in range(BODIES):
+    for i in range(count):
         instance = {k: (v[i].tolist() if v.dtype != object else v[i]) for k, v in inputs.items()}
         row = next(iter(instance.values())) if len(instance) == 1 else instance
         bodies.append(json.dumps({"instances": [row]}).encode())
@@ -221,30 +220,42 @@ def make_bodies(workload: str, model_name: str, workdir: Path) -> tuple[Path, li
     return path, bodies
 
 
-def run_load(server: ServerProcess, bodies: Path, mode: list[str], seconds: float) -> dict:
-    command = [
-        sys.executable,
-        str(LOAD),
-        "--url",
-        server.predict_url,
-        "--bodies",
-        str(bodies),
-        "--seconds",
-        str(seconds),
-        *mode,
-    ]
+def model_counters_delta(server: ServerProcess, run: Callable[[], dict]) -> dict:
+    """``run()``'s result with the rows per model call the server formed meanwhile."""
     rows_before, calls_before = server.model_counters()
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=seconds + 180, cwd=REPO, check=False
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"load generator failed: {' '.join(command)}\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run()
     rows_after, calls_after = server.model_counters()
     calls = calls_after - calls_before
     result["model_calls"] = calls
     result["rows_per_model_call"] = (rows_after - rows_before) / calls if calls else None
     return result
+
+
+def measure_protocol(
+    server: ServerProcess,
+    protocol: str,
+    generator: LoadGenerator,
+    target: str,
+    bodies: list[Any],
+    clients: list[int],
+    seconds: float,
+) -> list[dict]:
+    """One closed-loop run per connection count of ``generator(target, bodies, connections=,
+    seconds=, server_pid=)`` against ``server``: the REST rows (wrk on the ``:predict`` URL);
+    after merging, the gRPC rows come from the same call with ``grpc_load.py``'s generator, its
+    target and its requests (the keys of ``wrk_load.run_wrk``'s result)."""
+    runs = []
+    for count in clients:
+        log.info("%s: %s, %d connections", server.kind, protocol, count)
+        result = model_counters_delta(
+            server,
+            lambda count=count: generator(
+                target, bodies, connections=count, seconds=seconds, server_pid=server.process.pid
+            ),
+        )
+        result.update(protocol=protocol, clients=count)
+        runs.append(result)
+    return runs
 
 
 def compare(answers: dict[str, list[dict]]) -> dict[str, Any]:
@@ -259,78 +270,91 @@ def compare(answers: dict[str, list[dict]]) -> dict[str, Any]:
 
 
 def measure_workload(args: argparse.Namespace, workload: str, workdir: Path) -> dict[str, Any]:
-    model_name = args.text_model if workload == "text" else args.image_model
+    model_name = WORKLOADS[workload]
     model = common.reference_model(model_name)
-    bodies_path, bodies = make_bodies(workload, model_name, workdir)
+    _, bodies = make_bodies(workload, model_name, workdir)
     servers: dict[str, dict] = {}
     answers: dict[str, list[dict]] = {}
-    rate = None
+    generator_name, generator = rest_load_generator()
     for kind in ("baseline", "pool"):
         log.info("%s: starting the %s server on %s", workload, kind, model)
         server = ServerProcess(server_command(kind, model, args.workers))
+        server.kind = f"{workload}/{kind}"
         try:
             answers[kind] = [server.post(b) for b in bodies[:CHECKED]]  # also warms up
-            closed = []
-            for clients in args.clients:
-                log.info("%s/%s: closed loop, %d clients", workload, kind, clients)
-                closed.append(
-                    run_load(
-                        server, bodies_path, ["closed", "--clients", str(clients)], args.seconds
-                    )
-                )
-            if rate is None:  # the baseline's best closed-loop rate sets the open-loop rate
-                best = max(r["requests_per_second"] for r in closed)
-                rate = max(1.0, round(args.open_loop_load * best, 1))
-            log.info("%s/%s: open loop at %.1f req/s", workload, kind, rate)
-            opened = run_load(server, bodies_path, ["open", "--rate", str(rate)], args.seconds)
+            runs = measure_protocol(
+                server,
+                "rest",
+                generator,
+                server.predict_url,
+                bodies,
+                args.clients,
+                args.seconds,
+            )
+            # gRPC rows (after merging grpc_load.py): runs += measure_protocol(server, "grpc", ...)
+            calls = sum(r["model_calls"] for r in runs)
+            rows = sum((r["rows_per_model_call"] or 0) * r["model_calls"] for r in runs)
             servers[kind] = {
                 "command": " ".join(server.command[1:]),
                 "startup_seconds": server.startup_seconds,
-                "closed_loop": closed,
-                "open_loop": opened,
+                "load_generator": generator_name,
+                "runs": runs,
+                "rows_per_model_call": rows / calls if calls else None,
             }
-            calls = sum(r["model_calls"] for r in [*closed, opened])
-            rows = sum(
-                (r["rows_per_model_call"] or 0) * r["model_calls"] for r in [*closed, opened]
-            )
-            servers[kind]["rows_per_model_call"] = rows / calls if calls else None
         finally:
             code = server.stop()
         if code != 0:
             raise SystemExit(f"the {kind} server exited {code}:\n" + "\n".join(server.lines[-30:]))
     return {
         "model": model,
-        "open_loop_rate": rate,
         **compare(answers),
         "servers": servers,
-        "targets": targets(workload, servers, args.clients),
+        "targets": targets(workload, servers),
     }
 
 
-def targets(workload: str, servers: dict, clients: list[int]) -> list[dict]:
-    """Issue 11's targets at 16+ clients (PASS/MISS; N/A when no such run was made)."""
-    wanted = 2.0 if workload == "text" else 1.0
+def targets(workload: str, servers: dict) -> list[dict]:
+    """Issue 15's targets (PASS/MISS; N/A when no such run was made)."""
+    wanted = SPEEDUP[workload]
     out = []
-    pairs = zip(servers["baseline"]["closed_loop"], servers["pool"]["closed_loop"], strict=True)
-    for base, pool in pairs:
-        if base["clients"] < 16:
+    base_runs = {(r["protocol"], r["clients"]): r for r in servers["baseline"]["runs"]}
+    for run in servers["pool"]["runs"]:
+        base = base_runs.get((run["protocol"], run["clients"]))
+        if base is None or run["clients"] not in TARGET_CONNECTIONS:
             continue
-        ratio = pool["requests_per_second"] / max(base["requests_per_second"], 1e-9)
-        p99_ok = workload != "text" or pool["latency_ms"]["p99"] <= base["latency_ms"]["p99"]
+        ratio = run["requests_per_second"] / max(base["requests_per_second"], 1e-9)
         out.append(
             {
-                "target": f"{base['clients']} clients: pool req/s >= {wanted:g}x baseline"
-                + (", p99 no worse" if workload == "text" else ""),
+                "target": f"{run['protocol']} {run['clients']} connections: pool req/s >= "
+                f"{wanted:g}x baseline",
                 "ratio": ratio,
-                "passed": ratio >= wanted and p99_ok,
+                "passed": ratio >= wanted,
             }
         )
+        cpu = run.get("server_cpu_us_per_request")
+        if workload == "text" and run["protocol"] == "rest" and cpu is not None:
+            out.append(
+                {
+                    "target": f"rest {run['clients']} connections: pool server CPU per one-row "
+                    f"request <= {CPU_TARGET_US:g} us",
+                    "value": cpu,
+                    "passed": cpu <= CPU_TARGET_US,
+                }
+            )
     if not out:
-        out.append({"target": "16+ clients (no such run)", "ratio": None, "passed": None})
+        out.append({"target": "16 or 64 connections (no such run)", "ratio": None, "passed": None})
     return out
 
 
 # --- report -------------------------------------------------------------------------------------
+def _ms(run: dict) -> str:
+    return f"{run['latency_ms']['p50']:.1f} / {run['latency_ms']['p99']:.1f}"
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def markdown(results: dict) -> str:
     machine = results["machine"]
     lines = [
@@ -338,42 +362,58 @@ def markdown(results: dict) -> str:
         "",
         f"Run {results['finished']} (revision {results['revision']}) on {machine['cpu_model']}, "
         f"{machine['logical_cores']} logical cores; command: `{results['command']}`. "
-        f"{results['settings']['seconds']:g} s per run.",
+        f"{results['settings']['seconds']:g} s per run, closed loop, one-row requests; load "
+        f"generator: {results['settings']['load_generator']}.",
         "",
         "![p50 and p99 latency against throughput](serving.png)",
+        "",
+        "Server CPU: the server process's own CPU time per request (the pool's workers are other "
+        "processes, not counted; the baseline computes the model in its process). Load CPU: the "
+        "load generator's CPU per request.",
         "",
     ]
     for workload, data in results["workloads"].items():
         servers = data["servers"]
+        base_runs = {(r["protocol"], r["clients"]): r for r in servers["baseline"]["runs"]}
         lines += [
-            f"### {workload}: `{Path(data['model']).name}`, one-row requests",
+            f"### {workload}: `{Path(data['model']).name}`",
             "",
-            "| clients | baseline req/s | pool req/s | pool / baseline | baseline p50 / p99 ms "
-            "| pool p50 / p99 ms | pool rows per model call | errors (baseline, pool) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| protocol | connections | baseline req/s | pool req/s | pool / baseline "
+            "| baseline p50 / p99 ms | pool p50 / p99 ms | baseline server CPU us/req "
+            "| pool server CPU us/req | load CPU us/req (pool run) | pool rows per model call "
+            "| errors (baseline, pool) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        runs = [
-            *zip(servers["baseline"]["closed_loop"], servers["pool"]["closed_loop"], strict=True),
-            (servers["baseline"]["open_loop"], servers["pool"]["open_loop"]),
-        ]
-        for base, pool in runs:
-            label = str(base["clients"]) if "clients" in base else f"open loop {base['rate']:g}/s"
-            ratio = pool["requests_per_second"] / max(base["requests_per_second"], 1e-9)
-            per_call = pool["rows_per_model_call"]
+        for run in servers["pool"]["runs"]:
+            base = base_runs.get((run["protocol"], run["clients"]))
+            ratio = (
+                "-"
+                if base is None
+                else f"{run['requests_per_second'] / max(base['requests_per_second'], 1e-9):.2f}x"
+            )
+            per_call = run["rows_per_model_call"]
             lines.append(
-                f"| {label} | {base['requests_per_second']:.0f} | "
-                f"{pool['requests_per_second']:.0f} | {ratio:.2f}x | "
-                f"{base['latency_ms']['p50']:.1f} / {base['latency_ms']['p99']:.1f} | "
-                f"{pool['latency_ms']['p50']:.1f} / {pool['latency_ms']['p99']:.1f} | "
+                f"| {run['protocol']} | {run['clients']} | "
+                f"{'-' if base is None else round(base['requests_per_second'])} | "
+                f"{run['requests_per_second']:.0f} | {ratio} | "
+                f"{'-' if base is None else _ms(base)} | {_ms(run)} | "
+                f"{_us(None if base is None else base.get('server_cpu_us_per_request'))} | "
+                f"{_us(run.get('server_cpu_us_per_request'))} | "
+                f"{_us(run.get('load_generator_cpu_us_per_request'))} | "
                 f"{'-' if per_call is None else f'{per_call:.1f}'} | "
-                f"{base['errors']}, {pool['errors']} |"
+                f"{'-' if base is None else base['errors']}, {run['errors']} |"
             )
         match = "match" if data["outputs_match"] else "DIFFER"
         lines += ["", f"Answers of the two servers {match} (max abs diff {data['max_abs_diff']})."]
         for t in data["targets"]:
             verdict = {True: "PASS", False: "MISS", None: "N/A"}[t["passed"]]
-            ratio = "" if t["ratio"] is None else f": {t['ratio']:.2f}x"
-            lines.append(f"- {verdict} {t['target']}{ratio}")
+            if t.get("ratio") is not None:
+                figure = f": {t['ratio']:.2f}x"
+            elif t.get("value") is not None:
+                figure = f": {t['value']:.0f} us"
+            else:
+                figure = ""
+            lines.append(f"- {verdict} {t['target']}{figure}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -388,7 +428,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.8), squeeze=False)
     for ax, (workload, data) in zip(axes[0], workloads.items(), strict=True):
         for kind, color in (("baseline", "tab:gray"), ("pool", "tab:blue")):
-            runs = data["servers"][kind]["closed_loop"]
+            runs = [r for r in data["servers"][kind]["runs"] if r["protocol"] == "rest"]
             x = [r["requests_per_second"] for r in runs]
             for q, style in (("p50", "-o"), ("p99", "--^")):
                 ax.plot(
@@ -402,17 +442,8 @@ def plot(results: dict, path: Path) -> None:
                     textcoords="offset points",
                     xytext=(3, 3),
                 )
-            opened = data["servers"][kind]["open_loop"]
-            ax.plot(
-                [opened["requests_per_second"]],
-                [opened["latency_ms"]["p99"]],
-                "s",
-                color=color,
-                mfc="none",
-                label=f"{kind} open-loop p99",
-            )
         ax.set_title(f"{workload}: {Path(data['model']).name}")
-        ax.set_xlabel("requests / s (closed loop; labels: clients)")
+        ax.set_xlabel("requests / s (REST, closed loop; labels: connections)")
         ax.set_ylabel("latency (ms)")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
@@ -425,6 +456,14 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.setup_logging()
+    generator_name, _ = rest_load_generator()
+    if generator_name != "wrk":
+        log.warning(
+            "%s; falling back to the Python load generator (serving_load.py), whose "
+            "CPU per request is several times wrk's, on the server's cores: the "
+            "figures understate the servers",
+            INSTALL_HINT,
+        )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "command": common.command_line(argv),
@@ -435,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             "clients": args.clients,
             "seconds": args.seconds,
             "workers": args.workers,
-            "open_loop_load": args.open_loop_load,
             "quick": args.quick,
+            "load_generator": generator_name,
             "bodies": BODIES,
         },
         "workloads": {},

@@ -14,6 +14,7 @@ thread pools (every core), as a global model in a web server does.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import threading
@@ -54,6 +55,10 @@ class GlobalModel:
         with self._lock:
             self._queued += 1
         return self._executor.submit(self._call, arrays, rows)
+
+    def asubmit(self, inputs: Any) -> asyncio.Future:
+        """What the app awaits (``PredictionPool.asubmit``'s contract)."""
+        return asyncio.wrap_future(self.submit(inputs))
 
     def _call(self, arrays: dict, rows: int) -> Any:
         with self._lock:

@@ -5,6 +5,7 @@ once. Calls are validated, split into shards, combined with other callers' waiti
 model calls, run on all cores and gathered in input order::
 
     caller: pool.predict(x) / pool.imap(batches) / pool.imap_unordered(batches) / pool.submit(x)
+            / await pool.apredict(x) (asyncio: the call is cancelled with the awaiting task)
       │
       ▼  sharding.prepare      validate against the signature (NumPy only, in the caller);
       │                        the arrays are a snapshot: the caller may reuse its buffers

@@ -9,6 +9,7 @@ module never imports TensorFlow.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import importlib
 import logging
@@ -551,6 +552,41 @@ class PredictionPool:
         """Like :meth:`predict`, but return a ``concurrent.futures.Future`` at once."""
         return self._submit_validated(inputs, check_finite, shard_size)[0]
 
+    # --- asyncio ---------------------------------------------------------------------------
+    def asubmit(
+        self,
+        inputs: Any,
+        *,
+        shard_size: int | None = None,
+        check_finite: bool = False,
+    ) -> asyncio.Future[Prediction]:
+        """Like :meth:`submit`, but return an ``asyncio.Future`` of the running event loop.
+
+        Call it from a coroutine. The inputs are validated and queued at once (bad inputs
+        raise ``ValueError``/``TypeError`` here, a full queue ``QueueFullError``); awaiting the
+        future gives the result or raises the call's error. Cancelling it (or the task
+        awaiting it, e.g. through ``asyncio.wait_for``) cancels the call: its shards still
+        waiting for a worker are dropped from the queue; shards a worker has taken finish.
+        The event loop never blocks: the dispatcher thread completes the call and the loop is
+        woken once, with the result."""
+        loop = asyncio.get_running_loop()
+        call = self.submit(inputs, shard_size=shard_size, check_finite=check_finite)
+        return _CallWaiter(call, loop)
+
+    async def apredict(
+        self,
+        inputs: Any,
+        *,
+        shard_size: int | None = None,
+        check_finite: bool = False,
+    ) -> Prediction:
+        """``await pool.apredict(inputs)``: :meth:`predict` for asyncio code (a FastAPI or
+        Starlette handler, for example); concurrent awaits are combined into model calls like
+        concurrent ``submit`` calls. Cancelling the awaiting task (a client gone,
+        ``asyncio.wait_for``'s timeout) drops the call's shards still waiting for a worker;
+        errors are raised as :meth:`predict` raises them."""
+        return await self.asubmit(inputs, shard_size=shard_size, check_finite=check_finite)
+
     def imap(
         self,
         batches: Iterable[Any],
@@ -838,6 +874,48 @@ class CallFuture(PoolFuture):
         dropped = [p for p in reversed(self.parts) if p.cancel() or p.cancelled()]
         self.cancelling = False
         return super().cancel() if dropped else False
+
+
+class _CallWaiter(asyncio.Future):
+    """The asyncio side of one call (what :meth:`PredictionPool.asubmit` returns): completed on
+    its event loop with the call's result or error, from the thread that completes the call,
+    with one wake-up of the loop. Cancelling it (the awaiting task cancelled, ``wait_for``'s
+    timeout) cancels the call. Leaner than ``asyncio.wrap_future``: no callback on this side
+    (cancel is overridden), an inline callback on the pool's side."""
+
+    def __init__(self, call: Future, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._call = call
+
+        def settle(_: Future) -> None:  # quick, never blocks, never raises
+            try:
+                loop.call_soon_threadsafe(self._settle)
+            except RuntimeError:  # the loop is closed: nobody waits for the answer any more
+                pass
+
+        if isinstance(call, PoolFuture):
+            call.add_inline_callback(settle)
+        else:  # a plain Future runs its callbacks in the completing thread as well
+            call.add_done_callback(settle)
+
+    def _settle(self) -> None:
+        if self.done():  # cancelled meanwhile
+            return
+        call = self._call
+        if call.cancelled():
+            super().cancel()
+            return
+        error = call.exception()
+        if error is not None:
+            self.set_exception(error)
+        else:
+            self.set_result(call.result())
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.done():
+            return False
+        self._call.cancel()  # drops the call's shards still waiting for a worker
+        return super().cancel(msg)
 
 
 def rows_of(result: Prediction) -> int:

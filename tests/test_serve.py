@@ -1058,17 +1058,20 @@ def test_serving_benchmark_quick_run(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "serving.json").read_text())
-    assert set(results["workloads"]) == {"text", "image"}
+    assert set(results["workloads"]) == {"text", "cnn"}
+    assert results["settings"]["load_generator"] == "wrk"
     for workload in results["workloads"].values():
         assert workload["outputs_match"] is True
         for server in ("pool", "baseline"):
-            runs = workload["servers"][server]
-            assert [r["clients"] for r in runs["closed_loop"]] == results["settings"]["clients"]
-            for run in [*runs["closed_loop"], runs["open_loop"]]:
+            runs = workload["servers"][server]["runs"]
+            assert [r["clients"] for r in runs] == results["settings"]["clients"]
+            for run in runs:
                 assert run["requests"] > 0 and run["errors"] == 0, run
                 assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
                 assert run["requests_per_second"] > 0
+                assert run["server_cpu_us_per_request"] > 0
+                assert run["load_generator_cpu_us_per_request"] > 0
         assert workload["servers"]["pool"]["rows_per_model_call"] >= 1
     assert (tmp_path / "serving.png").read_bytes().startswith(b"\x89PNG")
     table = (tmp_path / "serving.md").read_text()
-    assert "| clients |" in table and table.strip() == done.stdout.strip()
+    assert "| connections |" in table and table.strip() == done.stdout.strip()

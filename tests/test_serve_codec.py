@@ -420,3 +420,54 @@ def test_gunzip_in_steps_checks_the_limit_and_the_budget():
     for bad, message in [(packed[:-20], "truncated"), (b"", "truncated"), (b"nope", "not gzip")]:
         with pytest.raises(RequestError, match=message):
             gunzip(bad, len(data))
+
+
+# --- the orjson fast paths (issue 15) write and read exactly what the reference paths do ------
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"instances": [0.0027385002467781305, 0.1, -1e-07, 1e+300, 5e-324]}',
+        '{"instances": [10000000000000000000000000000000, -9999999999999999999, '
+        "18446744073709551615]}",
+        '{"instances": [[NaN, Infinity], [-Infinity, 1]]}',
+        '{"instances": ["caf\\u00e9", "\\ud83d\\ude00", "12345678901234567890"], '
+        '"signature_name": ""}',
+        '{"a": 1, "a": 2}',
+        '{"inputs": {"x": [[1, 2], [3, 4]]}, "n": 1234567890123456789.5}',
+    ],
+)
+def test_loads_reads_what_the_standard_library_reads(text):
+    got = codec.loads(text.encode())
+    want = json.loads(text)
+    assert json.dumps(got) == json.dumps(want)
+    assert [type(v) for v in _leaves(got)] == [type(v) for v in _leaves(want)]
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64", "uint8", "bool"])
+def test_fast_encoding_writes_what_the_reference_formatting_writes(dtype, monkeypatch):
+    rng = np.random.default_rng(5)
+    magnitudes = 10.0 ** rng.uniform(-8, 20, (50, 40))
+    values = magnitudes * rng.choice([-1.0, 1.0], magnitudes.shape)
+    values[0, :4] = [0.0, -0.0, 1e-4, 1e6]
+    if dtype == "bool":
+        array = values > 0
+    elif dtype.startswith(("int", "uint")):
+        info = np.iinfo(dtype)
+        array = rng.integers(info.min, info.max, values.shape, dtype=dtype, endpoint=True)
+    else:
+        array = values.astype(dtype)
+    pieces = (array, array[:, :3], array[1:2], np.abs(array[5:9]) % 100)  # in/out of range
+    fast = [(codec.json_value(p), codec.encode_predict({"p": p}, columnar=False)) for p in pieces]
+    monkeypatch.setattr(codec, "orjson", None)  # the NumPy formatting, value by value
+    for piece, (value, body) in zip(pieces, fast, strict=True):
+        want = codec.json_value(piece)
+        assert value == want
+        assert body == ('{"predictions":' + want + "}").encode()

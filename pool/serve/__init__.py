@@ -12,7 +12,8 @@
                                │ grpc_protos: TF Serving's messages, no TF     │
                                ▼                                               ▼
                 models.ModelRegistry.acquire(name, version | label) ─▶ that version's
-                   (one pool per served version; base paths polled)    PredictionPool ─▶ workers
+                   (one pool per served version; base paths polled)    PredictionPool.asubmit
+                                                                         ─▶ its workers
                    server.serve: bind, start the pools, run uvicorn and gRPC, drain on SIGTERM
 
 Modules: ``codec`` (TF Serving's REST JSON, status and metadata; NumPy only), ``v2`` (the Open

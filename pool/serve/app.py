@@ -5,8 +5,9 @@
                                   │ reserve the body's bytes in the parse budget (limits.py)
                                   │ read body (≤ max_body_bytes, within body_timeout, else 408)
                                   │ gunzip, JSON, codec / v2 ─ in a thread when large
-                                  │ future = pool.submit(inputs)  ── validates, queues
-                                  │ await future | deadline | client disconnect
+                                  │ future = pool.asubmit(inputs) ── validates, queues
+                                  │ await future (a timer cancels it at the deadline; a
+                                  │ client gone after 50 ms cancels it too)
                                   ▼                                      │
                               JSON answer ◀── outputs ◀── pool's dynamic batching ◀── workers
 
@@ -44,12 +45,11 @@ answered with TF Serving's not-found error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -386,8 +386,7 @@ class _Handlers:
             return _json(content), parsed.rows
 
     # --- admission, the body and its parsing ------------------------------------------------
-    @contextlib.contextmanager
-    def _admitted(self) -> Iterator[None]:
+    def _admitted(self) -> _Admission:
         """Admit a prediction, or refuse it at once with 503: the server is draining, or
         ``max_concurrent_requests`` predictions are in progress already."""
         state = self.state
@@ -399,11 +398,7 @@ class _Handlers:
                 f"(max_concurrent_requests={state.max_concurrent_requests}); retry later",
                 503,
             )
-        state.predicting += 1
-        try:
-            yield
-        finally:
-            state.predicting -= 1
+        return _Admission(state)
 
     async def _parse(
         self, request: Request, started: float, parse: Callable[..., _Parsed], *args: Any
@@ -429,7 +424,9 @@ class _Handlers:
         finally:
             reservation.release()
 
-    async def _body(self, request: Request, started: float, reservation: Reservation) -> bytearray:
+    async def _body(
+        self, request: Request, started: float, reservation: Reservation
+    ) -> bytes | bytearray:
         """The request body, read once its declared size fits the parse budget (waiting until
         the request's deadline for it, else 503), within ``body_timeout`` (else 408)."""
         state = self.state
@@ -448,30 +445,47 @@ class _Handlers:
             if not await reservation.take(declared, max(0.0, wait)):
                 raise self._busy()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + state.body_timeout
-        body = bytearray()
-        while True:
-            try:
-                message = await asyncio.wait_for(request.receive(), deadline - loop.time())
-            except asyncio.TimeoutError:
-                raise RequestError(
-                    f"request body not received within {state.body_timeout:g} s (body_timeout): "
-                    f"got {len(body)} of {header if declared is not None else 'an unknown'} bytes",
-                    408,
-                ) from None
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            body += message.get("body", b"")
-            if len(body) > limit:  # a chunked body with no declared size
-                raise RequestError(
-                    f"request body too large: expected at most {limit} bytes (max_body_bytes), "
-                    f"got more than {limit}",
-                    413,
-                )
-            if not reservation.grow_to(len(body)):
-                raise self._busy()
-            if not message.get("more_body", False):
-                return body  # not copied into bytes: json reads a bytearray as well
+        # One timer for the whole body, which cancels this task if it still waits then (no
+        # task per receive, as asyncio.wait_for would make): a body that came with its
+        # headers, the common case, is received without waiting at all.
+        expiry = _Expiry(asyncio.current_task())
+        timer = loop.call_at(loop.time() + state.body_timeout, expiry.fire)
+        body: bytes | bytearray = b""
+        try:
+            while True:
+                expiry.waiting = True
+                message = await request.receive()
+                expiry.waiting = False
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                chunk = message.get("body", b"")
+                if not body:
+                    body = chunk  # one message (the common case): not copied
+                elif chunk:
+                    if not isinstance(body, bytearray):
+                        body = bytearray(body)
+                    body += chunk
+                if len(body) > limit:  # a chunked body with no declared size
+                    raise RequestError(
+                        f"request body too large: expected at most {limit} bytes "
+                        f"(max_body_bytes), got more than {limit}",
+                        413,
+                    )
+                if not reservation.grow_to(len(body)):
+                    raise self._busy()
+                if not message.get("more_body", False):
+                    return body  # json and orjson read a bytearray as well
+        except asyncio.CancelledError:
+            if not expiry.fired:
+                raise  # the task itself was cancelled (the drain timed out)
+            expiry.uncancel()
+            raise RequestError(
+                f"request body not received within {state.body_timeout:g} s (body_timeout): "
+                f"got {len(body)} of {header if declared is not None else 'an unknown'} bytes",
+                408,
+            ) from None
+        finally:
+            timer.cancel()
 
     def _busy(self) -> RequestError:
         budget = self._budget
@@ -482,34 +496,35 @@ class _Handlers:
         )
 
     async def _call(self, request: Request, inputs: dict, started: float, pool: Any) -> Any:
+        """Submit ``inputs`` to ``pool`` (the version answering) and await the answer, until
+        the request's deadline (else 504) or its client's disconnect (then 499); either
+        cancels the call, which drops it from the pool's queue if no worker took it yet."""
         try:
-            if sum(a.nbytes for a in inputs.values()) > INLINE_BYTES:  # validated, copied
-                future = await run_in_threadpool(pool.submit, inputs)
-            else:
-                future = pool.submit(inputs)  # validates; may raise QueueFullError at once
+            waiter = await pool_call(pool, inputs)
         except (ValueError, TypeError) as exc:  # the input does not fit the signature
             raise RequestError(str(exc)) from None
-        waiter = asyncio.wrap_future(future)
-        gone = asyncio.ensure_future(_disconnected(request))
+        loop = asyncio.get_running_loop()
         timeout = self.state.request_timeout
-        remaining = None if timeout is None else max(0.0, timeout - _since(started))
+        deadline = None if timeout is None else loop.time() + timeout - _since(started)
+        watch = _Watch(request, waiter, timeout, deadline)
+        # One timer: most answers come before it fires and cost no task and no other timer.
+        # Then the disconnect watch starts and the deadline's timer is set (if still ahead).
+        first = DISCONNECT_CHECK_SECONDS
+        if deadline is not None:
+            first = min(first, max(0.0, deadline - loop.time()))
+        watch.timer = loop.call_later(first, watch.start)
         try:
-            done, _ = await asyncio.wait(
-                {waiter, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            if waiter in done:
-                return waiter.result()
-            if gone in done:
-                raise _ClientGone
-            raise RequestError(
-                f"deadline exceeded: no answer within the request timeout of {timeout} s",
-                504,
-            )
+            return await waiter
+        except asyncio.CancelledError:
+            if watch.reason is not None:  # our deadline or the client's disconnect
+                raise watch.reason from None
+            raise  # the task itself was cancelled (the drain timed out)
         finally:
-            gone.cancel()
-            if not future.done():
-                future.cancel()  # drops it from the pool's queue if no worker took it yet
-                waiter.cancel()
+            watch.timer.cancel()
+            if watch.task is not None:
+                watch.task.cancel()
+            if not waiter.done():
+                waiter.cancel()  # cancels the pool's future: drops its queued shards
 
     # --- errors, logs, counters ------------------------------------------------------------
     def _failure(self, exc: Exception, request: Request) -> Response:
@@ -670,6 +685,17 @@ class _DefaultPool:
         return getattr(pool, name)
 
 
+async def pool_call(pool: Any, inputs: dict[str, Any]) -> asyncio.Future:
+    """``pool``'s call for ``inputs`` as an asyncio future (cancelling it cancels the call):
+    small inputs are validated and queued on the event loop (``PredictionPool.asubmit``), larger
+    ones than ``INLINE_BYTES`` in a thread, since validating copies them. Raises what ``submit``
+    raises (``ValueError``/``TypeError`` for inputs that do not fit, ``QueueFullError``). The
+    one hand-off from both protocols to the pool."""
+    if sum(a.nbytes for a in inputs.values()) > INLINE_BYTES:
+        return asyncio.wrap_future(await run_in_threadpool(pool.submit, inputs))
+    return pool.asubmit(inputs)
+
+
 def _parse_v1(body: bytes | bytearray, served: str, signature: Any) -> codec.PredictRequest:
     payload = codec.loads(body)
     name = codec.signature_name(payload, served)
@@ -748,6 +774,103 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+#: Seconds a prediction waits before its client's disconnect is watched for (by a task reading
+#: the ASGI ``receive`` channel). Most answers come sooner and cost no task; a client that goes
+#: away is noticed at most this much later than it would be otherwise.
+DISCONNECT_CHECK_SECONDS = 0.05
+
+
+class _Expiry:
+    """Cancels ``task`` when fired while it waits for a message (``waiting``); ``fired`` tells
+    the task that the cancellation was this timer's, which :meth:`uncancel` then takes back
+    (Python 3.11+ counts cancellations)."""
+
+    __slots__ = ("task", "waiting", "fired")
+
+    def __init__(self, task: asyncio.Task | None) -> None:
+        self.task = task
+        self.waiting = False
+        self.fired = False
+
+    def fire(self) -> None:
+        if self.waiting and self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def uncancel(self) -> None:
+        uncancel = getattr(self.task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
+
+
+class _Admission:
+    """One admitted prediction, counted in ``state.predicting`` while the ``with`` lasts."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    def __enter__(self) -> None:
+        self.state.predicting += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.state.predicting -= 1
+
+
+class _Watch:
+    """Cancels a prediction's waiter when its deadline passes or its client disconnects, and
+    says why (``reason``). Nothing is watched before :meth:`start` (its first timer): then the
+    disconnect watch task starts and the deadline's timer replaces the first."""
+
+    __slots__ = ("request", "waiter", "timeout", "deadline", "reason", "task", "timer")
+
+    def __init__(
+        self,
+        request: Request,
+        waiter: asyncio.Future,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> None:
+        self.request = request
+        self.waiter = waiter
+        self.timeout = timeout
+        self.deadline = deadline  # loop time
+        self.reason: BaseException | None = None
+        self.task: asyncio.Task | None = None
+        self.timer: asyncio.Handle
+
+    def stop(self, reason: BaseException) -> None:
+        if not self.waiter.done():
+            self.reason = reason
+            self.waiter.cancel()
+
+    def expire(self) -> None:
+        self.stop(
+            RequestError(
+                f"deadline exceeded: no answer within the request timeout of {self.timeout} s",
+                504,
+            )
+        )
+
+    def start(self) -> None:
+        if self.waiter.done():
+            return
+        loop = self.waiter.get_loop()
+        if self.deadline is not None:
+            if loop.time() >= self.deadline:
+                self.expire()
+                return
+            self.timer = loop.call_at(self.deadline, self.expire)
+        self.task = asyncio.ensure_future(_disconnected(self.request))
+        self.task.add_done_callback(self._gone)
+
+    def _gone(self, task: asyncio.Task) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed receive counts as the client gone
+            self.stop(_ClientGone())
 
 
 def _status_of(exc: BaseException) -> tuple[int, str]:

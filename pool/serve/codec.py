@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ from typing import Any
 import numpy as np
 
 from .. import sharding
+
+try:  # the serve extra installs orjson: a faster parser and a NumPy-aware encoder
+    import orjson
+except ImportError:  # pragma: no cover - the standard library does everything, slower
+    orjson = None  # type: ignore[assignment]
 from ..messages import DEFAULT_INPUT, DEFAULT_OUTPUT, STRING, SignatureInfo, TensorInfo
 
 #: Keys of the request and response objects.
@@ -102,9 +108,20 @@ def show(value: Any) -> str:
 
 
 def loads(body: bytes | bytearray) -> Any:
-    """Parse a JSON body (NaN, Infinity and -Infinity accepted), or raise a 400."""
+    """Parse a JSON body (NaN, Infinity and -Infinity accepted), or raise a 400.
+
+    With orjson installed it parses first, unless the body may hold an integer of 19 or more
+    digits (orjson reads an integer past 64 bits as a float; the standard library keeps it an
+    integer, which the codec then refuses or converts by its rules); a body orjson refuses
+    (NaN or Infinity tokens, a lone surrogate, a syntax error) is parsed again by the standard
+    library, whose result and error messages are the reference."""
     if not body:
         raise RequestError("JSON Parse error: the document is empty; expected a JSON object")
+    if orjson is not None and not _may_hold_long_integers(body):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass  # the standard library decides (and words the error)
     try:
         return json.loads(body)
     except UnicodeDecodeError as exc:
@@ -120,6 +137,19 @@ def loads(body: bytes | bytearray) -> Any:
         ) from None
     except ValueError as exc:  # an integer of more than 4300 digits (sys.int_max_str_digits)
         raise RequestError(f"JSON Parse error: {_first_line(exc)}") from None
+
+
+#: ``bytes.translate`` table: digits to ``1``, ``.`` kept, anything else to a space. A run of
+#: 19 digits after a space (or at the start) may be an integer that does not fit 64 bits; after
+#: a ``.`` it is the fraction of a decimal (float64 values printed in full often have one).
+_DIGITS = bytes(49 if 48 <= i <= 57 else 46 if i == 46 else 32 for i in range(256))
+_LONG_INTEGER = b" " + b"1" * 19
+
+
+def _may_hold_long_integers(body: bytes | bytearray) -> bool:
+    """Whether ``body`` may hold an integer literal of 19+ digits (a few ns per byte)."""
+    marked = body.translate(_DIGITS)
+    return _LONG_INTEGER in marked or marked.startswith(_LONG_INTEGER[1:])
 
 
 def signature_name(body: Any, default: str) -> str:
@@ -183,6 +213,12 @@ def parse_predict(body: Mapping[str, Any], signature: SignatureInfo) -> PredictR
     return PredictRequest(inputs, columnar, next(iter(rows.values()), 0))
 
 
+@functools.lru_cache(maxsize=64)
+def _described(signature: SignatureInfo) -> str:
+    """``signature.describe_inputs()``, once per signature (it is in every error message)."""
+    return signature.describe_inputs()
+
+
 def _specs(signature: SignatureInfo) -> dict[str, TensorInfo | None]:
     if signature.inputs is None:  # a plain callable: one unnamed input, or whatever is named
         return {}
@@ -192,7 +228,7 @@ def _specs(signature: SignatureInfo) -> dict[str, TensorInfo | None]:
 def _from_instances(
     instances: Any, specs: dict[str, TensorInfo | None], signature: SignatureInfo
 ) -> dict[str, np.ndarray]:
-    expected = signature.describe_inputs()
+    expected = _described(signature)
     if not isinstance(instances, list):
         raise RequestError(
             f"expected 'instances' to be a list (one item per row), got {type_name(instances)} "
@@ -239,7 +275,7 @@ def _from_instances(
 def _from_inputs(
     value: Any, specs: dict[str, TensorInfo | None], signature: SignatureInfo
 ) -> dict[str, np.ndarray]:
-    expected = signature.describe_inputs()
+    expected = _described(signature)
     if not isinstance(value, dict) or is_b64(value):
         if len(specs) > 1:
             raise RequestError(
@@ -330,6 +366,10 @@ def _strings(name: str, value: Any, where: str) -> np.ndarray:
             f"input {name!r} in {where}: expected a list with one string per row, got a "
             f"single {type_name(value)} {show(value)}"
         )
+    if value and all(type(item) is str for item in value):  # the common case: one string a row
+        out = np.empty(len(value), dtype=object)
+        out[:] = value
+        return out
     shape = _check_rank(name, value, where)
     flat: list[str | bytes] = []
 
@@ -419,6 +459,9 @@ def encode_predict(outputs: Mapping[str, np.ndarray], columnar: bool) -> bytes:
         ((name, array),) = outputs.items()
         if array.ndim == 0:
             raise ValueError(f"output {name!r} is a scalar with no batch axis: it has no rows")
+        fast = _fast_json(array)
+        if fast is not None:
+            return b'{"predictions":' + fast + b"}"
         return ('{"predictions":' + json_value(array, name) + "}").encode()
     rows = {len(a) if a.ndim else -1 for a in outputs.values()}
     if len(rows) != 1 or -1 in rows:
@@ -435,7 +478,44 @@ def _object(members: Mapping[str, str]) -> str:
 
 def json_value(array: np.ndarray, name: str = "") -> str:
     """``array`` as JSON text: nested lists of its values (see the module docstring)."""
-    return _nest(_tokens(np.asarray(array), name))
+    array = np.asarray(array)
+    fast = _fast_json(array)
+    if fast is not None:
+        return fast.decode()
+    return _nest(_tokens(array, name))
+
+
+#: dtypes orjson writes exactly as :func:`_tokens` does (for floats: within _FAST_RANGE).
+_FAST_DTYPES = frozenset(
+    np.dtype(t)
+    for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+)
+_FAST_FLOATS = frozenset((np.dtype("float32"), np.dtype("float64")))
+#: Magnitudes (besides 0) whose shortest form orjson writes as NumPy does (no exponent); outside
+#: it the two differ in notation only (``1e-5`` against ``1e-05``), and NaN/Infinity need the
+#: bare tokens orjson does not write: those arrays take the NumPy path.
+_FAST_RANGE = (1e-4, 1e6)
+
+
+def _fast_json(array: np.ndarray) -> bytes | None:
+    """``array`` as JSON by orjson when it writes exactly what :func:`_tokens` would write,
+    else ``None``. About 10x faster than formatting each value with NumPy."""
+    if orjson is None or array.size == 0:
+        return None
+    dtype = array.dtype
+    if dtype in _FAST_FLOATS:
+        low, high = _FAST_RANGE
+        magnitude = np.abs(array)
+        if not (magnitude.min() > low and magnitude.max() < high):
+            zero_or_in_range = ((magnitude > low) & (magnitude < high)) | (array == 0)
+            if not zero_or_in_range.all():  # NaN fails every comparison: it lands here
+                return None
+    elif dtype not in _FAST_DTYPES:
+        return None
+    try:
+        return orjson.dumps(np.ascontiguousarray(array), option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:  # pragma: no cover - a layout orjson does not take
+        return None
 
 
 def _tokens(array: np.ndarray, name: str) -> np.ndarray:

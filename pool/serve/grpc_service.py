@@ -33,7 +33,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +43,7 @@ from ..errors import PoolClosedError, PoolError, QueueFullError, WorkerCrashedEr
 from ..messages import DEFAULT_INPUT, SignatureInfo
 from . import codec, grpc_codec
 from . import grpc_protos as protos
-from .app import INLINE_BYTES, INLINE_VALUES, INPUT_ERRORS, ServingState
+from .app import INLINE_VALUES, INPUT_ERRORS, ServingState, pool_call
 from .metrics import Metrics
 from .models import ModelNotFound
 
@@ -127,17 +126,13 @@ def _spec_of(spec: Any) -> tuple[str, int | None, str | None, str]:
 
 async def apredict(pool: Any, inputs: dict[str, np.ndarray]) -> Any:
     """The pool's answer to ``inputs``, awaited; cancelling the awaiting task cancels the
-    request (dropped from the pool's queue if no worker has taken it yet). The one hand-off
-    from the gRPC server to the pool (``PredictionPool.apredict`` replaces it)."""
-    if sum(a.nbytes for a in inputs.values()) > INLINE_BYTES:  # validated, copied
-        future: Future = await asyncio.get_running_loop().run_in_executor(None, pool.submit, inputs)
-    else:
-        future = pool.submit(inputs)  # validates; may raise QueueFullError at once
+    request (dropped from the pool's queue if no worker has taken it yet)."""
+    waiter = await pool_call(pool, inputs)
     try:
-        return await asyncio.wrap_future(future)
+        return await waiter
     finally:
-        if not future.done():
-            future.cancel()
+        if not waiter.done():
+            waiter.cancel()
 
 
 class Service:

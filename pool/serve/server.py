@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -223,9 +224,37 @@ def run_app(
         timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]
     )
     server = _Server(config, on_signal, grpc_server, on_listening)
+    loop_name, parser = http_stack()
+    log.info(
+        "HTTP: uvicorn %s, %s event loop, %s parser%s",
+        uvicorn.__version__,
+        loop_name,
+        parser,
+        ""
+        if (loop_name, parser) != ("asyncio", "h11")
+        else " (install uvloop and httptools, the serve extra, for less CPU per request)",
+        extra={"event_loop": loop_name, "http_parser": parser},
+    )
     sock.listen(config.backlog)  # from here connections wait in the backlog for uvicorn
     server.run(sockets=[sock])
     return state.cancelled > 0 or server.force_exit
+
+
+def http_stack() -> tuple[str, str]:
+    """The event loop and HTTP parser uvicorn picks with ``loop="auto"`` and ``http="auto"``
+    (its defaults): uvloop and httptools when they import, else asyncio and h11."""
+    found = []
+    for module, fast, fallback in (
+        ("uvloop", "uvloop", "asyncio"),
+        ("httptools", "httptools", "h11"),
+    ):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            found.append(fallback)
+        else:
+            found.append(fast)
+    return found[0], found[1]
 
 
 class Terminated(BaseException):
