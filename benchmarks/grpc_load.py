@@ -166,6 +166,44 @@ def run_load(
     }
 
 
+def run_grpc(
+    address: str,
+    bodies: list[bytes],
+    *,
+    connections: int,
+    seconds: float,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """:func:`run_load` as a load generator of ``benchmarks/serving.py`` (the keys of
+    ``wrk_load.run_wrk``'s result): ``connections`` RPCs in flight from one process over as many
+    channels (at most 4), the server's CPU per request read from ``/proc``."""
+    from wrk_load import process_cpu_seconds
+
+    cpu_before = process_cpu_seconds(server_pid) if server_pid else None
+    started = time.perf_counter()
+    result = run_load(
+        address, bodies, concurrency=connections, seconds=seconds, channels=min(4, connections)
+    )
+    wall = time.perf_counter() - started
+    cpu_after = process_cpu_seconds(server_pid) if server_pid else None
+    requests = max(1, result["requests"])
+    errors = sum(result["errors"].values())
+    out: dict[str, Any] = {
+        "connections": connections,
+        "requests": result["requests"],
+        "requests_per_second": result["requests_per_second"],
+        "latency_ms": {"p50": result["p50_ms"], "p90": result["p90_ms"], "p99": result["p99_ms"]},
+        "errors": errors,
+        "error_codes": result["errors"],
+        "load_generator": "grpc_load.py (grpcio, asyncio, 1 process)",
+        "load_generator_cpu_us_per_request": result["client_cpu_us_per_request"],
+    }
+    if cpu_before is not None and cpu_after is not None:
+        out["server_cpu_us_per_request"] = (cpu_after - cpu_before) / requests * 1e6
+        out["server_cpu_cores"] = (cpu_after - cpu_before) / wall
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default="127.0.0.1:8500", help="HOST:PORT of the server")

@@ -22,10 +22,15 @@ runs inside its process and is), the load generator's CPU per request, and the r
 call (from the metrics endpoint). Both servers answer the same bodies first and the answers are
 compared row by row. Writes ``serving.json``, ``serving.md`` (also printed) and ``serving.png``.
 
+gRPC (``--protocols rest,grpc``, the default): the pool server also answers TF Serving's gRPC
+``Predict`` on a free port; ``grpc_load.py`` (grpcio's asyncio client in one process, its CPU
+reported: a Python client costs more per request than wrk) sends the same rows as
+``PredictRequest`` messages at the same connection counts. The baseline serves REST only.
+
 Targets (issue 15, 2 cores): the pool's REST req/s >= 2x the baseline's at 16 and 64 connections
 on ``text`` and ``cnn``, >= 1.0x on ``image``; the pool server's CPU per one-row REST request
-<= 200 us (text model, 16 and 64 connections). Other protocols (gRPC) plug in through
-:func:`measure_protocol`.
+<= 200 us (text model, 16 and 64 connections); the pool's gRPC req/s >= its REST req/s at the
+same connections. Other protocols plug in through :func:`measure_protocol`.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ if str(REPO) not in sys.path:  # `pool` from this checkout even when it is not i
     sys.path.insert(1, str(REPO))
 
 import common  # noqa: E402  (benchmarks/ is on sys.path as the script's directory)
+import grpc_load  # noqa: E402
 from wrk_load import INSTALL_HINT, LoadGenerator, rest_load_generator  # noqa: E402
 
 log = logging.getLogger("serving")
@@ -96,6 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0, help="per closed/open-loop run")
     p.add_argument("--workers", type=int, help="pool workers (default: the pool's default)")
     p.add_argument(
+        "--protocols", default="rest,grpc", help="rest and/or grpc (the pool server; default: both)"
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: text and cnn only, 1 s per run (figures not meaningful)",
@@ -116,6 +125,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.output_dir is None:
         args.output_dir = DEFAULT_OUTPUT_DIR / "quick" if args.quick else DEFAULT_OUTPUT_DIR
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.protocols = [w.strip() for w in args.protocols.split(",") if w.strip()]
+    if not args.protocols or set(args.protocols) - {"rest", "grpc"}:
+        p.error(f"--protocols: expected rest and/or grpc, got {args.protocols}")
     if not args.workloads or set(args.workloads) - set(WORKLOADS):
         p.error(f"--workloads: expected some of {', '.join(WORKLOADS)}, got {args.workloads}")
     if args.quick:
@@ -164,6 +176,14 @@ class ServerProcess:
         self.startup_seconds = time.perf_counter() - started
 
     @property
+    def grpc_address(self) -> str:
+        """``HOST:PORT`` of the pool server's gRPC API (its ``gRPC on`` line)."""
+        for line in self.lines:
+            if line.startswith("gRPC on "):
+                return line.split(" on ", 1)[1].strip()
+        raise SystemExit("the server printed no 'gRPC on HOST:PORT' line")
+
+    @property
     def predict_url(self) -> str:
         return f"{self.url}/v1/models/{self.name}:predict"
 
@@ -196,20 +216,27 @@ class ServerProcess:
             return None
 
 
-def server_command(kind: str, model: str, workers: int | None) -> list[str]:
+def server_command(kind: str, model: str, workers: int | None, grpc: bool = False) -> list[str]:
     if kind == "baseline":
         return [sys.executable, str(BASELINE), model, "--port", "0"]
     command = [sys.executable, "-m", "pool", "serve", model, "--port", "0"]
+    command += ["--grpc-port", "0"] if grpc else ["--no-grpc"]
     return command + (["--workers", str(workers)] if workers else [])
 
 
 # --- load -------------------------------------------------------------------------------------
-def make_bodies(workload: str, model_name: str, workdir: Path) -> tuple[Path, list[bytes]]:
+def make_inputs(workload: str, model_name: str) -> dict[str, np.ndarray]:
+    """The rows sent, one per request, the same for both protocols."""
     specs = common.REFERENCE_INPUTS.get(model_name)
     if specs is None:
         raise SystemExit(f"unknown signature for {model_name!r}: use a reference model")
     count = 8 if workload == "image" else BODIES  # a MobileNetV2 row is ~3 MB of JSON
-    inputs = common.make_inputs(specs, count, seed=11)
+    return common.make_inputs(specs, count, seed=11)
+
+
+def make_bodies(workload: str, model_name: str, workdir: Path) -> tuple[Path, list[bytes]]:
+    inputs = make_inputs(workload, model_name)
+    count = len(next(iter(inputs.values())))
     bodies = []
     for i in range(count):
         instance = {k: (v[i].tolist() if v.dtype != object else v[i]) for k, v in inputs.items()}
@@ -218,6 +245,14 @@ def make_bodies(workload: str, model_name: str, workdir: Path) -> tuple[Path, li
     path = workdir / f"{workload}-bodies.jsonl"
     path.write_bytes(b"\n".join(bodies) + b"\n")
     return path, bodies
+
+
+def grpc_bodies(workload: str, model_name: str, served_name: str) -> list[bytes]:
+    """The same rows as :func:`make_bodies`'s, as serialized ``PredictRequest`` messages."""
+    inputs = make_inputs(workload, model_name)
+    count = len(next(iter(inputs.values())))
+    rows = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(count)]
+    return grpc_load.predict_bodies(served_name, rows)
 
 
 def model_counters_delta(server: ServerProcess, run: Callable[[], dict]) -> dict:
@@ -276,22 +311,34 @@ def measure_workload(args: argparse.Namespace, workload: str, workdir: Path) -> 
     servers: dict[str, dict] = {}
     answers: dict[str, list[dict]] = {}
     generator_name, generator = rest_load_generator()
+    grpc = "grpc" in args.protocols
     for kind in ("baseline", "pool"):
         log.info("%s: starting the %s server on %s", workload, kind, model)
-        server = ServerProcess(server_command(kind, model, args.workers))
+        server = ServerProcess(server_command(kind, model, args.workers, grpc and kind == "pool"))
         server.kind = f"{workload}/{kind}"
         try:
             answers[kind] = [server.post(b) for b in bodies[:CHECKED]]  # also warms up
-            runs = measure_protocol(
-                server,
-                "rest",
-                generator,
-                server.predict_url,
-                bodies,
-                args.clients,
-                args.seconds,
-            )
-            # gRPC rows (after merging grpc_load.py): runs += measure_protocol(server, "grpc", ...)
+            runs = []
+            if "rest" in args.protocols or kind == "baseline":
+                runs += measure_protocol(
+                    server,
+                    "rest",
+                    generator,
+                    server.predict_url,
+                    bodies,
+                    args.clients,
+                    args.seconds,
+                )
+            if grpc and kind == "pool":
+                runs += measure_protocol(
+                    server,
+                    "grpc",
+                    grpc_load.run_grpc,
+                    server.grpc_address,
+                    grpc_bodies(workload, model_name, server.name),
+                    args.clients,
+                    args.seconds,
+                )
             calls = sum(r["model_calls"] for r in runs)
             rows = sum((r["rows_per_model_call"] or 0) * r["model_calls"] for r in runs)
             servers[kind] = {
@@ -341,6 +388,19 @@ def targets(workload: str, servers: dict) -> list[dict]:
                     "passed": cpu <= CPU_TARGET_US,
                 }
             )
+    pool_runs = {(r["protocol"], r["clients"]): r for r in servers["pool"]["runs"]}
+    for (protocol, clients), run in pool_runs.items():
+        rest = pool_runs.get(("rest", clients))
+        if protocol != "grpc" or rest is None:
+            continue
+        ratio = run["requests_per_second"] / max(rest["requests_per_second"], 1e-9)
+        out.append(
+            {
+                "target": f"grpc {clients} connections: pool gRPC req/s >= its REST req/s",
+                "ratio": ratio,
+                "passed": ratio >= 1.0,
+            }
+        )
     if not out:
         out.append({"target": "16 or 64 connections (no such run)", "ratio": None, "passed": None})
     return out

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import time
+from collections.abc import Iterator
+from typing import Any
 
+import dask
+import distributed
 import factories
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -82,3 +87,33 @@ def set_runtime_cache(path: str | None) -> str | None:
 def loaded_artifact(plugin_name: str, dask_worker) -> str:
     """On a worker: where the pool's plugin loaded its converted model from."""
     return dask_worker.plugins[plugin_name].artifact
+
+
+#: ``LocalCluster`` closes a worker's Nanny for good when no worker of that name is back
+#: ``distributed.deploy.lost-worker-timeout`` after a death (15 s by default; SpecCluster reads
+#: the value on its event loop at each removal). Every SIGKILL, poison shard and timeout in the
+#: cluster tests kills a worker, so a slow restart on a loaded machine, or a check left over
+#: from an earlier death of the same worker firing during a later restart, would leave a
+#: 1-worker cluster. The value is held from before the cluster starts until after it is closed
+#: (docs/scale-out.md).
+LOST_WORKER_TIMEOUT = "24h"
+
+
+@contextlib.contextmanager
+def local_cluster(**config: Any) -> Iterator[tuple[distributed.LocalCluster, distributed.Client]]:
+    """A LocalCluster of 2 single-threaded worker processes and a client of it (not the
+    default client), with ``LOST_WORKER_TIMEOUT`` and ``config`` (Dask settings) held for the
+    cluster's whole life."""
+    settings = dask.config.set(
+        {"distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT, **config}
+    )
+    try:
+        local = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = distributed.Client(local, set_as_default=False)
+        yield local, client
+        client.close()
+        local.close()
+    finally:
+        settings.__exit__(None, None, None)

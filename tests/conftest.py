@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -127,3 +128,24 @@ def start_script(tmp_path, body: str, **popen) -> subprocess.Popen:
         start_new_session=True,
         **popen,
     )
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    """Poll ``condition()`` every 20 ms until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def arena_handles() -> tuple[int, int]:
+    """The parent's shared memory: open arena descriptors, and arena mappings."""
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:pool-arena")
+        except OSError:
+            pass
+    with open("/proc/self/maps") as maps:
+        mapped = sum("memfd:pool-arena" in line for line in maps)
+    return fds, mapped

@@ -5,13 +5,16 @@ it), its stderr kept, its workers found with psutil."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
@@ -142,3 +145,53 @@ def metric(samples: dict, name: str, **labels: str) -> float:
         for (sample, sample_labels), value in samples.items()
         if sample == name and set(labels.items()) <= set(sample_labels)
     )
+
+
+def sigkill_a_worker_under_load(
+    server: Server, make_client: Callable[[int], Callable[[int], Any]], clients: int = 8
+) -> list[Any]:
+    """``clients`` threads send requests in a loop (``make_client(seed)`` returns ``send(n)``,
+    which returns an answer record or raises ``AssertionError`` naming the failure); one of the
+    server's two workers is SIGKILLed after 20 answers, and the load goes on until the
+    replacement is counted and 40 more answers came. Asserts that no request failed, the restart
+    was counted and the victim is gone; returns the answer records."""
+    before = metric(server.metrics(), "pool_worker_restarts_total")
+    victims = server.worker_pids()
+    assert len(victims) == 2, victims
+    stop = threading.Event()
+    failures: list[str] = []
+    answered: list[Any] = []
+
+    def client(seed: int) -> None:
+        send = make_client(seed)
+        n = 0
+        while not stop.is_set():
+            try:
+                answered.append(send(n))
+            except AssertionError as exc:
+                failures.append(str(exc))
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        while len(answered) < 20 and not failures:
+            time.sleep(0.05)
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = len(answered)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not failures:  # until the replacement answers
+            if metric(server.metrics(), "pool_worker_restarts_total") > before and (
+                len(answered) > killed_at + 40
+            ):
+                break
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not failures, failures[:3]
+    assert metric(server.metrics(), "pool_worker_restarts_total") >= before + 1
+    assert victims[0] not in server.worker_pids() and len(server.worker_pids()) == 2
+    return answered

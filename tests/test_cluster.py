@@ -50,33 +50,12 @@ TESTS = Path(__file__).parent
 RNG = np.random.default_rng(9)
 
 
-#: ``LocalCluster`` closes a worker's Nanny for good when no worker of that name is back
-#: ``distributed.deploy.lost-worker-timeout`` after a death (15 s by default; SpecCluster reads
-#: the value on its event loop at each removal). Every SIGKILL, poison shard and timeout here
-#: kills a worker, so a slow restart on a loaded machine, or a check left over from an earlier
-#: death of the same worker firing during a later restart, would leave a 1-worker cluster. The
-#: value is held from before the cluster starts until after it is closed (docs/scale-out.md).
-LOST_WORKER_TIMEOUT = "24h"
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    settings = dask.config.set(
-        {
-            "distributed.scheduler.allowed-failures": 1,
-            "distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT,
-        }
-    )
-    try:
-        local = distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        )
-        client = distributed.Client(local, set_as_default=False)
-        yield local, client
-        client.close()
-        local.close()
-    finally:
-        settings.__exit__(None, None, None)
+    with cluster_factories.local_cluster(
+        **{"distributed.scheduler.allowed-failures": 1}
+    ) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,13 @@ import threading
 import time
 from pathlib import Path
 
-import dask
 import distributed
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cluster_factories import LoggedDouble
+from cluster_factories import LoggedDouble, local_cluster
 from conftest import assert_rows_equal, in_process
 
 from pool import PredictionPool, etl
@@ -37,18 +36,8 @@ N = 6000
 
 @pytest.fixture(scope="module")
 def cluster():
-    # A worker SIGKILLed here must come back: see LOST_WORKER_TIMEOUT in tests/test_cluster.py.
-    settings = dask.config.set({"distributed.deploy.lost-worker-timeout": "24h"})
-    try:
-        local = distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        )
-        client = distributed.Client(local, set_as_default=False)
-        yield local, client
-        client.close()
-        local.close()
-    finally:
-        settings.__exit__(None, None, None)
+    with local_cluster() as started:  # workers SIGKILLed here come back: LOST_WORKER_TIMEOUT
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +225,7 @@ def test_a_killed_client_resumes_without_recomputing_committed_parts(cluster, cl
         f"""
         import sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
-        from cluster_factories import LoggedDouble
+        from cluster_factories import LoggedDouble, local_cluster
         from pool import etl
         etl.predict_file(
             LoggedDouble({str(log)!r}, 0.05), {str(path)!r}, {str(output)!r}, columns="x",

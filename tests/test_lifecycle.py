@@ -24,7 +24,7 @@ import factories
 import numpy as np
 import psutil
 import pytest
-from conftest import assert_rows_equal, in_process, pool_processes
+from conftest import arena_handles, assert_rows_equal, in_process, pool_processes, wait_until
 
 from pool import ModelLoadError, PoolClosedError, PredictionPool
 from pool.dispatcher import Dispatcher
@@ -44,26 +44,6 @@ def warm():
     """Start the fork server (and its descriptors) once, so descriptor counts compare."""
     with PredictionPool(factories.faulty, workers=1) as pool:
         pool.predict(rows(2))
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
-def arena_handles() -> tuple[int, int]:
-    """The parent's shared memory: open arena descriptors, and arena mappings."""
-    fds = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            fds += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:pool-arena")
-        except OSError:
-            pass
-    with open("/proc/self/maps") as maps:
-        mapped = sum("memfd:pool-arena" in line for line in maps)
-    return fds, mapped
 
 
 def run_script(tmp_path: Path, body: str, timeout: float = 60) -> tuple[str, float]:

@@ -15,7 +15,7 @@ import factories
 import numpy as np
 import psutil
 import pytest
-from conftest import assert_rows_equal, in_process, pool_processes
+from conftest import arena_handles, assert_rows_equal, in_process, pool_processes, wait_until
 
 from pool import ModelLoadError, PoolClosedError, PoolError, PredictionPool, sharding
 from pool.runtimes import installed
@@ -46,26 +46,6 @@ def answered_by(result: dict[str, np.ndarray], x: np.ndarray) -> float:
     (factor,) = factors
     assert_rows_equal(result, in_process_scale(factor, x))
     return factor
-
-
-def wait_until(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
-def arena_handles() -> tuple[int, int]:
-    """The parent's shared memory: open arena descriptors, and arena mappings."""
-    fds = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            fds += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:pool-arena")
-        except OSError:
-            pass
-    with open("/proc/self/maps") as maps:
-        mapped = sum("memfd:pool-arena" in line for line in maps)
-    return fds, mapped
 
 
 def gone(pids: list[int]) -> bool:
@@ -125,14 +105,16 @@ def test_reload_under_load_fails_no_call_and_answers_move_from_old_to_new():
         threads.append(threading.Thread(target=stream))
         for t in threads:
             t.start()
-        wait_until(lambda: all(len(s) >= 3 for s in seen))
+        wait_until(lambda: all(len(s) >= 3 for s in seen), timeout=60)
         new = scale(2.0)
         assert pool.reload(new) == 2
         # reload returned: traffic has moved and the old generation is gone
         assert gone(old_pids)
         assert pool.generation == 2 and pool.model is new
         mark = [len(s) for s in seen]
-        wait_until(lambda: all(len(s) >= m + 3 for s, m in zip(seen, mark, strict=True)))
+        wait_until(
+            lambda: all(len(s) >= m + 3 for s, m in zip(seen, mark, strict=True)), timeout=60
+        )
         stop.set()
         for t in threads:
             t.join(30)

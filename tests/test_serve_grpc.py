@@ -7,7 +7,6 @@ One server per configuration, started once per module; the SIGTERM test starts i
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import psutil
 import pytest
 import tensorflow as tf
 from conftest import assert_rows_equal, in_process
-from serve_helpers import REPO, Server, metric
+from serve_helpers import REPO, Server, metric, sigkill_a_worker_under_load
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -494,48 +493,19 @@ def test_concurrent_rpcs_and_rest_requests_are_combined_into_batches(multi, mode
 
 
 def test_a_worker_sigkilled_under_load_fails_no_rpc(multi, models):
-    before = metric(multi.metrics(), "pool_worker_restarts_total")
-    victims = multi.worker_pids()
-    assert len(victims) == 2, victims
-    stop = threading.Event()
-    failures: list[str] = []
-    answered: list[tuple[dict, dict]] = []
-
-    def client(seed: int) -> None:
+    def make_client(seed: int):
         rpc = Client(multi)
-        n = 0
-        while not stop.is_set():
+
+        def send(n: int) -> tuple[dict, dict]:
             x = pair(1 + n % 4, seed=seed * 1000 + n)
             try:
-                response = rpc.predict(rpc.request(**x))
+                return x, outputs_of(rpc.predict(rpc.request(**x)))
             except grpc.RpcError as exc:
-                failures.append(f"{exc.code()} {exc.details()}")
-            else:
-                answered.append((x, outputs_of(response)))
-            n += 1
+                raise AssertionError(f"{exc.code()} {exc.details()}") from None
 
-    threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
-    for t in threads:
-        t.start()
-    try:
-        while len(answered) < 20 and not failures:
-            time.sleep(0.05)
-        os.kill(victims[0], signal.SIGKILL)
-        killed_at = len(answered)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not failures:  # until the replacement answers
-            if metric(multi.metrics(), "pool_worker_restarts_total") > before and (
-                len(answered) > killed_at + 40
-            ):
-                break
-            time.sleep(0.2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(120)
-    assert not failures, failures[:3]
-    assert metric(multi.metrics(), "pool_worker_restarts_total") >= before + 1
-    assert victims[0] not in multi.worker_pids() and len(multi.worker_pids()) == 2
+        return send
+
+    answered = sigkill_a_worker_under_load(multi, make_client)
     want = in_process(models["multi_io"], stacked([x for x, _ in answered]))
     assert_rows_equal(stacked([p for _, p in answered]), want)
 
