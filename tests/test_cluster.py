@@ -273,6 +273,16 @@ def test_sigkill_mid_imap_loses_no_row_and_the_cluster_heals(faulty_pool, client
     healed(client, faulty_pool, loads_before)
 
 
+def test_a_call_of_many_parcels_is_answered_with_its_own_rows(client):
+    """40 parcels in a fresh pool's first call: no task's Dask key may equal a scattered copy's
+    (a task keyed like a live copy is answered with the copy: the inputs came back as the
+    answer, seen on the text workload of benchmarks/cluster.py)."""
+    x = np.arange(640, dtype=np.float32).reshape(320, 2)
+    model = functools.partial(factories.faulty, delay=0.0)
+    with PredictionPool(model, cluster=client, shard_size=4, max_batch_rows=8) as pool:
+        assert_rows_equal(pool.predict(x)["y"], x)
+
+
 def test_shards_on_a_worker_share_model_calls_and_a_bad_one_fails_alone(faulty_pool, client):
     """Shards that reach a Dask worker together are combined (max_batch_rows=8: two shards of
     4 per call); a combined call that raises is re-run shard by shard, so only the shard with

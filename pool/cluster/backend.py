@@ -217,7 +217,10 @@ class DaskBackend:
         self._settings = settings
         self._cluster = cluster
         self.name = f"pool-{uuid.uuid4().hex[:12]}"
-        self._tag = f"p{uuid.uuid4().hex[:10]}-"  # the parcels' Dask keys: <tag><n>, <tag><n>d
+        # The parcels' Dask keys: <tag><n in hex> for a task, <tag><n in hex>s for its scattered
+        # copy: "s" is no hex digit, so no task's key can equal a copy's (a task keyed like a live
+        # copy would be answered with the copy).
+        self._tag = f"p{uuid.uuid4().hex[:10]}-"
         self._keys = 0
         self._workers: list[str] = []
         self._workers_at = 0.0
@@ -396,7 +399,7 @@ class DaskBackend:
         parcels = [_Parcel(part) for part in self._parcels(group, len(workers))]
         keys = [self._key() for _ in parcels]
         data = await self._scatter(
-            {f"{k}d": [s.request for s in p.shards] for k, p in zip(keys, parcels, strict=True)},
+            {f"{k}s": [s.request for s in p.shards] for k, p in zip(keys, parcels, strict=True)},
             len(parcels),
         )
         extra: tuple = ()
