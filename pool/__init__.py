@@ -34,7 +34,9 @@ stopping the old one), ``runtimes`` (``runtime=``: OpenVINO
 workers of a converted model run ``runtimes.<name>`` instead of ``model.LoadedModel`` and never
 import TensorFlow). Edges, never imported by the core: ``etl``
 (data frames, file formats, staging, file jobs), ``cli`` (the command line), ``serve`` (the
-TF Serving-compatible HTTP server), ``cluster`` (the Dask backend). ``reference_models``
+TF Serving-compatible server: REST and gRPC, model versions and several models), ``cluster``
+(the Dask backend: shards scattered straight to the workers, batching on them, file jobs
+whose workers read and write the files). ``reference_models``
 builds the SavedModels used by tests, the demo and benchmarks.
 See docs/design.md for the longer story.
 """

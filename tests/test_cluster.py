@@ -43,6 +43,7 @@ from pool import (
     etl,
 )
 from pool import cluster as pool_cluster
+from pool.cluster.backend import COPY_SUFFIX
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -236,7 +237,7 @@ def scattered_copies(client, pool: PredictionPool) -> dict[str, int]:
     tag = pool.backend._tag
     held: dict[str, int] = {}
     for key, where in client.who_has().items():
-        if str(key).startswith(tag) and str(key).endswith("d"):
+        if str(key).startswith(tag) and str(key).endswith(COPY_SUFFIX):
             for address in where:
                 held[address] = held.get(address, 0) + 1
     return held

@@ -205,6 +205,11 @@ SCATTER_WAIT = 2.0
 #: Seconds to keep scattering again while the workers picked die under it.
 SCATTER_RETRY_SECONDS = 60.0
 
+#: The end of a scattered copy's Dask key (its task's key + this): not a hex digit, so no task's
+#: key (the pool's tag + a hex counter) can equal a copy's; a task keyed like a live copy would
+#: be answered with the copy.
+COPY_SUFFIX = "s"
+
 #: Input bytes scattered in one ``Client.scatter`` call (straight to the workers).
 SCATTER_BYTES = 64 << 20
 
@@ -217,9 +222,8 @@ class DaskBackend:
         self._settings = settings
         self._cluster = cluster
         self.name = f"pool-{uuid.uuid4().hex[:12]}"
-        # The parcels' Dask keys: <tag><n in hex> for a task, <tag><n in hex>s for its scattered
-        # copy: "s" is no hex digit, so no task's key can equal a copy's (a task keyed like a live
-        # copy would be answered with the copy).
+        # The parcels' Dask keys: <tag><n in hex> for a task, <tag><n in hex>COPY_SUFFIX for its
+        # scattered copy.
         self._tag = f"p{uuid.uuid4().hex[:10]}-"
         self._keys = 0
         self._workers: list[str] = []
@@ -399,7 +403,10 @@ class DaskBackend:
         parcels = [_Parcel(part) for part in self._parcels(group, len(workers))]
         keys = [self._key() for _ in parcels]
         data = await self._scatter(
-            {f"{k}s": [s.request for s in p.shards] for k, p in zip(keys, parcels, strict=True)},
+            {
+                k + COPY_SUFFIX: [s.request for s in p.shards]
+                for k, p in zip(keys, parcels, strict=True)
+            },
             len(parcels),
         )
         extra: tuple = ()
