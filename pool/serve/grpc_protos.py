@@ -324,13 +324,18 @@ def _camel(name: str) -> str:
     return first + "".join(p.title() for p in rest)
 
 
-def _build() -> descriptor_pool.DescriptorPool:
+def build_pool(
+    files: dict[str, tuple], imports: tuple[Any, ...] = (any_pb2, wrappers_pb2)
+) -> descriptor_pool.DescriptorPool:
+    """A private descriptor pool holding ``files`` (file name -> ``(package, dependencies,
+    messages, enums)``, described as ``_FILES`` is) and the well-known ``imports`` (generated
+    ``*_pb2`` modules of protobuf itself) they depend on."""
     pool = descriptor_pool.DescriptorPool()
-    for module in (any_pb2, wrappers_pb2):
+    for module in imports:
         proto = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(proto)
         pool.Add(proto)
-    for file_name, (package, dependencies, messages, enums) in _FILES.items():
+    for file_name, (package, dependencies, messages, enums) in files.items():
         proto = descriptor_pb2.FileDescriptorProto(
             name=file_name, package=package, syntax="proto3", dependency=dependencies
         )
@@ -342,13 +347,18 @@ def _build() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+def message_class(pool: descriptor_pool.DescriptorPool, full_name: str) -> Any:
+    """The message class of ``full_name`` in ``pool``."""
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
+
+
 #: The private descriptor pool holding the messages below (and google.protobuf.Any and
 #: Int64Value, on which they depend).
-POOL = _build()
+POOL = build_pool(_FILES)
 
 
 def _class(full_name: str) -> Any:
-    return message_factory.GetMessageClass(POOL.FindMessageTypeByName(full_name))
+    return message_class(POOL, full_name)
 
 
 TensorProto = _class("tensorflow.TensorProto")

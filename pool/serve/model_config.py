@@ -30,12 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from google.protobuf import (
-    descriptor_pb2,
-    descriptor_pool,
-    message_factory,
-    text_format,
-)
+from google.protobuf import text_format
 
 #: ``model_platform`` values this server accepts.
 PLATFORMS = ("", "tensorflow")
@@ -109,69 +104,58 @@ def parse_policy(text: str) -> VersionPolicy:
     )
 
 
+_POLICY = f".{_PACKAGE}.ServableVersionPolicy"
+#: TF Serving's ``ModelServerConfig`` (``model_server_config.proto``, and the version policy of
+#: ``file_system_storage_path_source.proto``), the fields this server reads, in the tables of
+#: :func:`pool.serve.grpc_protos.build_pool`: any other field is a parse error naming it.
+_CONFIG_PROTO: dict[str, tuple] = {
+    "pool/serve/tfs_model_server_config.proto": (
+        _PACKAGE,
+        [],
+        [
+            (
+                "ServableVersionPolicy",
+                [
+                    ("latest", 100, f"{_POLICY}.Latest", "oneof:policy_choice"),
+                    ("all", 101, f"{_POLICY}.All", "oneof:policy_choice"),
+                    ("specific", 102, f"{_POLICY}.Specific", "oneof:policy_choice"),
+                ],
+                [
+                    ("Latest", [("num_versions", 1, "uint32", "")], []),
+                    ("All", [], []),
+                    ("Specific", [("versions", 1, "int64", "repeated")], []),
+                ],
+            ),
+            (
+                "ModelConfig",
+                [
+                    ("name", 1, "string", ""),
+                    ("base_path", 2, "string", ""),
+                    ("model_platform", 4, "string", ""),
+                    ("model_version_policy", 7, _POLICY, ""),
+                    ("version_labels", 8, "map<string,int64>", ""),
+                ],
+                [],
+            ),
+            ("ModelConfigList", [("config", 1, f".{_PACKAGE}.ModelConfig", "repeated")], []),
+            (
+                "ModelServerConfig",
+                [("model_config_list", 1, f".{_PACKAGE}.ModelConfigList", "oneof:config")],
+                [],
+            ),
+        ],
+        {},
+    )
+}
+
+
 @lru_cache(maxsize=1)
 def _message_class() -> Any:
-    """The ``ModelServerConfig`` message class, built from hand-written descriptors."""
-    f = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="pool/serve/tfs_model_server_config.proto", package=_PACKAGE, syntax="proto3"
-    )
+    """The ``ModelServerConfig`` message class, from the descriptors above (no TensorFlow)."""
+    from .grpc_protos import build_pool, message_class
 
-    def message(parent: Any, name: str) -> Any:
-        nested = parent.message_type if parent is proto else parent.nested_type
-        return nested.add(name=name)
-
-    def add(
-        m: Any,
-        name: str,
-        number: int,
-        kind: int,
-        type_name: str = "",
-        repeated: bool = False,
-        oneof: int | None = None,
-    ) -> None:
-        fd = m.field.add(name=name, number=number, type=kind)
-        fd.label = f.LABEL_REPEATED if repeated else f.LABEL_OPTIONAL
-        if type_name:
-            fd.type_name = type_name
-        if oneof is not None:
-            fd.oneof_index = oneof
-
-    policy = message(proto, "ServableVersionPolicy")  # FileSystemStoragePathSourceConfig's
-    latest = message(policy, "Latest")
-    add(latest, "num_versions", 1, f.TYPE_UINT32)
-    message(policy, "All")
-    specific = message(policy, "Specific")
-    add(specific, "versions", 1, f.TYPE_INT64, repeated=True)
-    policy.oneof_decl.add(name="policy_choice")
-    p = f".{_PACKAGE}.ServableVersionPolicy"
-    add(policy, "latest", 100, f.TYPE_MESSAGE, f"{p}.Latest", oneof=0)
-    add(policy, "all", 101, f.TYPE_MESSAGE, f"{p}.All", oneof=0)
-    add(policy, "specific", 102, f.TYPE_MESSAGE, f"{p}.Specific", oneof=0)
-
-    config = message(proto, "ModelConfig")
-    labels = message(config, "VersionLabelsEntry")
-    labels.options.map_entry = True
-    add(labels, "key", 1, f.TYPE_STRING)
-    add(labels, "value", 2, f.TYPE_INT64)
-    add(config, "name", 1, f.TYPE_STRING)
-    add(config, "base_path", 2, f.TYPE_STRING)
-    add(config, "model_platform", 4, f.TYPE_STRING)
-    add(config, "model_version_policy", 7, f.TYPE_MESSAGE, p)
-    entry = f".{_PACKAGE}.ModelConfig.VersionLabelsEntry"
-    add(config, "version_labels", 8, f.TYPE_MESSAGE, entry, repeated=True)
-
-    listing = message(proto, "ModelConfigList")
-    add(listing, "config", 1, f.TYPE_MESSAGE, f".{_PACKAGE}.ModelConfig", repeated=True)
-    server = message(proto, "ModelServerConfig")
-    server.oneof_decl.add(name="config")
-    add(server, "model_config_list", 1, f.TYPE_MESSAGE, f".{_PACKAGE}.ModelConfigList", oneof=0)
-
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName(f"{_PACKAGE}.ModelServerConfig")
-    )
+    pool = build_pool(_CONFIG_PROTO, imports=())
+    return message_class(pool, f"{_PACKAGE}.ModelServerConfig")
 
 
 def parse(text: str, where: str = "model config") -> list[ModelSpec]:
