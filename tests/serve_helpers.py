@@ -195,3 +195,15 @@ def sigkill_a_worker_under_load(
     assert metric(server.metrics(), "pool_worker_restarts_total") >= before + 1
     assert victims[0] not in server.worker_pids() and len(server.worker_pids()) == 2
     return answered
+
+
+def wait_idle(server: Server, seconds: float = 10.0) -> dict:
+    """The server's metrics once nothing is queued or in flight (fail after ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        samples = server.metrics()
+        idle = metric(samples, "pool_queued_requests") == 0
+        if idle and metric(samples, "pool_serve_requests_in_flight") == 0:
+            return samples
+        assert time.monotonic() < deadline, "the server did not become idle"
+        time.sleep(0.1)

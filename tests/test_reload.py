@@ -70,6 +70,24 @@ def assert_still_serving(pool: PredictionPool, pids: list[int], factor: float = 
 
 
 # --- 1. under load: no failed call, one model per call, answers move from old to new ---------
+def hold_first_validation(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make the first call validated in another thread than this one wait, once validated,
+    until ``go`` is set (``validated`` is set when it waits): a call checked before a reload
+    moves traffic and submitted after it."""
+    validated, go = threading.Event(), threading.Event()
+    prepare, caller = sharding.prepare, threading.current_thread()
+
+    def slow_prepare(*args, **kwargs):
+        result = prepare(*args, **kwargs)
+        if threading.current_thread() is not caller and not validated.is_set():
+            validated.set()
+            go.wait(60)
+        return result
+
+    monkeypatch.setattr(sharding, "prepare", slow_prepare)
+    return validated, go
+
+
 def test_reload_under_load_fails_no_call_and_answers_move_from_old_to_new():
     stop = threading.Event()
     seen: list[list[float]] = [[] for _ in range(9)]
@@ -132,18 +150,7 @@ def test_a_call_validated_before_traffic_moved_goes_whole_to_the_new_generation(
     """A caller validates against generation 1, a reload then moves traffic and stops
     generation 1, and only then the call is submitted: it is answered, by generation 2."""
     with PredictionPool(scale(1.0), workers=1, shard_size=2) as pool:
-        validated, go = threading.Event(), threading.Event()
-        prepare = sharding.prepare
-        caller = threading.current_thread()
-
-        def slow_prepare(*args, **kwargs):
-            result = prepare(*args, **kwargs)
-            if threading.current_thread() is not caller and not validated.is_set():
-                validated.set()
-                go.wait(60)
-            return result
-
-        monkeypatch.setattr(sharding, "prepare", slow_prepare)
+        validated, go = hold_first_validation(monkeypatch)
         x = rows(5)
         results: list = []
         late = threading.Thread(target=lambda: results.append(pool.predict(x)))
@@ -224,17 +231,7 @@ def test_a_different_signature_is_refused_unless_allowed(monkeypatch):
 
         # A call validated against the old signature but submitted after traffic moved is
         # validated again, against the model that will answer it.
-        validated, go = threading.Event(), threading.Event()
-        prepare, caller = sharding.prepare, threading.current_thread()
-
-        def slow_prepare(*args, **kwargs):
-            result = prepare(*args, **kwargs)
-            if threading.current_thread() is not caller and not validated.is_set():
-                validated.set()
-                go.wait(60)
-            return result
-
-        monkeypatch.setattr(sharding, "prepare", slow_prepare)
+        validated, go = hold_first_validation(monkeypatch)
         errors: list[BaseException] = []
 
         def late_call() -> None:

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import requests
 from conftest import assert_rows_equal, in_process
-from serve_helpers import REPO, Server, metric, sigkill_a_worker_under_load
+from serve_helpers import REPO, Server, metric, sigkill_a_worker_under_load, wait_idle
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -572,26 +572,15 @@ def limited(models):
     assert server.stop() == 0
 
 
-def _wait_idle(server: Server, seconds: float = 10.0) -> dict:
-    deadline = time.monotonic() + seconds
-    while True:
-        samples = server.metrics()
-        idle = metric(samples, "pool_queued_requests") == 0
-        if idle and metric(samples, "pool_serve_requests_in_flight") == 0:
-            return samples
-        assert time.monotonic() < deadline, "the server did not become idle"
-        time.sleep(0.1)
-
-
 def test_a_request_past_its_deadline_is_504_and_dropped_from_the_queue(limited, models):
-    before = _wait_idle(limited)
+    before = wait_idle(limited)
     started = time.monotonic()
     late = limited.predict({"instances": ["never computed"]})
     assert late.status_code == 504, late.text
     assert "deadline exceeded" in late.json()["error"] and "1.0 s" in late.json()["error"]
     assert 0.9 < time.monotonic() - started < 2.9  # answered at its deadline, not the batch's
     time.sleep(3.5)  # past the batch timeout: had it stayed queued, it would have run by now
-    after = _wait_idle(limited)
+    after = wait_idle(limited)
     assert metric(after, "pool_model_rows_total") == metric(before, "pool_model_rows_total")
     full = ["a", "b", "c", "d"]  # a full batch (--max-batch-rows 4) goes at once
     response = limited.predict({"instances": full})
@@ -601,7 +590,7 @@ def test_a_request_past_its_deadline_is_504_and_dropped_from_the_queue(limited, 
 
 
 def test_overload_is_refused_at_once_with_503_and_retry_after(limited):
-    _wait_idle(limited)
+    wait_idle(limited)
     with ThreadPoolExecutor(2) as executor:
         waiting = [executor.submit(limited.predict, {"instances": [f"w{i}"]}) for i in range(2)]
         deadline = time.monotonic() + 5
@@ -617,15 +606,15 @@ def test_overload_is_refused_at_once_with_503_and_retry_after(limited):
     assert "overloaded" in refused.json()["error"] and "max_queued_requests" in refused.text
     assert refused_after < 0.9  # refused at once, not at the deadline
     assert statuses == [504, 504]
-    _wait_idle(limited)
+    wait_idle(limited)
 
 
 def test_a_client_that_disconnects_is_dropped_from_the_queue(limited):
-    before = _wait_idle(limited)
+    before = wait_idle(limited)
     with pytest.raises(requests.exceptions.Timeout):
         limited.predict({"instances": ["gone"]}, timeout=0.3)  # the client gives up, closes
     time.sleep(3.5)
-    after = _wait_idle(limited)
+    after = wait_idle(limited)
     assert metric(after, "pool_model_rows_total") == metric(before, "pool_model_rows_total")
     gone = metric(after, "pool_serve_requests_total", code="499") - metric(
         before, "pool_serve_requests_total", code="499"
@@ -680,7 +669,7 @@ def _assert_503(response, message: str) -> None:
 
 
 def test_predictions_past_max_concurrent_requests_get_503_at_once(guarded, models):
-    _wait_idle(guarded)
+    wait_idle(guarded)
     x = images(1, 32, seed=21)
     body = json.dumps({"instances": x.tolist()}).encode()
     holding = [_open_slow_request(guarded, body) for _ in range(GUARD["max_concurrent"])]
@@ -700,7 +689,7 @@ def test_predictions_past_max_concurrent_requests_get_503_at_once(guarded, model
 
 
 def test_a_body_that_trickles_in_is_cut_off_with_408_and_the_connection_closed(guarded):
-    _wait_idle(guarded)
+    wait_idle(guarded)
     body = json.dumps({"instances": images(1, 32).tolist()}).encode()
     parts = urlsplit(guarded.url)
     with socket.create_connection((parts.hostname, parts.port), timeout=120) as sock:
@@ -728,7 +717,7 @@ def test_bodies_past_the_parse_budget_wait_and_then_get_503(guarded, models):
     """max_parse_bytes=1 MB: a 0.7 MB body being received holds 0.7 MB of it; a 0.4 MB body
     waits (unread) until the first is parsed, then is answered; one that cannot get its bytes
     before its deadline (--request-timeout 8) gets 503."""
-    _wait_idle(guarded)
+    wait_idle(guarded)
     x, y = images(1, 32, seed=31), images(1, 32, seed=32)
     big, small = _padded(x, 700_000), _padded(y, 400_000)
     url = guarded.model_url(":predict")
@@ -754,7 +743,7 @@ def test_bodies_past_the_parse_budget_wait_and_then_get_503(guarded, models):
         refused = requests.post(url, data=small, timeout=60)
         _assert_503(refused, "(max_parse_bytes=1000000)")
         holder.close()  # the client goes away: its bytes are given back
-    _wait_idle(guarded)
+    wait_idle(guarded)
     _assert_rows(requests.post(url, data=small, timeout=60), y, models)
 
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import tensorflow as tf
 from conftest import assert_rows_equal, in_process
-from serve_helpers import REPO, Server, metric, sigkill_a_worker_under_load
+from serve_helpers import REPO, Server, metric, sigkill_a_worker_under_load, wait_idle
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -412,26 +412,15 @@ def test_every_mistake_has_tf_servings_status_code_and_the_server_goes_on(multi,
 
 
 # --- deadline, full queue ---------------------------------------------------------------------
-def _wait_idle(server: Server, seconds: float = 10.0) -> dict:
-    deadline = time.monotonic() + seconds
-    while True:
-        samples = server.metrics()
-        idle = metric(samples, "pool_queued_requests") == 0
-        if idle and metric(samples, "pool_serve_requests_in_flight") == 0:
-            return samples
-        assert time.monotonic() < deadline, "the server did not become idle"
-        time.sleep(0.1)
-
-
 def test_a_client_deadline_cancels_the_queued_request(limited):
     client = Client(limited)
-    before = _wait_idle(limited)
+    before = wait_idle(limited)
     started = time.monotonic()
     error = rpc_error(client.predict, client.request(text=np.array([b"never"], object)), 0.4)
     assert error.code() == Code.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 0.9  # the client's deadline, not the server's 1 s
     time.sleep(3.5)  # past the batch timeout: had it stayed queued, it would have run by now
-    after = _wait_idle(limited)
+    after = wait_idle(limited)
     assert metric(after, "pool_model_rows_total") == metric(before, "pool_model_rows_total")
     # the server's --request-timeout applies to gRPC as well
     error = rpc_error(client.predict, client.request(text=np.array([b"late"], object)), 30)
@@ -440,7 +429,7 @@ def test_a_client_deadline_cancels_the_queued_request(limited):
 
 def test_a_full_queue_is_resource_exhausted_at_once(limited):
     client = Client(limited)
-    _wait_idle(limited)
+    wait_idle(limited)
     waiting = [
         client.predictions.Predict.future(
             client.request(text=np.array([f"w{i}".encode()], object)), 30
@@ -457,7 +446,7 @@ def test_a_full_queue_is_resource_exhausted_at_once(limited):
     assert error.code() == Code.RESOURCE_EXHAUSTED
     assert "overloaded" in error.details() and "max_queued_requests" in error.details()
     assert sorted(f.exception().code().name for f in waiting) == ["DEADLINE_EXCEEDED"] * 2
-    _wait_idle(limited)
+    wait_idle(limited)
 
 
 # --- concurrency, a killed worker, no TensorFlow in the server --------------------------------

@@ -175,14 +175,7 @@ class Staging:
     def publish(self, assembled: Path) -> None:
         """Rename ``assembled`` (the output, written in the staging directory by a cluster
         worker) over the output, atomically, and clean up."""
-        try:
-            fsync_path(assembled)
-            os.replace(assembled, self.output)
-        finally:
-            assembled.unlink(missing_ok=True)
-        fsync_path(self.output.parent)
-        self._locked = False
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._commit(assembled)
 
     def parts(self) -> list[Path]:
         numbered = []
@@ -210,10 +203,19 @@ class Staging:
         return_free_memory()
         try:
             self.sink.assemble(parts, temporary, total_rows)
-            fsync_path(temporary)
-            os.replace(temporary, self.output)
-        finally:
+        except BaseException:
             temporary.unlink(missing_ok=True)
+            raise
+        self._commit(temporary)
+
+    def _commit(self, complete: Path) -> None:
+        """Rename ``complete`` (the whole output, in the staging directory) over the output,
+        durably and atomically, then remove the staging directory."""
+        try:
+            fsync_path(complete)
+            os.replace(complete, self.output)
+        finally:
+            complete.unlink(missing_ok=True)
         fsync_path(self.output.parent)
         self._locked = False
         shutil.rmtree(self.dir, ignore_errors=True)
